@@ -1,0 +1,70 @@
+//! Running server processes as an unprivileged OS user. PostgreSQL (and PgBouncer) refuse
+//! to run as root; when pgflip runs as root it starts them as `$PGFLIP_OS_USER` (default
+//! `pgflip`, created by the setup script), otherwise as the current user.
+
+use anyhow::{Context, bail};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+#[derive(Debug, Clone, Copy)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    drop: bool,
+}
+
+impl RunAs {
+    pub fn detect() -> anyhow::Result<RunAs> {
+        let me = nix::unistd::geteuid();
+        if !me.is_root() {
+            return Ok(RunAs { uid: me.as_raw(), gid: nix::unistd::getegid().as_raw(), drop: false });
+        }
+        let name = std::env::var("PGFLIP_OS_USER").unwrap_or_else(|_| "pgflip".into());
+        let user = nix::unistd::User::from_name(&name)?
+            .with_context(|| format!("OS user {name:?} does not exist: PostgreSQL cannot run as root; run `make setup` or create the user (useradd --system {name})"))?;
+        if user.uid.is_root() {
+            bail!("PGFLIP_OS_USER must not be root");
+        }
+        Ok(RunAs { uid: user.uid.as_raw(), gid: user.gid.as_raw(), drop: true })
+    }
+
+    /// A command that runs as the unprivileged user, in its own process group (so signals
+    /// meant for pgflip never reach the servers: they are not its children).
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        if self.drop {
+            cmd.uid(self.uid).gid(self.gid);
+        }
+        cmd.process_group(0).stdin(Stdio::null()).env_remove("PGPASSWORD").env("LC_ALL", "C");
+        if let Some(lib) = crate::toolchain::lib_dir(program.parent().unwrap_or(Path::new("/"))) {
+            cmd.env("LD_LIBRARY_PATH", lib);
+        }
+        cmd
+    }
+
+    /// Gives a file or directory to the unprivileged user.
+    pub fn own(&self, path: &Path) -> anyhow::Result<()> {
+        if self.drop {
+            nix::unistd::chown(path, Some(self.uid.into()), Some(self.gid.into()))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a command to completion; on failure the error carries its output.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output().with_context(|| format!("running {cmd:?}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("{:?} failed ({}): {}", cmd.get_program(), out.status, text.trim());
+    }
+    Ok(text)
+}
+
+/// Asks the OS for a free TCP port on loopback.
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}

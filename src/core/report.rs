@@ -1,0 +1,119 @@
+//! Progress updates written back to the commit (git notes, forge statuses) and logs.
+//! Pure: how an update looks; the sinks decide where it goes. Never holds a credential.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Success,
+    Failure,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Success => "success",
+            State::Failure => "failure",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    pub state: State,
+    /// The phase the attempt is in ("preflight" … "done"), or "document" / "bootstrap".
+    pub phase: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// One line for humans, e.g. "initial sync 45% (3/7 tables)".
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress_percent: Option<f64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub timings_ms: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified_tables: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// RFC 3339 time of the update.
+    pub at: String,
+}
+
+impl Update {
+    pub fn new(state: State, phase: impl Into<String>, message: impl Into<String>) -> Update {
+        Update {
+            state,
+            phase: phase.into(),
+            from: None,
+            to: None,
+            message: message.into(),
+            progress_percent: None,
+            timings_ms: BTreeMap::new(),
+            pause_ms: None,
+            verified_tables: None,
+            reason: None,
+            at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        }
+    }
+
+    pub fn failure(phase: impl Into<String>, reason: impl Into<String>) -> Update {
+        let reason = reason.into();
+        let mut u = Update::new(State::Failure, phase, reason.clone());
+        u.reason = Some(reason);
+        u
+    }
+
+    pub fn between(mut self, from: impl ToString, to: impl ToString) -> Update {
+        self.from = Some(from.to_string());
+        self.to = Some(to.to_string());
+        self
+    }
+
+    /// The line a person reads first: `pgflip: pending [initial-sync] 15 → 16: initial sync 45%`.
+    pub fn human_line(&self) -> String {
+        let dir = match (&self.from, &self.to) {
+            (Some(f), Some(t)) => format!(" {f} → {t}"),
+            _ => String::new(),
+        };
+        format!("pgflip: {} [{}]{dir}: {}", self.state.as_str(), self.phase, self.message)
+    }
+
+    /// A note body entry: the human line, then the JSON on one line.
+    pub fn note_entry(&self) -> String {
+        format!("{}\n{}\n", self.human_line(), serde_json::to_string(self).expect("update serializes"))
+    }
+}
+
+/// Reads the JSON lines back out of a note (the newest last).
+pub fn parse_note(note: &str) -> Vec<Update> {
+    note.lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn note_round_trip() {
+        let mut u = Update::new(State::Pending, "initial-sync", "initial sync 45%").between(15, 16);
+        u.progress_percent = Some(45.0);
+        let f = Update::failure("preflight", "unlogged table public.cache cannot be carried over");
+        let note = format!("{}{}", u.note_entry(), f.note_entry());
+        assert!(note.starts_with("pgflip: pending [initial-sync] 15 → 16: initial sync 45%\n"));
+        let back = parse_note(&note);
+        assert_eq!(back, vec![u, f.clone()]);
+        assert_eq!(back[1].state, State::Failure);
+        assert_eq!(back[1].reason.as_deref(), Some("unlogged table public.cache cannot be carried over"));
+    }
+}

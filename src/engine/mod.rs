@@ -1,0 +1,3 @@
+//! The PostgreSQL work of a blue-green switch, over tokio-postgres.
+
+pub mod pg;

@@ -1,0 +1,112 @@
+//! Connecting to PostgreSQL and quoting. Every identifier that reaches SQL goes through
+//! [`ident`]; every literal through [`literal`].
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use tokio_postgres::{Client, NoTls};
+
+/// Where a server (or the endpoint) listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Addr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// A login. The password never appears in Debug output, logs, notes or statuses.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials {{ user: {:?}, password: <redacted> }}", self.user)
+    }
+}
+
+pub fn config(addr: &Addr, creds: &Credentials, dbname: &str) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host(&addr.host)
+        .port(addr.port)
+        .user(&creds.user)
+        .password(&creds.password)
+        .dbname(dbname)
+        .application_name("pgflip")
+        .connect_timeout(std::time::Duration::from_secs(10));
+    c
+}
+
+/// Opens a connection and drives it on a background task.
+pub async fn connect(addr: &Addr, creds: &Credentials, dbname: &str) -> anyhow::Result<Client> {
+    let (client, conn) = config(addr, creds, dbname)
+        .connect(NoTls)
+        .await
+        .with_context(|| format!("connecting to {addr}/{dbname} as {}", creds.user))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// A quoted SQL identifier: `"name"`, with inner quotes doubled.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A schema-qualified, quoted name.
+pub fn qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", ident(schema), ident(name))
+}
+
+/// A quoted SQL string literal (standard_conforming_strings is on in every supported major).
+pub fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// A libpq connection string (for CREATE SUBSCRIPTION), each value quoted.
+pub fn conninfo(addr: &Addr, creds: &Credentials, dbname: &str) -> String {
+    fn q(v: &str) -> String {
+        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+    format!(
+        "host={} port={} dbname={} user={} password={}",
+        q(&addr.host),
+        addr.port,
+        q(dbname),
+        q(&creds.user),
+        q(&creds.password)
+    )
+}
+
+/// The major version of the server a client is connected to.
+pub async fn server_major(client: &Client) -> anyhow::Result<u32> {
+    let row = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?;
+    let n: i32 = row.get(0);
+    Ok(n as u32 / 10_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(ident("Order\"s"), "\"Order\"\"s\"");
+        assert_eq!(qualified("public", "t"), "\"public\".\"t\"");
+        assert_eq!(literal("it's"), "'it''s'");
+        let c = Credentials { user: "u".into(), password: "p'w\\".into() };
+        let s = conninfo(&Addr { host: "127.0.0.1".into(), port: 5 }, &c, "db");
+        assert_eq!(s, "host='127.0.0.1' port=5 dbname='db' user='u' password='p\\'w\\\\'");
+        assert!(!format!("{c:?}").contains("p'w"));
+    }
+}

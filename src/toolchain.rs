@@ -1,0 +1,112 @@
+//! Finds the PostgreSQL and PgBouncer binaries: in the project-local `.toolchain/` that
+//! `scripts/setup-toolchain.sh` fills, in `$PGFLIP_TOOLCHAIN`, or in the usual system places.
+
+use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+
+const SETUP_HINT: &str = "run `make setup` (scripts/setup-toolchain.sh) to install it";
+
+#[derive(Debug, Clone)]
+pub struct Toolchain {
+    roots: Vec<PathBuf>,
+}
+
+impl Toolchain {
+    pub fn discover() -> Toolchain {
+        let mut roots = Vec::new();
+        if let Ok(p) = std::env::var("PGFLIP_TOOLCHAIN") {
+            roots.push(PathBuf::from(p));
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            // target/{debug,release}/pgflip (or …/deps/test-binary) → repository root
+            for anc in exe.ancestors().skip(1).take(4) {
+                roots.push(anc.join(".toolchain"));
+            }
+        }
+        if let Ok(cwd) = std::env::current_dir() {
+            for anc in cwd.ancestors().take(4) {
+                roots.push(anc.join(".toolchain"));
+            }
+        }
+        roots.retain(|r| r.is_dir());
+        roots.dedup();
+        Toolchain { roots }
+    }
+
+    /// Directory with `postgres`, `initdb` and `pg_ctl` of this major.
+    pub fn server_bin(&self, major: u32) -> anyhow::Result<PathBuf> {
+        for dir in self.candidates(major) {
+            if ["postgres", "initdb", "pg_ctl"].iter().all(|b| dir.join(b).is_file()) {
+                return Ok(dir);
+            }
+        }
+        bail!("PostgreSQL {major} is not installed: {SETUP_HINT}")
+    }
+
+    /// `pg_dump` / `pg_dumpall` / `psql` able to read a server of `source_major` (they must be
+    /// at least that major): the lowest such major installed.
+    pub fn client_bin(&self, source_major: u32) -> anyhow::Result<(u32, PathBuf)> {
+        for major in source_major..=30 {
+            for dir in self.candidates(major) {
+                if dir.join("pg_dump").is_file() && dir.join("pg_dumpall").is_file() {
+                    return Ok((major, dir));
+                }
+            }
+        }
+        bail!("no pg_dump of version {source_major} or newer is installed (it must be at least the source server's major): {SETUP_HINT}")
+    }
+
+    /// Extension control files shipped with this major's server.
+    pub fn extension_dir(&self, major: u32) -> Option<PathBuf> {
+        let bin = self.server_bin(major).ok()?;
+        let share = bin.parent()?.join("share");
+        [
+            share.join("postgresql/extension"),
+            share.join("extension"),
+            PathBuf::from(format!("/usr/share/postgresql/{major}/extension")),
+        ]
+        .into_iter()
+        .find(|p| p.is_dir())
+    }
+
+    pub fn pgbouncer(&self) -> anyhow::Result<PathBuf> {
+        find_in_path("pgbouncer")
+            .or_else(|| Some(PathBuf::from("/usr/sbin/pgbouncer")).filter(|p| p.is_file()))
+            .with_context(|| format!("PgBouncer is not installed: {SETUP_HINT}"))
+    }
+
+    /// `pgbench` of any major (the TPC-B-like load generator).
+    pub fn pgbench(&self) -> anyhow::Result<PathBuf> {
+        for major in [15, 17, 16, 18] {
+            for dir in self.candidates(major) {
+                if dir.join("pgbench").is_file() {
+                    return Ok(dir.join("pgbench"));
+                }
+            }
+        }
+        bail!("pgbench is not installed: {SETUP_HINT}")
+    }
+
+    fn candidates(&self, major: u32) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Ok(p) = std::env::var(format!("PGFLIP_PG{major}_BIN")) {
+            out.push(PathBuf::from(p));
+        }
+        for root in &self.roots {
+            out.push(root.join(format!("pg{major}/bin")));
+            out.push(root.join(format!("pg{major}full/bin")));
+        }
+        out.push(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+        out
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Library directory next to a bin directory (the npm and PyPI builds keep theirs there).
+pub fn lib_dir(bin: &Path) -> Option<PathBuf> {
+    bin.parent().map(|p| p.join("lib")).filter(|p| p.is_dir())
+}
