@@ -7,6 +7,10 @@
 
 pub mod adapters;
 pub mod core;
+pub mod demo;
 pub mod engine;
+pub mod failpoint;
+pub mod load;
+pub mod local;
 pub mod state;
 pub mod toolchain;

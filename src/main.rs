@@ -1,1 +1,129 @@
-fn main() {}
+//! The one binary: `local`, `demo`, `status`, `stop`.
+
+use clap::{Parser, Subcommand};
+use pgflip::core::plan::Record;
+use pgflip::state::StateDir;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "pgflip", version, about = "Blue-green PostgreSQL major-version switches driven by Git")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watch a Git branch and reconcile local PostgreSQL instances and a PgBouncer endpoint to it.
+    Local {
+        /// A path to a Git repository, or its URL.
+        #[arg(long)]
+        repo: String,
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// The document's path in the repository (found by `kind: BlueGreenDatabase` if omitted).
+        #[arg(long)]
+        file: Option<String>,
+        /// Where pgflip keeps its record, secrets, instances and endpoint.
+        #[arg(long, default_value = ".pgflip")]
+        state_dir: PathBuf,
+        /// How often to look at the branch.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        poll: Duration,
+    },
+    /// Show the active color and version, the phase and the history of switches.
+    Status {
+        #[arg(long, default_value = ".pgflip")]
+        state_dir: PathBuf,
+        /// Print the full record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the instances and the endpoint of a state directory (they outlive `pgflip local`).
+    Stop {
+        #[arg(long, default_value = ".pgflip")]
+        state_dir: PathBuf,
+    },
+    /// A real upgrade and rollback on throw-away local instances, under a write load.
+    Demo(pgflip::demo::DemoOptions),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if cli.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Local { repo, branch, file, state_dir, poll } => {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    let _ = tokio::signal::ctrl_c().await;
+                    let _ = tx.send(true);
+                });
+                pgflip::local::run(pgflip::local::LocalOptions { repo, branch, file, state_dir, poll }, rx).await
+            }
+            Command::Status { state_dir, json } => {
+                let record = StateDir::open(state_dir)?.load()?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&record)?);
+                } else {
+                    print!("{}", render_status(&record));
+                }
+                Ok(())
+            }
+            Command::Stop { state_dir } => pgflip::local::stop(&StateDir::open(state_dir)?).await,
+            Command::Demo(opts) => pgflip::demo::run(opts).await,
+        }
+    })
+}
+
+fn render_status(r: &Record) -> String {
+    let mut out = String::new();
+    match r.serving {
+        Some(m) => out.push_str(&format!("serving:  {} (PostgreSQL {})\n", m.color, m.major)),
+        None => out.push_str("serving:  nothing yet\n"),
+    }
+    if let Some(s) = &r.standby {
+        let left = s.retain_until_ms.saturating_sub(pgflip::state::now_ms()) / 1000;
+        out.push_str(&format!("standby:  {} (PostgreSQL {}) in reverse sync, retained {left}s more\n", s.member.color, s.member.major));
+    }
+    match &r.attempt {
+        Some(a) => out.push_str(&format!(
+            "phase:    {} ({} → {}, revision {})\n",
+            a.phase,
+            a.from.major,
+            a.to.major,
+            pgflip::core::plan::short(&a.revision)
+        )),
+        None => out.push_str("phase:    idle\n"),
+    }
+    if let Some(rev) = &r.failed_revision {
+        out.push_str(&format!("failed:   revision {} (not retried until a new commit)\n", pgflip::core::plan::short(rev)));
+    }
+    out.push_str("history:\n");
+    if r.history.is_empty() {
+        out.push_str("  (no switches yet)\n");
+    }
+    for h in &r.history {
+        out.push_str(&format!(
+            "  {} {} → {}  pause {:.1} ms  total {:.1} s  {} tables verified  revision {}\n",
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(h.finished_ms)),
+            h.from,
+            h.to,
+            h.pause_ms,
+            h.total_ms as f64 / 1000.0,
+            h.verified_tables,
+            pgflip::core::plan::short(&h.revision)
+        ));
+    }
+    out
+}

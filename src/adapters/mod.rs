@@ -56,6 +56,18 @@ pub trait Source: Send {
     fn observe(&mut self) -> impl Future<Output = Result<Observed>> + Send;
 }
 
+/// Where the [`Record`](crate::core::plan::Record) is persisted before every step
+/// (local mode: a file written atomically).
+pub trait Journal: Send + Sync {
+    fn save(&self, record: &crate::core::plan::Record) -> Result<()>;
+}
+
+impl Journal for crate::state::StateDir {
+    fn save(&self, record: &crate::core::plan::Record) -> Result<()> {
+        crate::state::StateDir::save(self, record)
+    }
+}
+
 pub trait StatusSink: Send + Sync {
     fn publish(&self, revision: &str, update: &Update) -> impl Future<Output = Result<()>> + Send;
 }

@@ -223,6 +223,19 @@ pub struct Record {
     pub failed_revision: Option<String>,
     #[serde(default)]
     pub history: Vec<SwitchRecord>,
+    /// The last revision read from the source, valid or not (each is reported once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_revision: Option<String>,
+    /// The last valid document and its revision: what pgflip works towards, also while
+    /// newer commits carry bad documents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<DesiredDocument>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredDocument {
+    pub revision: String,
+    pub document: String,
 }
 
 /// What to do next.

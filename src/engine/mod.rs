@@ -1,3 +1,12 @@
 //! The PostgreSQL work of a blue-green switch, over tokio-postgres.
+//! [`switchover`] holds the switchover sequence; [`reconcile`] runs the phases.
 
+pub mod fence;
 pub mod pg;
+pub mod preflight;
+pub mod reconcile;
+pub mod replication;
+pub mod schema;
+pub mod sequences;
+pub mod switchover;
+pub mod verify;

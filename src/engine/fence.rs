@@ -1,0 +1,49 @@
+//! Fencing: the color that does not serve must not take writes, even from clients that
+//! bypass the endpoint. Every login role except pgflip's own (whose apply workers write
+//! reverse replication) gets `default_transaction_read_only = on`, and open client
+//! sessions are ended so they pick it up. Unfencing resets it. Both are idempotent.
+
+use crate::state::ADMIN_USER;
+use tokio_postgres::Client;
+
+pub async fn fence(client: &Client) -> anyhow::Result<()> {
+    let sql = format!(
+        "DO $$ DECLARE r record; BEGIN
+           FOR r IN SELECT rolname FROM pg_roles WHERE rolcanlogin AND rolname <> {admin} LOOP
+             EXECUTE format('ALTER ROLE %I SET default_transaction_read_only = on', r.rolname);
+           END LOOP;
+         END $$;
+         SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+            AND (usename <> {admin} OR application_name IS DISTINCT FROM 'pgflip');",
+        admin = super::pg::literal(ADMIN_USER)
+    );
+    client.batch_execute(&sql).await?;
+    Ok(())
+}
+
+pub async fn unfence(client: &Client) -> anyhow::Result<()> {
+    let sql = format!(
+        "DO $$ DECLARE r record; BEGIN
+           FOR r IN SELECT rolname FROM pg_roles WHERE rolcanlogin AND rolname <> {admin} LOOP
+             EXECUTE format('ALTER ROLE %I RESET default_transaction_read_only', r.rolname);
+           END LOOP;
+         END $$;",
+        admin = super::pg::literal(ADMIN_USER)
+    );
+    client.batch_execute(&sql).await?;
+    Ok(())
+}
+
+/// Whether the instance is fenced (any login role other than pgflip's is read-only).
+pub async fn is_fenced(client: &Client) -> anyhow::Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+                             WHERE s.setdatabase = 0 AND r.rolname <> $1
+                               AND 'default_transaction_read_only=on' = ANY (s.setconfig))",
+            &[&ADMIN_USER],
+        )
+        .await?;
+    Ok(row.get(0))
+}

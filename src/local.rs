@@ -1,0 +1,138 @@
+//! Local mode: watch a Git branch and reconcile this machine to its `BlueGreenDatabase`.
+//! Instances are local PostgreSQL processes, the endpoint a local PgBouncer, progress
+//! goes to git notes on the commit.
+
+use crate::adapters::git_notes::GitNotes;
+use crate::adapters::git_source::GitSource;
+use crate::adapters::local_instances::LocalInstances;
+use crate::adapters::pgbouncer::PgBouncer;
+use crate::adapters::{Observed, Source};
+use crate::core::plan::{Record, Wanted};
+use crate::core::spec::{self, Desired};
+use crate::engine::reconcile::{Engine, Progress};
+use crate::state::StateDir;
+use crate::toolchain::Toolchain;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// A path to a Git repository, or a URL.
+    pub repo: String,
+    pub branch: String,
+    /// The document's path in the repository; found by its kind when not given.
+    pub file: Option<String>,
+    pub state_dir: PathBuf,
+    pub poll: Duration,
+}
+
+pub type LocalEngine = Engine<LocalInstances, PgBouncer, GitNotes, StateDir>;
+
+/// Runs until `stop` turns true. Every pass: observe the branch, take a new revision's
+/// document if it is valid (a bad one gets a failure note and changes nothing), and run
+/// steps until there is nothing to do.
+pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let state = StateDir::open(&opts.state_dir)?;
+    let mut source = GitSource::open(&opts.repo, &opts.branch, opts.file.as_deref(), &state.dir("repo"))?;
+    let notes = GitNotes::new(source.repo_dir(), source.is_remote().then(|| "origin".to_string()));
+    let mut record = state.load()?;
+    let mut engine: Option<LocalEngine> = None;
+    let mut adopted = false;
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let busy = match source.observe().await {
+            Ok(observed) => {
+                take_revision(&observed, &mut record, &state, &notes).await?;
+                match record.desired.clone() {
+                    Some(d) => {
+                        let desired = spec::parse(&d.document).expect("a stored document was valid");
+                        let engine = match &engine {
+                            Some(e) => e,
+                            None => engine.insert(build_engine(&state, &desired, notes.clone())?),
+                        };
+                        if !adopted {
+                            engine.adopt(&record, &desired).await?;
+                            adopted = true;
+                        }
+                        let wanted = Wanted { revision: &d.revision, desired: &desired };
+                        match engine.reconcile(&mut record, &wanted).await {
+                            Ok(p) => p == Progress::Busy,
+                            Err(e) => {
+                                tracing::warn!(error = %format!("{e:#}"), "reconcile failed; retrying");
+                                false
+                            }
+                        }
+                    }
+                    None => false,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not read the repository");
+                false
+            }
+        };
+        if !busy {
+            tokio::select! {
+                _ = tokio::time::sleep(opts.poll) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+fn build_engine(state: &StateDir, desired: &Desired, notes: GitNotes) -> anyhow::Result<LocalEngine> {
+    let toolchain = Toolchain::discover();
+    let admin = state.admin_credentials()?;
+    let instances = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?;
+    let router = PgBouncer::new(state.clone(), toolchain.clone(), admin.clone(), desired.endpoint_port);
+    Ok(Engine::new(instances, router, notes, state.clone(), toolchain, admin))
+}
+
+/// A new revision: keep its document if valid, report it if not. Either way it is
+/// remembered, so the same bad commit is reported once.
+async fn take_revision(observed: &Observed, record: &mut Record, state: &StateDir, notes: &GitNotes) -> anyhow::Result<()> {
+    if record.observed_revision.as_deref() == Some(observed.revision.as_str()) {
+        return Ok(());
+    }
+    let parsed = observed.document.clone().and_then(|text| spec::parse(&text).map(|d| (text, d)).map_err(|e| e.to_string()));
+    match parsed {
+        Ok((text, desired)) => {
+            if let Some(prev) = &record.desired {
+                let prev = spec::parse(&prev.document).expect("a stored document was valid");
+                if prev.name != desired.name || prev.databases != desired.databases || prev.endpoint_port != desired.endpoint_port {
+                    let reason = "metadata.name, spec.databases and spec.endpoint cannot change on a running database";
+                    report_bad(notes, &observed.revision, reason).await;
+                    record.observed_revision = Some(observed.revision.clone());
+                    return state.save(record);
+                }
+            }
+            tracing::info!(revision = crate::core::plan::short(&observed.revision), version = %desired.major, "new revision");
+            record.desired = Some(crate::core::plan::DesiredDocument { revision: observed.revision.clone(), document: text });
+        }
+        Err(reason) => {
+            tracing::warn!(revision = crate::core::plan::short(&observed.revision), %reason, "bad document; nothing changes");
+            report_bad(notes, &observed.revision, &reason).await;
+        }
+    }
+    record.observed_revision = Some(observed.revision.clone());
+    state.save(record)
+}
+
+async fn report_bad(notes: &GitNotes, revision: &str, reason: &str) {
+    use crate::adapters::StatusSink;
+    let u = crate::core::report::Update::failure("document", format!("{reason}; nothing was changed"));
+    if let Err(e) = notes.publish(revision, &u).await {
+        tracing::warn!(error = %format!("{e:#}"), "could not publish the status");
+    }
+}
+
+/// Stops the endpoint and every instance of a state directory.
+pub async fn stop(state: &StateDir) -> anyhow::Result<()> {
+    let toolchain = Toolchain::discover();
+    let admin = state.admin_credentials()?;
+    PgBouncer::new(state.clone(), toolchain, admin, 0).stop().await?;
+    crate::adapters::local_instances::stop_all(state)
+}

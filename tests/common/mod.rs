@@ -1,0 +1,244 @@
+//! Test harness for local mode: a throw-away Git repository and state directory, the real
+//! `pgflip` binary run as a child process (so tests can kill -9 it), and clean-up of every
+//! server it started, whatever the outcome.
+#![allow(dead_code)]
+
+use pgflip::adapters::git_notes::GitNotes;
+use pgflip::adapters::git_source::testing as git;
+use pgflip::core::plan::Record;
+use pgflip::core::report::{State, Update};
+use pgflip::core::spec::{self, Major};
+use pgflip::engine::pg::{Addr, Credentials, connect};
+use pgflip::state::StateDir;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+    pub state: StateDir,
+    pub port: u16,
+    pub extra_spec: String,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl Harness {
+    pub fn new(extra_spec: &str) -> Harness {
+        let dir = tempfile::Builder::new().prefix("pgflip-test-").tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        git::init_repo(&repo);
+        let state = StateDir::open(dir.path().join("state")).unwrap();
+        let port = pgflip::adapters::run_as::free_port().unwrap();
+        let extra_spec = format!("endpoint:\n  port: {port}\n{extra_spec}");
+        Harness { dir, repo, state, port, extra_spec, child: None, runs: 0 }
+    }
+
+    pub fn document(&self, major: u32) -> String {
+        spec::render("testdb", Major(major), &self.extra_spec)
+    }
+
+    /// Commits the document at `major`; returns the commit.
+    pub fn commit_version(&self, major: u32) -> String {
+        self.commit_text(&self.document(major), &format!("PostgreSQL {major}"))
+    }
+
+    pub fn commit_text(&self, text: &str, message: &str) -> String {
+        git::commit_file(&self.repo, "db/database.yaml", text, message)
+    }
+
+    pub fn revert(&self, sha: &str) -> String {
+        git::revert(&self.repo, sha)
+    }
+
+    /// Starts `pgflip local` (optionally armed to kill itself at a failpoint).
+    pub fn start(&mut self, failpoint: Option<&str>) {
+        self.runs += 1;
+        let log = std::fs::File::create(self.dir.path().join(format!("pgflip-{}.log", self.runs))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgflip"));
+        cmd.args(["local", "--repo"])
+            .arg(&self.repo)
+            .arg("--state-dir")
+            .arg(&self.state.root)
+            .args(["--poll", "200ms"])
+            .env("RUST_LOG", "info,pgflip=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        match failpoint {
+            Some(f) => cmd.env("PGFLIP_FAILPOINT", f),
+            None => cmd.env_remove("PGFLIP_FAILPOINT"),
+        };
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    /// Waits for the child to die (it was armed with a failpoint). Returns whether it died by SIGKILL.
+    pub fn wait_killed(&mut self, timeout: Duration) -> bool {
+        let started = Instant::now();
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                self.child = None;
+                return status.signal() == Some(9);
+            }
+            if started.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn record(&self) -> Record {
+        self.state.load().unwrap()
+    }
+
+    /// Waits until `cond` holds on the record; panics with the log on timeout.
+    pub async fn wait(&self, what: &str, timeout: Duration, cond: impl Fn(&Record) -> bool) -> Record {
+        let started = Instant::now();
+        loop {
+            let r = self.record();
+            if cond(&r) {
+                return r;
+            }
+            if started.elapsed() > timeout {
+                panic!("timed out waiting for {what}; record: {r:#?}\nlog:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for a note on `revision` in a final state (success or failure).
+    pub async fn wait_final_note(&self, revision: &str, timeout: Duration) -> Update {
+        let started = Instant::now();
+        loop {
+            if let Some(u) = self.notes(revision).into_iter().rev().find(|u| u.state != State::Pending) {
+                return u;
+            }
+            if started.elapsed() > timeout {
+                panic!("no final note on {revision}; notes: {:#?}\nlog:\n{}", self.notes(revision), self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn notes(&self, revision: &str) -> Vec<Update> {
+        GitNotes::read(&self.repo, revision).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for i in 1..=self.runs {
+            let text = std::fs::read_to_string(self.dir.path().join(format!("pgflip-{i}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(60);
+            out.push_str(&format!("--- run {i} ---\n{}\n", lines[from..].join("\n")));
+        }
+        out
+    }
+
+    pub fn admin(&self) -> Credentials {
+        self.state.admin_credentials().unwrap()
+    }
+
+    pub fn endpoint(&self) -> Addr {
+        Addr { host: "127.0.0.1".into(), port: self.port }
+    }
+
+    /// Where an instance of the pair listens (from its instance file).
+    pub fn instance_addr(&self, color: &str) -> Option<Addr> {
+        let bytes = std::fs::read(self.state.dir("instances").join(color).join("instance.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        Some(Addr { host: "127.0.0.1".into(), port: v["port"].as_u64()? as u16 })
+    }
+
+    /// Publications, replication slots and subscriptions made by pgflip on an instance.
+    pub async fn replication_objects(&self, color: &str, db: &str) -> Vec<String> {
+        let addr = self.instance_addr(color).expect("instance exists");
+        let c = connect(&addr, &self.admin(), db).await.unwrap();
+        let rows = c
+            .query(
+                "SELECT 'publication ' || pubname FROM pg_publication
+                 UNION ALL SELECT 'slot ' || slot_name FROM pg_replication_slots
+                 UNION ALL SELECT 'subscription ' || subname FROM pg_subscription
+                 ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<_, String>(0)).collect()
+    }
+
+    /// Creates the app role and the sample schema through the endpoint; returns the app login.
+    pub async fn load_sample(&self) -> Credentials {
+        let admin = self.admin();
+        let c = connect(&self.endpoint(), &admin, "app").await.unwrap();
+        c.batch_execute(include_str!("../../demo/sample.sql")).await.unwrap();
+        let app = Credentials { user: "app".into(), password: pgflip::state::random_token(12) };
+        c.batch_execute(&format!(
+            "CREATE ROLE app LOGIN PASSWORD '{}'; GRANT USAGE ON SCHEMA public TO app;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO app; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;",
+            app.password
+        ))
+        .await
+        .unwrap();
+        pgflip::load::prepare(&self.endpoint(), &admin, "app").await.unwrap();
+        c.batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO app").await.unwrap();
+        app
+    }
+
+    pub fn load(&self, app: &Credentials, clients: usize, rate: u32) -> pgflip::load::LoadHandle {
+        pgflip::load::start(pgflip::load::LoadConfig {
+            endpoint: self.endpoint(),
+            creds: app.clone(),
+            database: "app".into(),
+            clients,
+            rate_per_sec: Some(rate),
+        })
+    }
+
+    /// The port the endpoint currently sends clients to.
+    pub async fn serving_port(&self, app: &Credentials) -> u16 {
+        let c = connect(&self.endpoint(), app, "app").await.unwrap();
+        let rows = c.simple_query("SELECT current_setting('port')").await.unwrap();
+        for m in rows {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                return r.get(0).unwrap().parse().unwrap();
+            }
+        }
+        panic!("no row")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = Command::new(env!("CARGO_BIN_EXE_pgflip"))
+            .args(["stop", "--state-dir"])
+            .arg(&self.state.root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub const MINUTE: Duration = Duration::from_secs(60);
+
+impl Harness {
+    /// The port in the endpoint's stored configuration (readable while PgBouncer is paused).
+    pub async fn serving_port_direct(&self) -> u16 {
+        let ini = std::fs::read_to_string(self.state.dir("endpoint").join("pgbouncer.ini")).unwrap();
+        let line = ini.lines().find(|l| l.starts_with("app =") || l.starts_with("app=")).expect("app entry");
+        let port = line.split_whitespace().find_map(|w| w.strip_prefix("port=")).expect("port");
+        port.parse().unwrap()
+    }
+}

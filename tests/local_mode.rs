@@ -1,0 +1,277 @@
+//! Local mode end to end, against real PostgreSQL 15/16/17, a real PgBouncer and a real Git
+//! repository: `pgflip local` runs as a child process, the test commits like a user would.
+
+mod common;
+
+use common::{Harness, MINUTE};
+use pgflip::core::plan::{Color, Phase};
+use pgflip::core::report::State;
+use pgflip::engine::pg::connect;
+use std::time::Duration;
+
+fn serving(r: &pgflip::core::plan::Record) -> Option<(Color, u32)> {
+    r.serving.map(|m| (m.color, m.major.0))
+}
+
+async fn count(h: &Harness, color: &str, sql: &str) -> i64 {
+    let c = connect(&h.instance_addr(color).unwrap(), &h.admin(), "app").await.unwrap();
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// 15 → 16 under a write load, then `git revert` back to 15: no failed transactions, no
+/// lost commits, every object kind carried over, nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_and_revert_under_load() {
+    let mut h = Harness::new("databases: [app]\nretainPrevious: 1h");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    let load = h.load(&app, 4, 300);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let up = h.commit_version(16);
+    let r = h.wait("upgrade", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    assert_eq!(serving(&r), Some((Color::Green, 16)));
+    assert_eq!(r.standby.as_ref().unwrap().member.major.0, 15, "blue retained in reverse sync");
+    let note = h.wait_final_note(&up, MINUTE).await;
+    assert_eq!(note.state, State::Success, "{note:?}");
+    assert!(note.pause_ms.unwrap() > 0.0);
+    assert!(note.verified_tables.unwrap() >= 6, "{note:?}");
+    let phases: Vec<String> = h.notes(&up).iter().map(|u| u.phase.clone()).collect();
+    for p in ["preflight", "initial-sync", "verify", "switchover", "done"] {
+        assert!(phases.iter().any(|x| x == p), "note phases {phases:?} lack {p}");
+    }
+    assert_eq!(h.serving_port(&app).await, h.instance_addr("green").unwrap().port);
+    assert_eq!(load.failed_so_far(), 0, "failed transactions during the upgrade");
+    assert_eq!(load.lost_commits(&h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+
+    // Sequences: new rows on green take fresh values; the trigger fired once per row;
+    // the materialized view was refreshed; the no-PK table was carried.
+    let c = connect(&h.endpoint(), &app, "app").await.unwrap();
+    c.simple_query("INSERT INTO orders (customer_id, amount) VALUES (1, 5); INSERT INTO customers (name) VALUES ('new'); SELECT nextval('invoice_numbers')")
+        .await
+        .expect("no sequence collision on green");
+    assert_eq!(
+        count(&h, "green", "SELECT count(*) FROM audit_log WHERE what LIKE 'order %'").await,
+        count(&h, "green", "SELECT count(*) FROM orders").await,
+        "the audit trigger fired exactly once per order"
+    );
+    assert!(count(&h, "green", "SELECT nextval('invoice_numbers')").await > 1005);
+    assert!(count(&h, "green", "SELECT count(*) FROM revenue_by_day").await > 0, "materialized view refreshed");
+    assert_eq!(count(&h, "green", "SELECT count(*) FROM page_views").await, 500);
+    // Blue keeps only the reverse link; green only the reverse publication and slot.
+    let blue_objects = h.replication_objects("blue", "app").await;
+    assert!(blue_objects.iter().all(|o| o.starts_with("subscription pgflip_green_to_blue")), "{blue_objects:?}");
+    let green_objects = h.replication_objects("green", "app").await;
+    assert!(green_objects.iter().all(|o| o.contains("pgflip_green_to_blue")), "{green_objects:?}");
+
+    // Writes on green reach blue through reverse replication; then revert.
+    let rev = h.revert(&up);
+    let r = h.wait("rollback", 5 * MINUTE, |r| r.history.len() == 2 && r.attempt.is_none()).await;
+    assert_eq!(serving(&r), Some((Color::Blue, 15)));
+    assert_eq!(h.wait_final_note(&rev, MINUTE).await.state, State::Success);
+    assert_eq!(h.serving_port(&app).await, h.instance_addr("blue").unwrap().port);
+    let report = load.stop().await;
+    assert!(report.committed > 100, "the load ran: {}", report.committed);
+    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+    assert_eq!(pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+    assert_eq!(
+        count(&h, "blue", "SELECT count(*) FROM orders").await,
+        count(&h, "green", "SELECT count(*) FROM orders").await,
+        "the row written on green came back"
+    );
+    c.simple_query("INSERT INTO orders (customer_id, amount) VALUES (1, 6)").await.expect("no collision on blue");
+}
+
+/// A commit that changes the target mid-way supersedes the running attempt; then 15 → 17.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_attempt_then_15_to_17() {
+    let mut h = Harness::new("databases: [app]\nretainPrevious: 1h");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let _app = h.load_sample().await;
+    let to16 = h.commit_version(16);
+    h.wait("attempt at 16 replicating", 2 * MINUTE, |r| r.attempt.as_ref().is_some_and(|a| a.phase >= Phase::Replicate && a.to.major.0 == 16)).await;
+    let to17 = h.commit_version(17);
+    let r = h.wait("upgrade to 17", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    assert_eq!(r.history[0].to.major.0, 17);
+    assert_eq!(r.history[0].from.major.0, 15);
+    let superseded = h.wait_final_note(&to16, MINUTE).await;
+    assert_eq!(superseded.state, State::Failure);
+    assert!(superseded.message.contains("superseded"), "{superseded:?}");
+    assert_eq!(h.wait_final_note(&to17, MINUTE).await.state, State::Success);
+    let c = connect(&h.instance_addr("green").unwrap(), &h.admin(), "app").await.unwrap();
+    let v: String = c.query_one("SHOW server_version", &[]).await.unwrap().get(0);
+    assert!(v.starts_with("17."), "{v}");
+}
+
+/// 16 → 17 without retention (the old color is removed right away), then a downgrade
+/// 17 → 15, which is an ordinary full switch once nothing is retained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_without_retention_then_downgrade() {
+    let mut h = Harness::new("databases: [app]\nretainPrevious: 0s");
+    h.commit_version(16);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    let load = h.load(&app, 2, 100);
+    h.commit_version(17);
+    h.wait("upgrade and decommission", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none() && r.standby.is_none()).await;
+    assert!(h.instance_addr("blue").is_none(), "blue removed after retention 0s");
+    assert!(h.replication_objects("green", "app").await.is_empty(), "nothing left behind on green");
+    let down = h.commit_version(15);
+    let r = h.wait("downgrade", 5 * MINUTE, |r| r.history.len() == 2 && r.attempt.is_none()).await;
+    assert_eq!(serving(&r), Some((Color::Blue, 15)));
+    assert_eq!(h.wait_final_note(&down, MINUTE).await.state, State::Success);
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+}
+
+/// Bad documents: each gets a failure note, nothing is touched, and the next good commit
+/// is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_documents_change_nothing() {
+    let mut h = Harness::new("databases: [app]");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let good = h.document(16);
+    let bad: Vec<(String, &str)> = vec![
+        ("spec: [unclosed".into(), "YAML"),
+        (good.replace("spec:\n", "spec:\n  colour: blue\n"), "unknown field"),
+        (good.replace("  version: \"16\"\n", ""), "version"),
+        (good.replace("\"16\"", "\"sixteen\""), "not a PostgreSQL major"),
+        (good.replace("\"16\"", "\"12\""), "not supported"),
+        (good.replace("kind: BlueGreenDatabase", "kind: Database"), "kind"),
+    ];
+    for (text, needle) in &bad {
+        let sha = h.commit_text(text, "bad");
+        let note = h.wait_final_note(&sha, MINUTE).await;
+        assert_eq!(note.state, State::Failure);
+        assert!(note.message.contains(needle), "{needle}: {note:?}");
+        let r = h.record();
+        assert!(r.attempt.is_none() && serving(&r) == Some((Color::Blue, 15)));
+        assert!(h.instance_addr("green").is_none(), "nothing touched");
+    }
+    let sha = h.commit_text(&good, "good");
+    h.wait("upgrade after bad documents", 5 * MINUTE, |r| r.history.len() == 1).await;
+    assert_eq!(h.wait_final_note(&sha, MINUTE).await.state, State::Success);
+}
+
+/// Preflight refuses what logical replication cannot carry, naming each object, and
+/// touches nothing: no green, nothing created on blue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_refuses_and_touches_nothing() {
+    let mut h = Harness::new("databases: [app]");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let c = connect(&h.endpoint(), &h.admin(), "app").await.unwrap();
+    c.batch_execute(
+        "CREATE UNLOGGED TABLE cache (k text PRIMARY KEY, v text);
+         SELECT lo_from_bytea(0, 'blob');
+         CREATE TABLE no_key (a int, b text); INSERT INTO no_key VALUES (1, 'x'); UPDATE no_key SET b = 'y';",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await; // let the statistics collector see the UPDATE
+    let sha = h.commit_version(16);
+    let note = h.wait_final_note(&sha, 2 * MINUTE).await;
+    assert_eq!(note.state, State::Failure);
+    for needle in ["cache", "large object", "no_key"] {
+        assert!(note.message.contains(needle), "{needle}: {}", note.message);
+    }
+    let r = h.record();
+    assert_eq!(serving(&r), Some((Color::Blue, 15)));
+    assert!(r.attempt.is_none());
+    assert!(h.instance_addr("green").is_none(), "no green was provisioned");
+    assert!(h.replication_objects("blue", "app").await.is_empty());
+}
+
+/// DDL on blue after the schema copy blocks the switch with a clear reason; blue serves on,
+/// and everything the attempt made is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_after_copy_blocks_the_switch() {
+    let mut h = Harness::new("databases: [app]");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    h.kill();
+    // Stop right before verification: the copy is done, the switch not yet.
+    h.start(Some("before:verify"));
+    let sha = h.commit_version(16);
+    assert!(h.wait_killed(3 * MINUTE), "pgflip reached the failpoint\n{}", h.log_tail());
+    let c = connect(&h.endpoint(), &h.admin(), "app").await.unwrap();
+    c.batch_execute("ALTER TABLE customers ADD COLUMN loyalty int").await.unwrap();
+    h.start(None);
+    let note = h.wait_final_note(&sha, 2 * MINUTE).await;
+    assert_eq!(note.state, State::Failure);
+    assert!(note.message.contains("schema") && note.message.contains("changed"), "{}", note.message);
+    let r = h.wait("attempt cleaned up", MINUTE, |r| r.attempt.is_none()).await;
+    assert_eq!(serving(&r), Some((Color::Blue, 15)));
+    assert!(h.instance_addr("green").is_none());
+    assert!(h.replication_objects("blue", "app").await.is_empty());
+    assert_eq!(h.serving_port(&app).await, h.instance_addr("blue").unwrap().port);
+}
+
+/// kill -9 at every phase boundary and inside the switchover: each restart resumes,
+/// the switch completes, no write is lost, and the endpoint never has two writable
+/// primaries behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_every_boundary_resumes_and_loses_nothing() {
+    let mut h = Harness::new("databases: [app]\nretainPrevious: 1h");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    let load = h.load(&app, 3, 150);
+    h.kill();
+    let points = [
+        "before:preflight",
+        "before:provision",
+        "before:copy-schema",
+        "before:replicate",
+        "before:initial-sync",
+        "before:catch-up",
+        "before:verify",
+        "before:switchover",
+        "switchover:before-pause",
+        "switchover:paused",
+        "switchover:fenced",
+        "switchover:sequences-synced",
+        "switchover:repointing",
+        "before:reverse-sync",
+        "before:done",
+    ];
+    let mut first = true;
+    for point in points {
+        h.start(Some(point));
+        if first {
+            h.commit_version(16);
+            first = false;
+        }
+        assert!(h.wait_killed(3 * MINUTE), "pgflip did not reach {point}\n{}", h.log_tail());
+        // Whatever the moment, the endpoint names exactly one of the two servers.
+        let port = h.serving_port_direct().await;
+        let behind: Vec<&str> = ["blue", "green"]
+            .into_iter()
+            .filter(|c| h.instance_addr(c).is_some_and(|a| a.port == port))
+            .collect();
+        assert_eq!(behind.len(), 1, "{point}: endpoint port {port} matches {behind:?}");
+    }
+    h.start(None);
+    let r = h.wait("switch finished after the crashes", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    assert_eq!(serving(&r), Some((Color::Green, 16)));
+    let green = connect(&h.instance_addr("green").unwrap(), &h.admin(), "postgres").await.unwrap();
+    assert!(!pgflip::engine::fence::is_fenced(&green).await.unwrap(), "the serving side takes writes");
+    let blue = connect(&h.instance_addr("blue").unwrap(), &h.admin(), "postgres").await.unwrap();
+    assert!(pgflip::engine::fence::is_fenced(&blue).await.unwrap(), "the standby is fenced");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+}
