@@ -6,6 +6,7 @@
 //! - [`StatusSink`]: where progress goes (git notes | forge statuses | Kubernetes status).
 
 pub mod git_notes;
+pub mod git_remote;
 pub mod git_source;
 pub mod local_instances;
 pub mod pgbouncer;
