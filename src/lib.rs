@@ -3,7 +3,8 @@
 //! - [`core`]: pure model and decisions (the document, the phase machine, reports).
 //! - [`engine`]: the PostgreSQL work; [`engine::switchover`] is the switchover sequence.
 //! - [`adapters`]: instances, the PgBouncer endpoint, Git source and notes.
-//! - [`local`]: local mode's run loop; [`demo`]: the end-to-end demo.
+//! - [`local`]: local mode's run loop; [`demo`]: the end-to-end demo; [`load`]: the
+//!   client write load with its ledger of committed transactions.
 
 pub mod adapters;
 pub mod core;
