@@ -9,7 +9,7 @@
 
 use crate::engine::pg::{self, Addr, Credentials};
 use serde::Serialize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -87,9 +87,17 @@ enum Phase {
 }
 
 pub struct LoadHandle {
+    live: Arc<Mutex<Live>>,
     phase: watch::Sender<Phase>,
     clients: Vec<JoinHandle<ClientOutcome>>,
     started: Instant,
+}
+
+/// What the clients have done so far, readable while the load runs.
+#[derive(Default)]
+struct Live {
+    committed: Vec<(i32, i64)>,
+    failed: u64,
 }
 
 #[derive(Default)]
@@ -103,6 +111,7 @@ struct ClientOutcome {
 /// Starts the load: `cfg.clients` tasks, each with its own connection through the endpoint.
 pub fn start(cfg: LoadConfig) -> LoadHandle {
     let (phase, _) = watch::channel(Phase::Running);
+    let live = Arc::new(Mutex::new(Live::default()));
     let started = Instant::now();
     // Runs against one table never collide: seqs start at the start time (ms) × 10⁶.
     let seq_base = crate::state::now_ms() as i64 * 1_000_000;
@@ -116,6 +125,7 @@ pub fn start(cfg: LoadConfig) -> LoadHandle {
             let client = Client {
                 id: i as i32,
                 cfg: cfg.clone(),
+                live: live.clone(),
                 started,
                 phase: phase.subscribe(),
             };
@@ -123,6 +133,7 @@ pub fn start(cfg: LoadConfig) -> LoadHandle {
         })
         .collect();
     LoadHandle {
+        live,
         phase,
         clients,
         started,
@@ -130,6 +141,17 @@ pub fn start(cfg: LoadConfig) -> LoadHandle {
 }
 
 impl LoadHandle {
+    /// Failed transactions so far.
+    pub fn failed_so_far(&self) -> u64 {
+        self.live.lock().unwrap().failed
+    }
+
+    /// Commits acknowledged so far that are missing on the server at `addr`.
+    pub async fn lost_commits(&self, addr: &Addr, creds: &Credentials, database: &str) -> anyhow::Result<u64> {
+        let ledger = self.live.lock().unwrap().committed.clone();
+        missing(&ledger, addr, creds, database).await
+    }
+
     /// Stops every client after its transaction in flight and reports.
     pub async fn stop(self) -> LoadReport {
         self.phase.send_replace(Phase::Stopping);
@@ -194,6 +216,7 @@ fn ms(d: Duration) -> f64 {
 struct Client {
     id: i32,
     cfg: Arc<LoadConfig>,
+    live: Arc<Mutex<Live>>,
     started: Instant,
     phase: watch::Receiver<Phase>,
 }
@@ -247,6 +270,7 @@ impl Client {
                         ok: true,
                     });
                     out.committed.push(seq);
+                    self.live.lock().unwrap().committed.push((self.id, seq));
                     connection = Some(client);
                 }
                 Err(e) => {
@@ -261,6 +285,7 @@ impl Client {
     fn record_failure(&self, out: &mut ClientOutcome, since: Instant, error: String) {
         let at_ms = ms(self.started.elapsed());
         out.failed += 1;
+        self.live.lock().unwrap().failed += 1;
         out.samples.push(Sample {
             at_ms,
             latency_ms: ms(since.elapsed()),
@@ -288,9 +313,13 @@ pub async fn lost_commits(
     creds: &Credentials,
     database: &str,
 ) -> anyhow::Result<u64> {
+    missing(&report.ledger, addr, creds, database).await
+}
+
+async fn missing(ledger: &[(i32, i64)], addr: &Addr, creds: &Credentials, database: &str) -> anyhow::Result<u64> {
     let client = pg::connect(addr, creds, database).await?;
     let mut lost = 0;
-    for batch in report.ledger.chunks(CHECK_BATCH) {
+    for batch in ledger.chunks(CHECK_BATCH) {
         let ids: Vec<String> = batch.iter().map(|(c, _)| c.to_string()).collect();
         let seqs: Vec<String> = batch.iter().map(|(_, s)| s.to_string()).collect();
         let sql = format!(

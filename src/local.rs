@@ -35,7 +35,7 @@ pub type LocalEngine = Engine<LocalInstances, PgBouncer, GitNotes, StateDir>;
 pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let state = StateDir::open(&opts.state_dir)?;
     let mut source = GitSource::open(&opts.repo, &opts.branch, opts.file.as_deref(), &state.dir("repo"))?;
-    let notes = GitNotes::new(source.repo_dir(), source.is_remote().then(|| "origin".to_string()));
+    let notes = GitNotes::new(source.repo_dir(), source.remote_url().map(Into::into));
     let mut record = state.load()?;
     let mut engine: Option<LocalEngine> = None;
     let mut adopted = false;
@@ -87,7 +87,7 @@ fn build_engine(state: &StateDir, desired: &Desired, notes: GitNotes) -> anyhow:
     let toolchain = Toolchain::discover();
     let admin = state.admin_credentials()?;
     let instances = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?;
-    let router = PgBouncer::new(state.clone(), toolchain.clone(), admin.clone(), desired.endpoint_port);
+    let router = PgBouncer::new(state.clone(), toolchain.clone(), admin.clone(), desired.endpoint_port)?;
     Ok(Engine::new(instances, router, notes, state.clone(), toolchain, admin))
 }
 
@@ -131,8 +131,6 @@ async fn report_bad(notes: &GitNotes, revision: &str, reason: &str) {
 
 /// Stops the endpoint and every instance of a state directory.
 pub async fn stop(state: &StateDir) -> anyhow::Result<()> {
-    let toolchain = Toolchain::discover();
-    let admin = state.admin_credentials()?;
-    PgBouncer::new(state.clone(), toolchain, admin, 0).stop().await?;
+    crate::adapters::pgbouncer::stop_endpoint(state)?;
     crate::adapters::local_instances::stop_all(state)
 }

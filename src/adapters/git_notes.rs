@@ -30,6 +30,7 @@ const MERGE_NOTES_REF: &str = "refs/pgflip/merge-notes";
 /// Pushes tried before giving up; each rejected one fetches and merges first.
 const PUSH_ATTEMPTS: u32 = 5;
 
+#[derive(Clone)]
 pub struct GitNotes {
     repo_dir: PathBuf,
     /// A remote name configured in the repository, or a URL (possibly with credentials:
