@@ -48,10 +48,10 @@ impl StateDir {
     /// The admin credentials: `$PGFLIP_ADMIN_PASSWORD`, else `secrets/admin-password`
     /// (generated on first use, mode 0600).
     pub fn admin_credentials(&self) -> anyhow::Result<Credentials> {
-        if let Ok(p) = std::env::var("PGFLIP_ADMIN_PASSWORD") {
-            if !p.is_empty() {
-                return Ok(Credentials { user: ADMIN_USER.into(), password: p });
-            }
+        if let Ok(p) = std::env::var("PGFLIP_ADMIN_PASSWORD")
+            && !p.is_empty()
+        {
+            return Ok(Credentials { user: ADMIN_USER.into(), password: p });
         }
         let path = self.root.join("secrets/admin-password");
         let password = match std::fs::read_to_string(&path) {
@@ -93,10 +93,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
     }
     Ok(())
 }

@@ -173,16 +173,16 @@ impl Instances for LocalInstances {
 
     async fn remove(&self, member: &Member) -> Result<()> {
         let dir = self.dir(member);
-        if let Some(file) = self.read_file(member) {
-            if self.running(member, file.major)? {
-                run(self
-                    .run_as
-                    .command(&self.pg_ctl(file.major)?)
-                    .arg("stop")
-                    .arg("-D")
-                    .arg(dir.join("data"))
-                    .args(["-m", "fast", "-w", "-t", "60"]))?;
-            }
+        if let Some(file) = self.read_file(member)
+            && self.running(member, file.major)?
+        {
+            run(self
+                .run_as
+                .command(&self.pg_ctl(file.major)?)
+                .arg("stop")
+                .arg("-D")
+                .arg(dir.join("data"))
+                .args(["-m", "fast", "-w", "-t", "60"]))?;
         }
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;

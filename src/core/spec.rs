@@ -197,10 +197,10 @@ pub enum SpecError {
 /// Parses and validates one `BlueGreenDatabase` document.
 pub fn parse(text: &str) -> Result<Desired, SpecError> {
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| SpecError::Yaml(e.to_string()))?;
-    if let Some(kind) = value.get("kind") {
-        if kind.as_str() != Some(KIND) {
-            return Err(SpecError::Invalid(format!("kind is {kind:?}, expected {KIND}")));
-        }
+    if let Some(kind) = value.get("kind")
+        && kind.as_str() != Some(KIND)
+    {
+        return Err(SpecError::Invalid(format!("kind is {kind:?}, expected {KIND}")));
     }
     let doc: Document = serde_yaml::from_str(text).map_err(|e| SpecError::Invalid(e.to_string()))?;
     validate(doc)
