@@ -77,15 +77,27 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 }
 
 async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<DemoResult> {
-    let (from, to) = (Major::parse(&opts.from.to_string())?, Major::parse(&opts.to.to_string())?);
+    let (from, to) = (
+        Major::parse(&opts.from.to_string())?,
+        Major::parse(&opts.to.to_string())?,
+    );
     let repo = root.join("repo");
     std::fs::create_dir_all(&repo)?;
     git::init_repo(&repo);
     let port = crate::adapters::run_as::free_port()?;
-    let extra = format!("databases: [app]\nendpoint:\n  port: {port}\nretainPrevious: 1h\nswitchover:\n  pauseTimeout: 2s");
+    let extra = format!(
+        "databases: [app]\nendpoint:\n  port: {port}\nretainPrevious: 1h\nswitchover:\n  pauseTimeout: 2s"
+    );
     let doc = |m: Major| spec::render("demo", m, &extra);
-    step(&format!("commit: BlueGreenDatabase demo at PostgreSQL {from}"));
-    git::commit_file(&repo, "database.yaml", &doc(from), &format!("demo database at PostgreSQL {from}"));
+    step(&format!(
+        "commit: BlueGreenDatabase demo at PostgreSQL {from}"
+    ));
+    git::commit_file(
+        &repo,
+        "database.yaml",
+        &doc(from),
+        &format!("demo database at PostgreSQL {from}"),
+    );
 
     let state = StateDir::open(root.join("state"))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -180,14 +192,17 @@ async fn wait_for(
             None => String::new(),
         };
         if let Some((repo, rev)) = notes_of
-            && let Some(u) = GitNotes::read(repo, rev).ok().and_then(|v| v.into_iter().last()) {
-                if u.state == crate::core::report::State::Failure {
-                    bail!("{what} failed: {}", u.message);
-                }
-                if !line.is_empty() {
-                    line = format!("{line} — {}", u.message);
-                }
+            && let Some(u) = GitNotes::read(repo, rev)
+                .ok()
+                .and_then(|v| v.into_iter().last())
+        {
+            if u.state == crate::core::report::State::Failure {
+                bail!("{what} failed: {}", u.message);
             }
+            if !line.is_empty() {
+                line = format!("{line} — {}", u.message);
+            }
+        }
         if !line.is_empty() && line != last {
             println!("  {:>6.1}s  {line}", started.elapsed().as_secs_f64());
             last = line;
@@ -199,9 +214,15 @@ async fn wait_for(
     }
 }
 
-async fn load_sample(endpoint: &Addr, admin: &Credentials, app: &Credentials) -> anyhow::Result<()> {
+async fn load_sample(
+    endpoint: &Addr,
+    admin: &Credentials,
+    app: &Credentials,
+) -> anyhow::Result<()> {
     let c = connect(endpoint, admin, "app").await?;
-    c.batch_execute(include_str!("../demo/sample.sql")).await.context("loading demo/sample.sql")?;
+    c.batch_execute(include_str!("../demo/sample.sql"))
+        .await
+        .context("loading demo/sample.sql")?;
     c.batch_execute(&format!(
         "CREATE ROLE {} LOGIN PASSWORD {}",
         crate::engine::pg::ident(&app.user),
@@ -236,8 +257,12 @@ fn step(s: &str) {
 
 fn print_table(r: &DemoResult) {
     println!();
-    println!("| switch   | from → to | pause (ms) | failed transactions | lost commits | tables verified |");
-    println!("|----------|-----------|-----------:|--------------------:|-------------:|----------------:|");
+    println!(
+        "| switch   | from → to | pause (ms) | failed transactions | lost commits | tables verified |"
+    );
+    println!(
+        "|----------|-----------|-----------:|--------------------:|-------------:|----------------:|"
+    );
     for (name, s) in [("upgrade", &r.upgrade), ("rollback", &r.rollback)] {
         println!(
             "| {name:<8} | {:>2} → {:<2}   | {:>10.1} | {:>19} | {:>12} | {:>15} |",

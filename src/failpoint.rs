@@ -6,7 +6,13 @@ use std::sync::OnceLock;
 
 fn armed() -> Option<&'static str> {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
-    ARMED.get_or_init(|| std::env::var("PGFLIP_FAILPOINT").ok().filter(|s| !s.is_empty())).as_deref()
+    ARMED
+        .get_or_init(|| {
+            std::env::var("PGFLIP_FAILPOINT")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .as_deref()
 }
 
 pub fn hit(name: &str) {

@@ -147,7 +147,12 @@ impl LoadHandle {
     }
 
     /// Commits acknowledged so far that are missing on the server at `addr`.
-    pub async fn lost_commits(&self, addr: &Addr, creds: &Credentials, database: &str) -> anyhow::Result<u64> {
+    pub async fn lost_commits(
+        &self,
+        addr: &Addr,
+        creds: &Credentials,
+        database: &str,
+    ) -> anyhow::Result<u64> {
         let ledger = self.live.lock().unwrap().committed.clone();
         missing(&ledger, addr, creds, database).await
     }
@@ -316,7 +321,12 @@ pub async fn lost_commits(
     missing(&report.ledger, addr, creds, database).await
 }
 
-async fn missing(ledger: &[(i32, i64)], addr: &Addr, creds: &Credentials, database: &str) -> anyhow::Result<u64> {
+async fn missing(
+    ledger: &[(i32, i64)],
+    addr: &Addr,
+    creds: &Credentials,
+    database: &str,
+) -> anyhow::Result<u64> {
     let client = pg::connect(addr, creds, database).await?;
     let mut lost = 0;
     for batch in ledger.chunks(CHECK_BATCH) {

@@ -34,7 +34,12 @@ pub type LocalEngine = Engine<LocalInstances, PgBouncer, GitNotes, StateDir>;
 /// steps until there is nothing to do.
 pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let state = StateDir::open(&opts.state_dir)?;
-    let mut source = GitSource::open(&opts.repo, &opts.branch, opts.file.as_deref(), &state.dir("repo"))?;
+    let mut source = GitSource::open(
+        &opts.repo,
+        &opts.branch,
+        opts.file.as_deref(),
+        &state.dir("repo"),
+    )?;
     let notes = GitNotes::new(source.repo_dir(), source.remote_url().map(Into::into));
     let mut record = state.load()?;
     let mut engine: Option<LocalEngine> = None;
@@ -48,7 +53,8 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
                 take_revision(&observed, &mut record, &state, &notes).await?;
                 match record.desired.clone() {
                     Some(d) => {
-                        let desired = spec::parse(&d.document).expect("a stored document was valid");
+                        let desired =
+                            spec::parse(&d.document).expect("a stored document was valid");
                         let engine = match &engine {
                             Some(e) => e,
                             None => engine.insert(build_engine(&state, &desired, notes.clone())?),
@@ -57,7 +63,10 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
                             engine.adopt(&record, &desired).await?;
                             adopted = true;
                         }
-                        let wanted = Wanted { revision: &d.revision, desired: &desired };
+                        let wanted = Wanted {
+                            revision: &d.revision,
+                            desired: &desired,
+                        };
                         match engine.reconcile(&mut record, &wanted).await {
                             Ok(p) => p == Progress::Busy,
                             Err(e) => {
@@ -83,26 +92,54 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
     }
 }
 
-fn build_engine(state: &StateDir, desired: &Desired, notes: GitNotes) -> anyhow::Result<LocalEngine> {
+fn build_engine(
+    state: &StateDir,
+    desired: &Desired,
+    notes: GitNotes,
+) -> anyhow::Result<LocalEngine> {
     let toolchain = Toolchain::discover();
     let admin = state.admin_credentials()?;
     let instances = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?;
-    let router = PgBouncer::new(state.clone(), toolchain.clone(), admin.clone(), desired.endpoint_port)?;
-    Ok(Engine::new(instances, router, notes, state.clone(), toolchain, admin))
+    let router = PgBouncer::new(
+        state.clone(),
+        toolchain.clone(),
+        admin.clone(),
+        desired.endpoint_port,
+    )?;
+    Ok(Engine::new(
+        instances,
+        router,
+        notes,
+        state.clone(),
+        toolchain,
+        admin,
+    ))
 }
 
 /// A new revision: keep its document if valid, report it if not. Either way it is
 /// remembered, so the same bad commit is reported once.
-async fn take_revision(observed: &Observed, record: &mut Record, state: &StateDir, notes: &GitNotes) -> anyhow::Result<()> {
+async fn take_revision(
+    observed: &Observed,
+    record: &mut Record,
+    state: &StateDir,
+    notes: &GitNotes,
+) -> anyhow::Result<()> {
     if record.observed_revision.as_deref() == Some(observed.revision.as_str()) {
         return Ok(());
     }
-    let parsed = observed.document.clone().and_then(|text| spec::parse(&text).map(|d| (text, d)).map_err(|e| e.to_string()));
+    let parsed = observed.document.clone().and_then(|text| {
+        spec::parse(&text)
+            .map(|d| (text, d))
+            .map_err(|e| e.to_string())
+    });
     match parsed {
         Ok((text, desired)) => {
             if let Some(prev) = &record.desired {
                 let prev = spec::parse(&prev.document).expect("a stored document was valid");
-                if prev.name != desired.name || prev.databases != desired.databases || prev.endpoint_port != desired.endpoint_port {
+                if prev.name != desired.name
+                    || prev.databases != desired.databases
+                    || prev.endpoint_port != desired.endpoint_port
+                {
                     let reason = "metadata.name, spec.databases and spec.endpoint cannot change on a running database";
                     report_bad(notes, &observed.revision, reason).await;
                     record.observed_revision = Some(observed.revision.clone());
@@ -110,7 +147,10 @@ async fn take_revision(observed: &Observed, record: &mut Record, state: &StateDi
                 }
             }
             tracing::info!(revision = crate::core::plan::short(&observed.revision), version = %desired.major, "new revision");
-            record.desired = Some(crate::core::plan::DesiredDocument { revision: observed.revision.clone(), document: text });
+            record.desired = Some(crate::core::plan::DesiredDocument {
+                revision: observed.revision.clone(),
+                document: text,
+            });
         }
         Err(reason) => {
             tracing::warn!(revision = crate::core::plan::short(&observed.revision), %reason, "bad document; nothing changes");
@@ -123,7 +163,8 @@ async fn take_revision(observed: &Observed, record: &mut Record, state: &StateDi
 
 async fn report_bad(notes: &GitNotes, revision: &str, reason: &str) {
     use crate::adapters::StatusSink;
-    let u = crate::core::report::Update::failure("document", format!("{reason}; nothing was changed"));
+    let u =
+        crate::core::report::Update::failure("document", format!("{reason}; nothing was changed"));
     if let Err(e) = notes.publish(revision, &u).await {
         tracing::warn!(error = %format!("{e:#}"), "could not publish the status");
     }

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "pgflip", version, about = "Blue-green PostgreSQL major-version switches driven by Git")]
+#[command(
+    name = "pgflip",
+    version,
+    about = "Blue-green PostgreSQL major-version switches driven by Git"
+)]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
@@ -54,22 +58,46 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if cli.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Local { repo, branch, file, state_dir, poll } => {
+            Command::Local {
+                repo,
+                branch,
+                file,
+                state_dir,
+                poll,
+            } => {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     let _ = tokio::signal::ctrl_c().await;
                     let _ = tx.send(true);
                 });
-                pgflip::local::run(pgflip::local::LocalOptions { repo, branch, file, state_dir, poll }, rx).await
+                pgflip::local::run(
+                    pgflip::local::LocalOptions {
+                        repo,
+                        branch,
+                        file,
+                        state_dir,
+                        poll,
+                    },
+                    rx,
+                )
+                .await
             }
             Command::Status { state_dir, json } => {
                 let record = StateDir::open(state_dir)?.load()?;
@@ -94,7 +122,10 @@ fn render_status(r: &Record) -> String {
     }
     if let Some(s) = &r.standby {
         let left = s.retain_until_ms.saturating_sub(pgflip::state::now_ms()) / 1000;
-        out.push_str(&format!("standby:  {} (PostgreSQL {}) in reverse sync, retained {left}s more\n", s.member.color, s.member.major));
+        out.push_str(&format!(
+            "standby:  {} (PostgreSQL {}) in reverse sync, retained {left}s more\n",
+            s.member.color, s.member.major
+        ));
     }
     match &r.attempt {
         Some(a) => out.push_str(&format!(
@@ -107,7 +138,10 @@ fn render_status(r: &Record) -> String {
         None => out.push_str("phase:    idle\n"),
     }
     if let Some(rev) = &r.failed_revision {
-        out.push_str(&format!("failed:   revision {} (not retried until a new commit)\n", pgflip::core::plan::short(rev)));
+        out.push_str(&format!(
+            "failed:   revision {} (not retried until a new commit)\n",
+            pgflip::core::plan::short(rev)
+        ));
     }
     out.push_str("history:\n");
     if r.history.is_empty() {
@@ -116,7 +150,9 @@ fn render_status(r: &Record) -> String {
     for h in &r.history {
         out.push_str(&format!(
             "  {} {} → {}  pause {:.1} ms  total {:.1} s  {} tables verified  revision {}\n",
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(h.finished_ms)),
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(h.finished_ms)
+            ),
             h.from,
             h.to,
             h.pause_ms,

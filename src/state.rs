@@ -49,21 +49,31 @@ impl StateDir {
     /// (generated on first use, mode 0600).
     pub fn admin_credentials(&self) -> anyhow::Result<Credentials> {
         if let Ok(p) = std::env::var("PGFLIP_ADMIN_PASSWORD")
-            && !p.is_empty() {
-                return Ok(Credentials { user: ADMIN_USER.into(), password: p });
-            }
+            && !p.is_empty()
+        {
+            return Ok(Credentials {
+                user: ADMIN_USER.into(),
+                password: p,
+            });
+        }
         let path = self.root.join("secrets/admin-password");
         let password = match std::fs::read_to_string(&path) {
             Ok(p) => p.trim().to_string(),
             Err(_) => {
                 std::fs::create_dir_all(path.parent().unwrap())?;
-                std::fs::set_permissions(path.parent().unwrap(), std::fs::Permissions::from_mode(0o700))?;
+                std::fs::set_permissions(
+                    path.parent().unwrap(),
+                    std::fs::Permissions::from_mode(0o700),
+                )?;
                 let p = random_token(32);
                 write_atomic(&path, p.as_bytes(), 0o600)?;
                 p
             }
         };
-        Ok(Credentials { user: ADMIN_USER.into(), password })
+        Ok(Credentials {
+            user: ADMIN_USER.into(),
+            password,
+        })
     }
 
     pub fn dir(&self, name: &str) -> PathBuf {
@@ -75,7 +85,9 @@ pub fn random_token(len: usize) -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::thread_rng();
-    (0..len).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
+    (0..len)
+        .map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char)
+        .collect()
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
@@ -93,9 +105,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
     }
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 

@@ -36,7 +36,10 @@ impl Toolchain {
     /// Directory with `postgres`, `initdb` and `pg_ctl` of this major.
     pub fn server_bin(&self, major: u32) -> anyhow::Result<PathBuf> {
         for dir in self.candidates(major) {
-            if ["postgres", "initdb", "pg_ctl"].iter().all(|b| dir.join(b).is_file()) {
+            if ["postgres", "initdb", "pg_ctl"]
+                .iter()
+                .all(|b| dir.join(b).is_file())
+            {
                 return Ok(dir);
             }
         }
@@ -53,7 +56,9 @@ impl Toolchain {
                 }
             }
         }
-        bail!("no pg_dump of version {source_major} or newer is installed (it must be at least the source server's major): {SETUP_HINT}")
+        bail!(
+            "no pg_dump of version {source_major} or newer is installed (it must be at least the source server's major): {SETUP_HINT}"
+        )
     }
 
     /// Extension control files shipped with this major's server.
@@ -103,7 +108,9 @@ impl Toolchain {
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// Library directory next to a bin directory (the npm and PyPI builds keep theirs there).

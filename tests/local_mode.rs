@@ -14,7 +14,9 @@ fn serving(r: &pgflip::core::plan::Record) -> Option<(Color, u32)> {
 }
 
 async fn count(h: &Harness, color: &str, sql: &str) -> i64 {
-    let c = connect(&h.instance_addr(color).unwrap(), &h.admin(), "app").await.unwrap();
+    let c = connect(&h.instance_addr(color).unwrap(), &h.admin(), "app")
+        .await
+        .unwrap();
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
@@ -31,20 +33,43 @@ async fn upgrade_and_revert_under_load() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let up = h.commit_version(16);
-    let r = h.wait("upgrade", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    let r = h
+        .wait("upgrade", 5 * MINUTE, |r| {
+            r.history.len() == 1 && r.attempt.is_none()
+        })
+        .await;
     assert_eq!(serving(&r), Some((Color::Green, 16)));
-    assert_eq!(r.standby.as_ref().unwrap().member.major.0, 15, "blue retained in reverse sync");
+    assert_eq!(
+        r.standby.as_ref().unwrap().member.major.0,
+        15,
+        "blue retained in reverse sync"
+    );
     let note = h.wait_final_note(&up, MINUTE).await;
     assert_eq!(note.state, State::Success, "{note:?}");
     assert!(note.pause_ms.unwrap() > 0.0);
     assert!(note.verified_tables.unwrap() >= 6, "{note:?}");
     let phases: Vec<String> = h.notes(&up).iter().map(|u| u.phase.clone()).collect();
     for p in ["preflight", "initial-sync", "verify", "switchover", "done"] {
-        assert!(phases.iter().any(|x| x == p), "note phases {phases:?} lack {p}");
+        assert!(
+            phases.iter().any(|x| x == p),
+            "note phases {phases:?} lack {p}"
+        );
     }
-    assert_eq!(h.serving_port(&app).await, h.instance_addr("green").unwrap().port);
-    assert_eq!(load.failed_so_far(), 0, "failed transactions during the upgrade");
-    assert_eq!(load.lost_commits(&h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+    assert_eq!(
+        h.serving_port(&app).await,
+        h.instance_addr("green").unwrap().port
+    );
+    assert_eq!(
+        load.failed_so_far(),
+        0,
+        "failed transactions during the upgrade"
+    );
+    assert_eq!(
+        load.lost_commits(&h.endpoint(), &h.admin(), "app")
+            .await
+            .unwrap(),
+        0
+    );
 
     // Sequences: new rows on green take fresh values; the trigger fired once per row;
     // the materialized view was refreshed; the no-PK table was carried.
@@ -53,35 +78,70 @@ async fn upgrade_and_revert_under_load() {
         .await
         .expect("no sequence collision on green");
     assert_eq!(
-        count(&h, "green", "SELECT count(*) FROM audit_log WHERE what LIKE 'order %'").await,
+        count(
+            &h,
+            "green",
+            "SELECT count(*) FROM audit_log WHERE what LIKE 'order %'"
+        )
+        .await,
         count(&h, "green", "SELECT count(*) FROM orders").await,
         "the audit trigger fired exactly once per order"
     );
     assert!(count(&h, "green", "SELECT nextval('invoice_numbers')").await > 1005);
-    assert!(count(&h, "green", "SELECT count(*) FROM revenue_by_day").await > 0, "materialized view refreshed");
-    assert_eq!(count(&h, "green", "SELECT count(*) FROM page_views").await, 500);
+    assert!(
+        count(&h, "green", "SELECT count(*) FROM revenue_by_day").await > 0,
+        "materialized view refreshed"
+    );
+    assert_eq!(
+        count(&h, "green", "SELECT count(*) FROM page_views").await,
+        500
+    );
     // Blue keeps only the reverse link; green only the reverse publication and slot.
     let blue_objects = h.replication_objects("blue", "app").await;
-    assert!(blue_objects.iter().all(|o| o.starts_with("subscription pgflip_green_to_blue")), "{blue_objects:?}");
+    assert!(
+        blue_objects
+            .iter()
+            .all(|o| o.starts_with("subscription pgflip_green_to_blue")),
+        "{blue_objects:?}"
+    );
     let green_objects = h.replication_objects("green", "app").await;
-    assert!(green_objects.iter().all(|o| o.contains("pgflip_green_to_blue")), "{green_objects:?}");
+    assert!(
+        green_objects
+            .iter()
+            .all(|o| o.contains("pgflip_green_to_blue")),
+        "{green_objects:?}"
+    );
 
     // Writes on green reach blue through reverse replication; then revert.
     let rev = h.revert(&up);
-    let r = h.wait("rollback", 5 * MINUTE, |r| r.history.len() == 2 && r.attempt.is_none()).await;
+    let r = h
+        .wait("rollback", 5 * MINUTE, |r| {
+            r.history.len() == 2 && r.attempt.is_none()
+        })
+        .await;
     assert_eq!(serving(&r), Some((Color::Blue, 15)));
     assert_eq!(h.wait_final_note(&rev, MINUTE).await.state, State::Success);
-    assert_eq!(h.serving_port(&app).await, h.instance_addr("blue").unwrap().port);
+    assert_eq!(
+        h.serving_port(&app).await,
+        h.instance_addr("blue").unwrap().port
+    );
     let report = load.stop().await;
     assert!(report.committed > 100, "the load ran: {}", report.committed);
     assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
-    assert_eq!(pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+    assert_eq!(
+        pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(
         count(&h, "blue", "SELECT count(*) FROM orders").await,
         count(&h, "green", "SELECT count(*) FROM orders").await,
         "the row written on green came back"
     );
-    c.simple_query("INSERT INTO orders (customer_id, amount) VALUES (1, 6)").await.expect("no collision on blue");
+    c.simple_query("INSERT INTO orders (customer_id, amount) VALUES (1, 6)")
+        .await
+        .expect("no collision on blue");
 }
 
 /// A commit that changes the target mid-way supersedes the running attempt; then 15 → 17.
@@ -93,17 +153,32 @@ async fn superseded_attempt_then_15_to_17() {
     h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
     let _app = h.load_sample().await;
     let to16 = h.commit_version(16);
-    h.wait("attempt at 16 replicating", 2 * MINUTE, |r| r.attempt.as_ref().is_some_and(|a| a.phase >= Phase::Replicate && a.to.major.0 == 16)).await;
+    h.wait("attempt at 16 replicating", 2 * MINUTE, |r| {
+        r.attempt
+            .as_ref()
+            .is_some_and(|a| a.phase >= Phase::Replicate && a.to.major.0 == 16)
+    })
+    .await;
     let to17 = h.commit_version(17);
-    let r = h.wait("upgrade to 17", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    let r = h
+        .wait("upgrade to 17", 5 * MINUTE, |r| {
+            r.history.len() == 1 && r.attempt.is_none()
+        })
+        .await;
     assert_eq!(r.history[0].to.major.0, 17);
     assert_eq!(r.history[0].from.major.0, 15);
     let superseded = h.wait_final_note(&to16, MINUTE).await;
     assert_eq!(superseded.state, State::Failure);
     assert!(superseded.message.contains("superseded"), "{superseded:?}");
     assert_eq!(h.wait_final_note(&to17, MINUTE).await.state, State::Success);
-    let c = connect(&h.instance_addr("green").unwrap(), &h.admin(), "app").await.unwrap();
-    let v: String = c.query_one("SHOW server_version", &[]).await.unwrap().get(0);
+    let c = connect(&h.instance_addr("green").unwrap(), &h.admin(), "app")
+        .await
+        .unwrap();
+    let v: String = c
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(v.starts_with("17."), "{v}");
 }
 
@@ -118,16 +193,34 @@ async fn upgrade_without_retention_then_downgrade() {
     let app = h.load_sample().await;
     let load = h.load(&app, 2, 100);
     h.commit_version(17);
-    h.wait("upgrade and decommission", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none() && r.standby.is_none()).await;
-    assert!(h.instance_addr("blue").is_none(), "blue removed after retention 0s");
-    assert!(h.replication_objects("green", "app").await.is_empty(), "nothing left behind on green");
+    h.wait("upgrade and decommission", 5 * MINUTE, |r| {
+        r.history.len() == 1 && r.attempt.is_none() && r.standby.is_none()
+    })
+    .await;
+    assert!(
+        h.instance_addr("blue").is_none(),
+        "blue removed after retention 0s"
+    );
+    assert!(
+        h.replication_objects("green", "app").await.is_empty(),
+        "nothing left behind on green"
+    );
     let down = h.commit_version(15);
-    let r = h.wait("downgrade", 5 * MINUTE, |r| r.history.len() == 2 && r.attempt.is_none()).await;
+    let r = h
+        .wait("downgrade", 5 * MINUTE, |r| {
+            r.history.len() == 2 && r.attempt.is_none()
+        })
+        .await;
     assert_eq!(serving(&r), Some((Color::Blue, 15)));
     assert_eq!(h.wait_final_note(&down, MINUTE).await.state, State::Success);
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.errors);
-    assert_eq!(pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+    assert_eq!(
+        pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 /// Bad documents: each gets a failure note, nothing is touched, and the next good commit
@@ -141,11 +234,20 @@ async fn bad_documents_change_nothing() {
     let good = h.document(16);
     let bad: Vec<(String, &str)> = vec![
         ("spec: [unclosed".into(), "YAML"),
-        (good.replace("spec:\n", "spec:\n  colour: blue\n"), "unknown field"),
+        (
+            good.replace("spec:\n", "spec:\n  colour: blue\n"),
+            "unknown field",
+        ),
         (good.replace("  version: \"16\"\n", ""), "version"),
-        (good.replace("\"16\"", "\"sixteen\""), "not a PostgreSQL major"),
+        (
+            good.replace("\"16\"", "\"sixteen\""),
+            "not a PostgreSQL major",
+        ),
         (good.replace("\"16\"", "\"12\""), "not supported"),
-        (good.replace("kind: BlueGreenDatabase", "kind: Database"), "kind"),
+        (
+            good.replace("kind: BlueGreenDatabase", "kind: Database"),
+            "kind",
+        ),
     ];
     for (text, needle) in &bad {
         let sha = h.commit_text(text, "bad");
@@ -157,7 +259,10 @@ async fn bad_documents_change_nothing() {
         assert!(h.instance_addr("green").is_none(), "nothing touched");
     }
     let sha = h.commit_text(&good, "good");
-    h.wait("upgrade after bad documents", 5 * MINUTE, |r| r.history.len() == 1).await;
+    h.wait("upgrade after bad documents", 5 * MINUTE, |r| {
+        r.history.len() == 1
+    })
+    .await;
     assert_eq!(h.wait_final_note(&sha, MINUTE).await.state, State::Success);
 }
 
@@ -187,7 +292,10 @@ async fn preflight_refuses_and_touches_nothing() {
     let r = h.record();
     assert_eq!(serving(&r), Some((Color::Blue, 15)));
     assert!(r.attempt.is_none());
-    assert!(h.instance_addr("green").is_none(), "no green was provisioned");
+    assert!(
+        h.instance_addr("green").is_none(),
+        "no green was provisioned"
+    );
     assert!(h.replication_objects("blue", "app").await.is_empty());
 }
 
@@ -204,18 +312,33 @@ async fn ddl_after_copy_blocks_the_switch() {
     // Stop right before verification: the copy is done, the switch not yet.
     h.start(Some("before:verify"));
     let sha = h.commit_version(16);
-    assert!(h.wait_killed(3 * MINUTE), "pgflip reached the failpoint\n{}", h.log_tail());
+    assert!(
+        h.wait_killed(3 * MINUTE),
+        "pgflip reached the failpoint\n{}",
+        h.log_tail()
+    );
     let c = connect(&h.endpoint(), &h.admin(), "app").await.unwrap();
-    c.batch_execute("ALTER TABLE customers ADD COLUMN loyalty int").await.unwrap();
+    c.batch_execute("ALTER TABLE customers ADD COLUMN loyalty int")
+        .await
+        .unwrap();
     h.start(None);
     let note = h.wait_final_note(&sha, 2 * MINUTE).await;
     assert_eq!(note.state, State::Failure);
-    assert!(note.message.contains("schema") && note.message.contains("changed"), "{}", note.message);
-    let r = h.wait("attempt cleaned up", MINUTE, |r| r.attempt.is_none()).await;
+    assert!(
+        note.message.contains("schema") && note.message.contains("changed"),
+        "{}",
+        note.message
+    );
+    let r = h
+        .wait("attempt cleaned up", MINUTE, |r| r.attempt.is_none())
+        .await;
     assert_eq!(serving(&r), Some((Color::Blue, 15)));
     assert!(h.instance_addr("green").is_none());
     assert!(h.replication_objects("blue", "app").await.is_empty());
-    assert_eq!(h.serving_port(&app).await, h.instance_addr("blue").unwrap().port);
+    assert_eq!(
+        h.serving_port(&app).await,
+        h.instance_addr("blue").unwrap().port
+    );
 }
 
 /// kill -9 at every phase boundary and inside the switchover: each restart resumes,
@@ -254,24 +377,51 @@ async fn killed_at_every_boundary_resumes_and_loses_nothing() {
             h.commit_version(16);
             first = false;
         }
-        assert!(h.wait_killed(3 * MINUTE), "pgflip did not reach {point}\n{}", h.log_tail());
+        assert!(
+            h.wait_killed(3 * MINUTE),
+            "pgflip did not reach {point}\n{}",
+            h.log_tail()
+        );
         // Whatever the moment, the endpoint names exactly one of the two servers.
         let port = h.serving_port_direct().await;
         let behind: Vec<&str> = ["blue", "green"]
             .into_iter()
             .filter(|c| h.instance_addr(c).is_some_and(|a| a.port == port))
             .collect();
-        assert_eq!(behind.len(), 1, "{point}: endpoint port {port} matches {behind:?}");
+        assert_eq!(
+            behind.len(),
+            1,
+            "{point}: endpoint port {port} matches {behind:?}"
+        );
     }
     h.start(None);
-    let r = h.wait("switch finished after the crashes", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    let r = h
+        .wait("switch finished after the crashes", 5 * MINUTE, |r| {
+            r.history.len() == 1 && r.attempt.is_none()
+        })
+        .await;
     assert_eq!(serving(&r), Some((Color::Green, 16)));
-    let green = connect(&h.instance_addr("green").unwrap(), &h.admin(), "postgres").await.unwrap();
-    assert!(!pgflip::engine::fence::is_fenced(&green).await.unwrap(), "the serving side takes writes");
-    let blue = connect(&h.instance_addr("blue").unwrap(), &h.admin(), "postgres").await.unwrap();
-    assert!(pgflip::engine::fence::is_fenced(&blue).await.unwrap(), "the standby is fenced");
+    let green = connect(&h.instance_addr("green").unwrap(), &h.admin(), "postgres")
+        .await
+        .unwrap();
+    assert!(
+        !pgflip::engine::fence::is_fenced(&green).await.unwrap(),
+        "the serving side takes writes"
+    );
+    let blue = connect(&h.instance_addr("blue").unwrap(), &h.admin(), "postgres")
+        .await
+        .unwrap();
+    assert!(
+        pgflip::engine::fence::is_fenced(&blue).await.unwrap(),
+        "the standby is fenced"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.errors);
-    assert_eq!(pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+    assert_eq!(
+        pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+            .await
+            .unwrap(),
+        0
+    );
 }

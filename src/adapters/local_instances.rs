@@ -48,8 +48,17 @@ const SETTINGS: &[(&str, &str)] = &[
 ];
 
 impl LocalInstances {
-    pub fn new(state: StateDir, toolchain: Toolchain, admin: Credentials) -> anyhow::Result<LocalInstances> {
-        Ok(LocalInstances { state, toolchain, run_as: RunAs::detect()?, admin })
+    pub fn new(
+        state: StateDir,
+        toolchain: Toolchain,
+        admin: Credentials,
+    ) -> anyhow::Result<LocalInstances> {
+        Ok(LocalInstances {
+            state,
+            toolchain,
+            run_as: RunAs::detect()?,
+            admin,
+        })
     }
 
     fn dir(&self, member: &Member) -> PathBuf {
@@ -67,7 +76,13 @@ impl LocalInstances {
 
     fn running(&self, member: &Member, major: Major) -> anyhow::Result<bool> {
         let data = self.dir(member).join("data");
-        let status = self.run_as.command(&self.pg_ctl(major)?).arg("status").arg("-D").arg(&data).output()?;
+        let status = self
+            .run_as
+            .command(&self.pg_ctl(major)?)
+            .arg("status")
+            .arg("-D")
+            .arg(&data)
+            .output()?;
         Ok(status.status.success())
     }
 
@@ -94,7 +109,15 @@ impl LocalInstances {
             .arg("-U")
             .arg(&self.admin.user)
             .arg(format!("--pwfile={}", pwfile.display()))
-            .args(["-A", "scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--no-locale", "--no-sync"]));
+            .args([
+                "-A",
+                "scram-sha-256",
+                "--auth-local=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ]));
         let _ = std::fs::remove_file(&pwfile);
         result.context("initdb")?;
         let port = free_port()?;
@@ -111,8 +134,15 @@ impl LocalInstances {
         std::fs::write(&conf_path, existing)?;
         let hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n";
         std::fs::write(data.join("pg_hba.conf"), hba)?;
-        let file = InstanceFile { major: member.major, port };
-        write_atomic(&dir.join("instance.json"), &serde_json::to_vec(&file)?, 0o644)?;
+        let file = InstanceFile {
+            major: member.major,
+            port,
+        };
+        write_atomic(
+            &dir.join("instance.json"),
+            &serde_json::to_vec(&file)?,
+            0o644,
+        )?;
         Ok(file)
     }
 
@@ -126,7 +156,11 @@ impl LocalInstances {
             let mut conf = std::fs::read_to_string(&conf_path)?;
             conf.push_str(&format!("port = {}\n", file.port));
             std::fs::write(&conf_path, conf)?;
-            write_atomic(&dir.join("instance.json"), &serde_json::to_vec(&file)?, 0o644)?;
+            write_atomic(
+                &dir.join("instance.json"),
+                &serde_json::to_vec(&file)?,
+                0o644,
+            )?;
         }
         run(self
             .run_as
@@ -137,7 +171,12 @@ impl LocalInstances {
             .arg("-l")
             .arg(dir.join("server.log"))
             .args(["-w", "-t", "120"]))
-        .with_context(|| format!("starting {member}; see {}", dir.join("server.log").display()))?;
+        .with_context(|| {
+            format!(
+                "starting {member}; see {}",
+                dir.join("server.log").display()
+            )
+        })?;
         Ok(())
     }
 }
@@ -159,7 +198,10 @@ impl Instances for LocalInstances {
             self.start(&member, &file)?;
         }
         let file = self.read_file(&member).context("instance.json vanished")?;
-        let addr = Addr { host: "127.0.0.1".into(), port: file.port };
+        let addr = Addr {
+            host: "127.0.0.1".into(),
+            port: file.port,
+        };
         wait_ready(&addr, &self.admin).await?;
         Ok(addr)
     }
@@ -168,21 +210,25 @@ impl Instances for LocalInstances {
         Ok(self
             .read_file(member)
             .filter(|f| f.major == member.major)
-            .map(|f| Addr { host: "127.0.0.1".into(), port: f.port }))
+            .map(|f| Addr {
+                host: "127.0.0.1".into(),
+                port: f.port,
+            }))
     }
 
     async fn remove(&self, member: &Member) -> Result<()> {
         let dir = self.dir(member);
         if let Some(file) = self.read_file(member)
-            && self.running(member, file.major)? {
-                run(self
-                    .run_as
-                    .command(&self.pg_ctl(file.major)?)
-                    .arg("stop")
-                    .arg("-D")
-                    .arg(dir.join("data"))
-                    .args(["-m", "fast", "-w", "-t", "60"]))?;
-            }
+            && self.running(member, file.major)?
+        {
+            run(self
+                .run_as
+                .command(&self.pg_ctl(file.major)?)
+                .arg("stop")
+                .arg("-D")
+                .arg(dir.join("data"))
+                .args(["-m", "fast", "-w", "-t", "60"]))?;
+        }
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
@@ -194,10 +240,16 @@ impl Instances for LocalInstances {
 pub fn stop_all(state: &StateDir) -> anyhow::Result<()> {
     let toolchain = Toolchain::discover();
     let run_as = RunAs::detect()?;
-    let Ok(entries) = std::fs::read_dir(state.dir("instances")) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(state.dir("instances")) else {
+        return Ok(());
+    };
     for e in entries.flatten() {
-        let Ok(bytes) = std::fs::read(e.path().join("instance.json")) else { continue };
-        let Ok(file) = serde_json::from_slice::<InstanceFile>(&bytes) else { continue };
+        let Ok(bytes) = std::fs::read(e.path().join("instance.json")) else {
+            continue;
+        };
+        let Ok(file) = serde_json::from_slice::<InstanceFile>(&bytes) else {
+            continue;
+        };
         if let Ok(bin) = toolchain.server_bin(file.major.0) {
             let _ = run_as
                 .command(&bin.join("pg_ctl"))
@@ -221,7 +273,9 @@ async fn wait_ready(addr: &Addr, admin: &Credentials) -> anyhow::Result<()> {
                 c.simple_query("SELECT 1").await?;
                 return Ok(());
             }
-            Err(e) if tokio::time::Instant::now() > deadline => return Err(e.context("server did not become ready")),
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(e.context("server did not become ready"));
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }

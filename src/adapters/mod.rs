@@ -33,7 +33,11 @@ pub trait Instances: Send + Sync {
 pub trait Router: Send + Sync {
     /// Starts (or adopts) the endpoint for `databases`. A new endpoint points at `initial`;
     /// an existing one keeps its target.
-    fn ensure(&self, databases: &[String], initial: &Addr) -> impl Future<Output = Result<()>> + Send;
+    fn ensure(
+        &self,
+        databases: &[String],
+        initial: &Addr,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Where the endpoint sends clients now (its stored configuration).
     fn target(&self) -> impl Future<Output = Result<Option<Addr>>> + Send;
     /// Holds new transactions once in-flight ones finish. On `timeout` it resumes and fails,

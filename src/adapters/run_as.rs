@@ -18,7 +18,11 @@ impl RunAs {
     pub fn detect() -> anyhow::Result<RunAs> {
         let me = nix::unistd::geteuid();
         if !me.is_root() {
-            return Ok(RunAs { uid: me.as_raw(), gid: nix::unistd::getegid().as_raw(), drop: false });
+            return Ok(RunAs {
+                uid: me.as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+                drop: false,
+            });
         }
         let name = std::env::var("PGFLIP_OS_USER").unwrap_or_else(|_| "pgflip".into());
         let user = nix::unistd::User::from_name(&name)?
@@ -26,7 +30,11 @@ impl RunAs {
         if user.uid.is_root() {
             bail!("PGFLIP_OS_USER must not be root");
         }
-        Ok(RunAs { uid: user.uid.as_raw(), gid: user.gid.as_raw(), drop: true })
+        Ok(RunAs {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            drop: true,
+        })
     }
 
     /// A command that runs as the unprivileged user, in its own process group (so signals
@@ -36,7 +44,10 @@ impl RunAs {
         if self.drop {
             cmd.uid(self.uid).gid(self.gid);
         }
-        cmd.process_group(0).stdin(Stdio::null()).env_remove("PGPASSWORD").env("LC_ALL", "C");
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .env_remove("PGPASSWORD")
+            .env("LC_ALL", "C");
         if let Some(lib) = crate::toolchain::lib_dir(program.parent().unwrap_or(Path::new("/"))) {
             cmd.env("LD_LIBRARY_PATH", lib);
         }
@@ -55,10 +66,23 @@ impl RunAs {
 
 /// Runs a command to completion; on failure the error carries its output.
 pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output().with_context(|| format!("running {cmd:?}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
-        bail!("{:?} failed ({}): {}", cmd.get_program(), out.status, text.trim());
+        bail!(
+            "{:?} failed ({}): {}",
+            cmd.get_program(),
+            out.status,
+            text.trim()
+        );
     }
     Ok(text)
 }

@@ -128,7 +128,10 @@ impl Phase {
                 Phase::Done,
             ],
         };
-        let i = order.iter().position(|p| *p == self).unwrap_or(order.len() - 1);
+        let i = order
+            .iter()
+            .position(|p| *p == self)
+            .unwrap_or(order.len() - 1);
         order[(i + 1).min(order.len() - 1)]
     }
 
@@ -248,9 +251,13 @@ pub enum Decision {
     /// Run the current attempt's phase.
     Run(Phase),
     /// Drop the current attempt (nothing was switched yet) and clean up after it.
-    Abandon { reason: String },
+    Abandon {
+        reason: String,
+    },
     /// The standby's time is up, or it is in the way of a new attempt: remove it.
-    Decommission { reason: String },
+    Decommission {
+        reason: String,
+    },
     Idle,
 }
 
@@ -264,7 +271,10 @@ pub struct Wanted<'a> {
 pub fn decide(record: &Record, wanted: &Wanted<'_>, now_ms: u64) -> Decision {
     let target = wanted.desired.major;
     let Some(serving) = record.serving else {
-        return Decision::Bootstrap(Member { color: Color::Blue, major: target });
+        return Decision::Bootstrap(Member {
+            color: Color::Blue,
+            major: target,
+        });
     };
     if let Some(attempt) = &record.attempt {
         if attempt.to.major != target && !attempt.phase.is_committed() {
@@ -304,7 +314,10 @@ pub fn decide(record: &Record, wanted: &Wanted<'_>, now_ms: u64) -> Decision {
             wanted.revision,
             AttemptKind::Full,
             serving,
-            Member { color: serving.color.other(), major: target },
+            Member {
+                color: serving.color.other(),
+                major: target,
+            },
             now_ms,
             None,
         )),
@@ -359,18 +372,38 @@ mod tests {
         spec::parse(&spec::render("db", Major(major), "")).unwrap()
     }
     fn member(color: Color, major: u32) -> Member {
-        Member { color, major: Major(major) }
+        Member {
+            color,
+            major: Major(major),
+        }
     }
 
     #[test]
     fn decisions() {
-        let serving15 = Record { serving: Some(member(Color::Blue, 15)), ..Default::default() };
+        let serving15 = Record {
+            serving: Some(member(Color::Blue, 15)),
+            ..Default::default()
+        };
         let mut with_attempt = serving15.clone();
-        with_attempt.attempt = Some(Attempt::new("r1", AttemptKind::Full, member(Color::Blue, 15), member(Color::Green, 16), 0, None));
+        with_attempt.attempt = Some(Attempt::new(
+            "r1",
+            AttemptKind::Full,
+            member(Color::Blue, 15),
+            member(Color::Green, 16),
+            0,
+            None,
+        ));
         let mut switching = with_attempt.clone();
         switching.attempt.as_mut().unwrap().phase = Phase::Switchover;
-        let mut after = Record { serving: Some(member(Color::Green, 16)), ..Default::default() };
-        after.standby = Some(Standby { member: member(Color::Blue, 15), retain_until_ms: 1000, serving_fingerprint: "f".into() });
+        let mut after = Record {
+            serving: Some(member(Color::Green, 16)),
+            ..Default::default()
+        };
+        after.standby = Some(Standby {
+            member: member(Color::Blue, 15),
+            retain_until_ms: 1000,
+            serving_fingerprint: "f".into(),
+        });
         let mut failed = serving15.clone();
         failed.failed_revision = Some("r1".into());
 
@@ -383,36 +416,121 @@ mod tests {
             expect: &'a dyn Fn(&Decision) -> bool,
         }
         let cases = [
-            Case { name: "empty bootstraps blue", record: &Record::default(), major: 15, revision: "r0", now: 0,
-                expect: &|d| *d == Decision::Bootstrap(member(Color::Blue, 15)) },
-            Case { name: "same version idles", record: &serving15, major: 15, revision: "r0", now: 0,
-                expect: &|d| *d == Decision::Idle },
-            Case { name: "new version begins a full attempt on the other color", record: &serving15, major: 16, revision: "r1", now: 5,
-                expect: &|d| matches!(d, Decision::Begin(a) if a.kind == AttemptKind::Full && a.to == member(Color::Green, 16) && a.phase == Phase::Preflight && a.revision == "r1") },
-            Case { name: "attempt continues", record: &with_attempt, major: 16, revision: "r1", now: 0,
-                expect: &|d| *d == Decision::Run(Phase::Preflight) },
-            Case { name: "new target supersedes an uncommitted attempt", record: &with_attempt, major: 17, revision: "r2", now: 0,
-                expect: &|d| matches!(d, Decision::Abandon { reason } if reason.contains("superseded") && reason.contains("17")) },
-            Case { name: "revert before the switch abandons", record: &with_attempt, major: 15, revision: "r2", now: 0,
-                expect: &|d| matches!(d, Decision::Abandon { .. }) },
-            Case { name: "a switchover in progress is never abandoned", record: &switching, major: 17, revision: "r2", now: 0,
-                expect: &|d| *d == Decision::Run(Phase::Switchover) },
-            Case { name: "revert during retention switches back", record: &after, major: 15, revision: "r3", now: 10,
-                expect: &|d| matches!(d, Decision::Begin(a) if a.kind == AttemptKind::SwitchBack && a.to == member(Color::Blue, 15) && a.source_fingerprint.as_deref() == Some("f")) },
-            Case { name: "retention over decommissions", record: &after, major: 16, revision: "r1", now: 1000,
-                expect: &|d| matches!(d, Decision::Decommission { .. }) },
-            Case { name: "retention not over idles", record: &after, major: 16, revision: "r1", now: 999,
-                expect: &|d| *d == Decision::Idle },
-            Case { name: "a third major first removes the standby", record: &after, major: 17, revision: "r4", now: 10,
-                expect: &|d| matches!(d, Decision::Decommission { reason } if reason.contains("room")) },
-            Case { name: "a failed revision is not retried", record: &failed, major: 16, revision: "r1", now: 0,
-                expect: &|d| *d == Decision::Idle },
-            Case { name: "a new revision retries", record: &failed, major: 16, revision: "r9", now: 0,
-                expect: &|d| matches!(d, Decision::Begin(_)) },
+            Case {
+                name: "empty bootstraps blue",
+                record: &Record::default(),
+                major: 15,
+                revision: "r0",
+                now: 0,
+                expect: &|d| *d == Decision::Bootstrap(member(Color::Blue, 15)),
+            },
+            Case {
+                name: "same version idles",
+                record: &serving15,
+                major: 15,
+                revision: "r0",
+                now: 0,
+                expect: &|d| *d == Decision::Idle,
+            },
+            Case {
+                name: "new version begins a full attempt on the other color",
+                record: &serving15,
+                major: 16,
+                revision: "r1",
+                now: 5,
+                expect: &|d| matches!(d, Decision::Begin(a) if a.kind == AttemptKind::Full && a.to == member(Color::Green, 16) && a.phase == Phase::Preflight && a.revision == "r1"),
+            },
+            Case {
+                name: "attempt continues",
+                record: &with_attempt,
+                major: 16,
+                revision: "r1",
+                now: 0,
+                expect: &|d| *d == Decision::Run(Phase::Preflight),
+            },
+            Case {
+                name: "new target supersedes an uncommitted attempt",
+                record: &with_attempt,
+                major: 17,
+                revision: "r2",
+                now: 0,
+                expect: &|d| matches!(d, Decision::Abandon { reason } if reason.contains("superseded") && reason.contains("17")),
+            },
+            Case {
+                name: "revert before the switch abandons",
+                record: &with_attempt,
+                major: 15,
+                revision: "r2",
+                now: 0,
+                expect: &|d| matches!(d, Decision::Abandon { .. }),
+            },
+            Case {
+                name: "a switchover in progress is never abandoned",
+                record: &switching,
+                major: 17,
+                revision: "r2",
+                now: 0,
+                expect: &|d| *d == Decision::Run(Phase::Switchover),
+            },
+            Case {
+                name: "revert during retention switches back",
+                record: &after,
+                major: 15,
+                revision: "r3",
+                now: 10,
+                expect: &|d| matches!(d, Decision::Begin(a) if a.kind == AttemptKind::SwitchBack && a.to == member(Color::Blue, 15) && a.source_fingerprint.as_deref() == Some("f")),
+            },
+            Case {
+                name: "retention over decommissions",
+                record: &after,
+                major: 16,
+                revision: "r1",
+                now: 1000,
+                expect: &|d| matches!(d, Decision::Decommission { .. }),
+            },
+            Case {
+                name: "retention not over idles",
+                record: &after,
+                major: 16,
+                revision: "r1",
+                now: 999,
+                expect: &|d| *d == Decision::Idle,
+            },
+            Case {
+                name: "a third major first removes the standby",
+                record: &after,
+                major: 17,
+                revision: "r4",
+                now: 10,
+                expect: &|d| matches!(d, Decision::Decommission { reason } if reason.contains("room")),
+            },
+            Case {
+                name: "a failed revision is not retried",
+                record: &failed,
+                major: 16,
+                revision: "r1",
+                now: 0,
+                expect: &|d| *d == Decision::Idle,
+            },
+            Case {
+                name: "a new revision retries",
+                record: &failed,
+                major: 16,
+                revision: "r9",
+                now: 0,
+                expect: &|d| matches!(d, Decision::Begin(_)),
+            },
         ];
         for c in cases {
             let des = desired(c.major);
-            let d = decide(c.record, &Wanted { revision: c.revision, desired: &des }, c.now);
+            let d = decide(
+                c.record,
+                &Wanted {
+                    revision: c.revision,
+                    desired: &des,
+                },
+                c.now,
+            );
             assert!((c.expect)(&d), "{}: got {d:?}", c.name);
         }
     }
@@ -426,8 +544,14 @@ mod tests {
             full.push(p);
         }
         assert_eq!(full, Phase::ALL.to_vec());
-        assert_eq!(Phase::Preflight.next(AttemptKind::SwitchBack), Phase::CatchUp);
-        assert_eq!(Phase::Switchover.next(AttemptKind::SwitchBack), Phase::ReverseSync);
+        assert_eq!(
+            Phase::Preflight.next(AttemptKind::SwitchBack),
+            Phase::CatchUp
+        );
+        assert_eq!(
+            Phase::Switchover.next(AttemptKind::SwitchBack),
+            Phase::ReverseSync
+        );
         assert_eq!(Phase::Done.next(AttemptKind::SwitchBack), Phase::Done);
         for p in Phase::ALL {
             assert_eq!(Phase::parse(p.as_str()), Some(p));

@@ -83,12 +83,21 @@ impl Update {
             (Some(f), Some(t)) => format!(" {f} → {t}"),
             _ => String::new(),
         };
-        format!("pgflip: {} [{}]{dir}: {}", self.state.as_str(), self.phase, self.message)
+        format!(
+            "pgflip: {} [{}]{dir}: {}",
+            self.state.as_str(),
+            self.phase,
+            self.message
+        )
     }
 
     /// A note body entry: the human line, then the JSON on one line.
     pub fn note_entry(&self) -> String {
-        format!("{}\n{}\n", self.human_line(), serde_json::to_string(self).expect("update serializes"))
+        format!(
+            "{}\n{}\n",
+            self.human_line(),
+            serde_json::to_string(self).expect("update serializes")
+        )
     }
 }
 
@@ -108,12 +117,18 @@ mod tests {
     fn note_round_trip() {
         let mut u = Update::new(State::Pending, "initial-sync", "initial sync 45%").between(15, 16);
         u.progress_percent = Some(45.0);
-        let f = Update::failure("preflight", "unlogged table public.cache cannot be carried over");
+        let f = Update::failure(
+            "preflight",
+            "unlogged table public.cache cannot be carried over",
+        );
         let note = format!("{}{}", u.note_entry(), f.note_entry());
         assert!(note.starts_with("pgflip: pending [initial-sync] 15 → 16: initial sync 45%\n"));
         let back = parse_note(&note);
         assert_eq!(back, vec![u, f.clone()]);
         assert_eq!(back[1].state, State::Failure);
-        assert_eq!(back[1].reason.as_deref(), Some("unlogged table public.cache cannot be carried over"));
+        assert_eq!(
+            back[1].reason.as_deref(),
+            Some("unlogged table public.cache cannot be carried over")
+        );
     }
 }

@@ -30,15 +30,21 @@ impl Major {
     pub fn parse(text: &str) -> Result<Major, SpecError> {
         let t = text.trim();
         let head = t.split('.').next().unwrap_or("");
-        let n: u32 = head
-            .parse()
-            .map_err(|_| SpecError::Invalid(format!("spec.version {t:?} is not a PostgreSQL major version such as \"16\"")))?;
+        let n: u32 = head.parse().map_err(|_| {
+            SpecError::Invalid(format!(
+                "spec.version {t:?} is not a PostgreSQL major version such as \"16\""
+            ))
+        })?;
         let n = if n >= 100_000 { n / 10_000 } else { n };
         let major = Major(n);
         if !SUPPORTED_MAJORS.contains(&n) {
             return Err(SpecError::Invalid(format!(
                 "spec.version {t:?}: PostgreSQL {n} is not supported (supported: {})",
-                SUPPORTED_MAJORS.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ")
+                SUPPORTED_MAJORS
+                    .iter()
+                    .map(|m| m.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         Ok(major)
@@ -125,7 +131,9 @@ pub struct EndpointSpec {
 
 impl Default for EndpointSpec {
     fn default() -> Self {
-        EndpointSpec { port: default_port() }
+        EndpointSpec {
+            port: default_port(),
+        }
     }
 }
 
@@ -196,21 +204,32 @@ pub enum SpecError {
 
 /// Parses and validates one `BlueGreenDatabase` document.
 pub fn parse(text: &str) -> Result<Desired, SpecError> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| SpecError::Yaml(e.to_string()))?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| SpecError::Yaml(e.to_string()))?;
     if let Some(kind) = value.get("kind")
-        && kind.as_str() != Some(KIND) {
-            return Err(SpecError::Invalid(format!("kind is {kind:?}, expected {KIND}")));
-        }
-    let doc: Document = serde_yaml::from_str(text).map_err(|e| SpecError::Invalid(e.to_string()))?;
+        && kind.as_str() != Some(KIND)
+    {
+        return Err(SpecError::Invalid(format!(
+            "kind is {kind:?}, expected {KIND}"
+        )));
+    }
+    let doc: Document =
+        serde_yaml::from_str(text).map_err(|e| SpecError::Invalid(e.to_string()))?;
     validate(doc)
 }
 
 fn validate(doc: Document) -> Result<Desired, SpecError> {
     if doc.api_version != API_VERSION {
-        return Err(SpecError::Invalid(format!("apiVersion is {:?}, expected {API_VERSION}", doc.api_version)));
+        return Err(SpecError::Invalid(format!(
+            "apiVersion is {:?}, expected {API_VERSION}",
+            doc.api_version
+        )));
     }
     if doc.kind != KIND {
-        return Err(SpecError::Invalid(format!("kind is {:?}, expected {KIND}", doc.kind)));
+        return Err(SpecError::Invalid(format!(
+            "kind is {:?}, expected {KIND}",
+            doc.kind
+        )));
     }
     if !is_dns_label(&doc.metadata.name) {
         return Err(SpecError::Invalid(format!(
@@ -221,31 +240,50 @@ fn validate(doc: Document) -> Result<Desired, SpecError> {
     let version_text = match &doc.spec.version {
         serde_yaml::Value::String(s) => s.clone(),
         serde_yaml::Value::Number(n) => n.to_string(),
-        serde_yaml::Value::Null => return Err(SpecError::Invalid("spec.version is missing".into())),
-        other => return Err(SpecError::Invalid(format!("spec.version {other:?} is not a version string"))),
+        serde_yaml::Value::Null => {
+            return Err(SpecError::Invalid("spec.version is missing".into()));
+        }
+        other => {
+            return Err(SpecError::Invalid(format!(
+                "spec.version {other:?} is not a version string"
+            )));
+        }
     };
     let major = Major::parse(&version_text)?;
     let s = doc.spec;
     if s.databases.is_empty() {
-        return Err(SpecError::Invalid("spec.databases must name at least one database".into()));
+        return Err(SpecError::Invalid(
+            "spec.databases must name at least one database".into(),
+        ));
     }
     let mut seen = std::collections::BTreeSet::new();
     for db in &s.databases {
         if db.is_empty() || db.len() > 63 || db.contains('\0') {
-            return Err(SpecError::Invalid(format!("spec.databases: {db:?} is not a valid database name")));
+            return Err(SpecError::Invalid(format!(
+                "spec.databases: {db:?} is not a valid database name"
+            )));
         }
         if ["postgres", "template0", "template1", "pgbouncer"].contains(&db.as_str()) {
-            return Err(SpecError::Invalid(format!("spec.databases: {db:?} is reserved")));
+            return Err(SpecError::Invalid(format!(
+                "spec.databases: {db:?} is reserved"
+            )));
         }
         if !seen.insert(db) {
-            return Err(SpecError::Invalid(format!("spec.databases: {db:?} is listed twice")));
+            return Err(SpecError::Invalid(format!(
+                "spec.databases: {db:?} is listed twice"
+            )));
         }
     }
     if s.endpoint.port == 0 {
-        return Err(SpecError::Invalid("spec.endpoint.port must be a port number".into()));
+        return Err(SpecError::Invalid(
+            "spec.endpoint.port must be a port number".into(),
+        ));
     }
-    if s.switchover.pause_timeout.is_zero() || s.switchover.pause_timeout > Duration::from_secs(60) {
-        return Err(SpecError::Invalid("spec.switchover.pauseTimeout must be between 1ms and 60s".into()));
+    if s.switchover.pause_timeout.is_zero() || s.switchover.pause_timeout > Duration::from_secs(60)
+    {
+        return Err(SpecError::Invalid(
+            "spec.switchover.pauseTimeout must be between 1ms and 60s".into(),
+        ));
     }
     Ok(Desired {
         name: doc.metadata.name,
@@ -262,7 +300,8 @@ fn validate(doc: Document) -> Result<Desired, SpecError> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -318,23 +357,47 @@ mod tests {
 
     #[test]
     fn numeric_and_minor_versions_are_accepted() {
-        assert_eq!(parse(&GOOD.replace("\"16\"", "15")).unwrap().major, Major(15));
-        assert_eq!(parse(&GOOD.replace("\"16\"", "\"17.2\"")).unwrap().major, Major(17));
+        assert_eq!(
+            parse(&GOOD.replace("\"16\"", "15")).unwrap().major,
+            Major(15)
+        );
+        assert_eq!(
+            parse(&GOOD.replace("\"16\"", "\"17.2\"")).unwrap().major,
+            Major(17)
+        );
     }
 
     #[test]
     fn bad_documents_are_rejected_with_a_reason() {
         let cases: &[(&str, &str)] = &[
             ("spec: [unclosed", "not valid YAML"),
-            (&GOOD.replace("kind: BlueGreenDatabase", "kind: Deployment"), "kind"),
-            (&GOOD.replace("pgflip.dev/v1alpha1", "pgflip.dev/v9"), "apiVersion"),
-            (&GOOD.replace("  version: \"16\"\n", "  version: \"16\"\n  colour: blue\n"), "unknown field `colour`"),
-            (&GOOD.replace("  version: \"16\"\n", "  databases: [app]\n"), "version"),
-            (&GOOD.replace("\"16\"", "\"sixteen\""), "not a PostgreSQL major"),
+            (
+                &GOOD.replace("kind: BlueGreenDatabase", "kind: Deployment"),
+                "kind",
+            ),
+            (
+                &GOOD.replace("pgflip.dev/v1alpha1", "pgflip.dev/v9"),
+                "apiVersion",
+            ),
+            (
+                &GOOD.replace("  version: \"16\"\n", "  version: \"16\"\n  colour: blue\n"),
+                "unknown field `colour`",
+            ),
+            (
+                &GOOD.replace("  version: \"16\"\n", "  databases: [app]\n"),
+                "version",
+            ),
+            (
+                &GOOD.replace("\"16\"", "\"sixteen\""),
+                "not a PostgreSQL major",
+            ),
             (&GOOD.replace("\"16\"", "\"9\""), "not supported"),
             (&GOOD.replace("\"16\"", "\"14\""), "not supported"),
             (&GOOD.replace("\"16\"", "~"), "missing"),
-            (&GOOD.replace("name: orders", "name: Orders_DB"), "DNS label"),
+            (
+                &GOOD.replace("name: orders", "name: Orders_DB"),
+                "DNS label",
+            ),
             (&format!("{GOOD}  databases: []\n"), "at least one"),
             (&format!("{GOOD}  databases: [postgres]\n"), "reserved"),
             (&format!("{GOOD}  databases: [a, a]\n"), "twice"),
@@ -343,7 +406,10 @@ mod tests {
         ];
         for (text, needle) in cases {
             let err = parse(text).expect_err(text).to_string();
-            assert!(err.contains(needle), "{text:?}: error {err:?} should mention {needle:?}");
+            assert!(
+                err.contains(needle),
+                "{text:?}: error {err:?} should mention {needle:?}"
+            );
         }
     }
 

@@ -28,7 +28,11 @@ pub struct Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credentials {{ user: {:?}, password: <redacted> }}", self.user)
+        write!(
+            f,
+            "Credentials {{ user: {:?}, password: <redacted> }}",
+            self.user
+        )
     }
 }
 
@@ -90,7 +94,9 @@ pub fn conninfo(addr: &Addr, creds: &Credentials, dbname: &str) -> String {
 
 /// The major version of the server a client is connected to.
 pub async fn server_major(client: &Client) -> anyhow::Result<u32> {
-    let row = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?;
+    let row = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?;
     let n: i32 = row.get(0);
     Ok(n as u32 / 10_000)
 }
@@ -104,9 +110,22 @@ mod tests {
         assert_eq!(ident("Order\"s"), "\"Order\"\"s\"");
         assert_eq!(qualified("public", "t"), "\"public\".\"t\"");
         assert_eq!(literal("it's"), "'it''s'");
-        let c = Credentials { user: "u".into(), password: "p'w\\".into() };
-        let s = conninfo(&Addr { host: "127.0.0.1".into(), port: 5 }, &c, "db");
-        assert_eq!(s, "host='127.0.0.1' port=5 dbname='db' user='u' password='p\\'w\\\\'");
+        let c = Credentials {
+            user: "u".into(),
+            password: "p'w\\".into(),
+        };
+        let s = conninfo(
+            &Addr {
+                host: "127.0.0.1".into(),
+                port: 5,
+            },
+            &c,
+            "db",
+        );
+        assert_eq!(
+            s,
+            "host='127.0.0.1' port=5 dbname='db' user='u' password='p\\'w\\\\'"
+        );
         assert!(!format!("{c:?}").contains("p'w"));
     }
 }

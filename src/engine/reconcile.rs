@@ -8,7 +8,8 @@ use super::switchover::{self, Sides};
 use super::{fence, preflight, schema, verify};
 use crate::adapters::{Instances, Journal, Router, StatusSink};
 use crate::core::plan::{
-    Attempt, AttemptKind, Decision, Member, Phase, Record, Standby, SwitchRecord, Wanted, decide, short,
+    Attempt, AttemptKind, Decision, Member, Phase, Record, Standby, SwitchRecord, Wanted, decide,
+    short,
 };
 use crate::core::report::{State, Update};
 use crate::core::spec::{Desired, Verification};
@@ -69,37 +70,70 @@ pub struct Engine<I, R, S, J> {
 }
 
 impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
-    pub fn new(instances: I, router: R, sink: S, journal: J, toolchain: Toolchain, admin: Credentials) -> Self {
-        Engine { instances, router, sink, journal, toolchain, admin, last_report: Mutex::new(None), retries: Mutex::new(0) }
+    pub fn new(
+        instances: I,
+        router: R,
+        sink: S,
+        journal: J,
+        toolchain: Toolchain,
+        admin: Credentials,
+    ) -> Self {
+        Engine {
+            instances,
+            router,
+            sink,
+            journal,
+            toolchain,
+            admin,
+            last_report: Mutex::new(None),
+            retries: Mutex::new(0),
+        }
     }
 
     /// Adopts what runs after a restart: the serving and standby instances and the endpoint.
     pub async fn adopt(&self, record: &Record, desired: &Desired) -> anyhow::Result<()> {
-        let Some(serving) = record.serving else { return Ok(()) };
+        let Some(serving) = record.serving else {
+            return Ok(());
+        };
         let addr = self.instances.ensure(&serving).await?;
         if let Some(s) = &record.standby {
             self.instances.ensure(&s.member).await?;
         }
         if let Some(a) = &record.attempt
-            && self.instances.addr(&a.to).await?.is_some() {
-                self.instances.ensure(&a.to).await?;
-            }
+            && self.instances.addr(&a.to).await?.is_some()
+        {
+            self.instances.ensure(&a.to).await?;
+        }
         self.router.ensure(&desired.databases, &addr).await
     }
 
     /// Runs one step towards `wanted`.
-    pub async fn reconcile(&self, record: &mut Record, wanted: &Wanted<'_>) -> anyhow::Result<Progress> {
+    pub async fn reconcile(
+        &self,
+        record: &mut Record,
+        wanted: &Wanted<'_>,
+    ) -> anyhow::Result<Progress> {
         let desired = wanted.desired;
         match decide(record, wanted, now_ms()) {
             Decision::Idle => Ok(Progress::Idle),
             Decision::Bootstrap(member) => {
-                self.bootstrap(record, member, desired, wanted.revision).await?;
+                self.bootstrap(record, member, desired, wanted.revision)
+                    .await?;
                 Ok(Progress::Busy)
             }
             Decision::Begin(attempt) => {
                 tracing::info!(revision = short(&attempt.revision), from = %attempt.from, to = %attempt.to, kind = ?attempt.kind, "starting");
-                let update = Update::new(State::Pending, Phase::Preflight.as_str(), format!("{} {} → {} started", attempt.direction(), attempt.from, attempt.to))
-                    .between(attempt.from.major, attempt.to.major);
+                let update = Update::new(
+                    State::Pending,
+                    Phase::Preflight.as_str(),
+                    format!(
+                        "{} {} → {} started",
+                        attempt.direction(),
+                        attempt.from,
+                        attempt.to
+                    ),
+                )
+                .between(attempt.from.major, attempt.to.major);
                 let revision = attempt.revision.clone();
                 record.attempt = Some(attempt);
                 self.journal.save(record)?;
@@ -112,12 +146,19 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 self.clean_up_attempt(&attempt, desired).await?;
                 record.attempt = None;
                 self.journal.save(record)?;
-                self.report(&attempt.revision, Update::failure(attempt.phase.as_str(), reason).between(attempt.from.major, attempt.to.major)).await;
+                self.report(
+                    &attempt.revision,
+                    Update::failure(attempt.phase.as_str(), reason)
+                        .between(attempt.from.major, attempt.to.major),
+                )
+                .await;
                 Ok(Progress::Busy)
             }
             Decision::Decommission { reason } => {
                 let standby = record.standby.clone().expect("decommission has a standby");
-                let serving = record.serving.expect("a standby implies a serving instance");
+                let serving = record
+                    .serving
+                    .expect("a standby implies a serving instance");
                 tracing::info!(%reason, "decommissioning {}", standby.member);
                 self.decommission(serving, &standby.member, desired).await?;
                 record.standby = None;
@@ -128,7 +169,8 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 failpoint::hit(&format!("before:{phase}"));
                 let started = Instant::now();
                 let result = self.run_phase(record, desired, phase).await;
-                self.after_phase(record, desired, phase, started, result).await
+                self.after_phase(record, desired, phase, started, result)
+                    .await
             }
         }
     }
@@ -145,8 +187,15 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             // The Done phase completed the attempt and cleared it.
             return Ok(Progress::Busy);
         };
-        *attempt.timings_ms.entry(phase.as_str().to_string()).or_default() += started.elapsed().as_millis() as u64;
-        let (from, to, revision) = (attempt.from.major, attempt.to.major, attempt.revision.clone());
+        *attempt
+            .timings_ms
+            .entry(phase.as_str().to_string())
+            .or_default() += started.elapsed().as_millis() as u64;
+        let (from, to, revision) = (
+            attempt.from.major,
+            attempt.to.major,
+            attempt.revision.clone(),
+        );
         match result {
             Ok(Stepped::Done) => {
                 *self.retries.lock().unwrap() = 0;
@@ -155,7 +204,16 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 self.journal.save(record)?;
                 tracing::info!(phase = %next, "phase");
                 if next != Phase::Done {
-                    self.report(&revision, Update::new(State::Pending, next.as_str(), next.as_str().replace('-', " ")).between(from, to)).await;
+                    self.report(
+                        &revision,
+                        Update::new(
+                            State::Pending,
+                            next.as_str(),
+                            next.as_str().replace('-', " "),
+                        )
+                        .between(from, to),
+                    )
+                    .await;
                 }
                 Ok(Progress::Busy)
             }
@@ -178,7 +236,8 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 tracing::warn!(phase = %phase, attempt = n, error = %format!("{e:#}"), "step failed, retrying");
                 if n >= MAX_RETRIES {
                     *self.retries.lock().unwrap() = 0;
-                    self.fail(record, desired, format!("{phase} failed {n} times: {e:#}")).await?;
+                    self.fail(record, desired, format!("{phase} failed {n} times: {e:#}"))
+                        .await?;
                 } else {
                     tokio::time::sleep(Duration::from_millis(500 * u64::from(n))).await;
                 }
@@ -188,7 +247,12 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
     }
 
     /// The attempt failed for good: clean up, keep the source serving, tell the commit.
-    async fn fail(&self, record: &mut Record, desired: &Desired, reason: String) -> anyhow::Result<()> {
+    async fn fail(
+        &self,
+        record: &mut Record,
+        desired: &Desired,
+        reason: String,
+    ) -> anyhow::Result<()> {
         let attempt = record.attempt.clone().expect("failing an attempt");
         tracing::error!(revision = short(&attempt.revision), %reason, "attempt failed");
         if !attempt.phase.is_committed() || record.serving == Some(attempt.from) {
@@ -197,11 +261,21 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         record.attempt = None;
         record.failed_revision = Some(attempt.revision.clone());
         self.journal.save(record)?;
-        self.report(&attempt.revision, Update::failure(attempt.phase.as_str(), reason).between(attempt.from.major, attempt.to.major)).await;
+        self.report(
+            &attempt.revision,
+            Update::failure(attempt.phase.as_str(), reason)
+                .between(attempt.from.major, attempt.to.major),
+        )
+        .await;
         Ok(())
     }
 
-    async fn run_phase(&self, record: &mut Record, desired: &Desired, phase: Phase) -> Result<Stepped, StepError> {
+    async fn run_phase(
+        &self,
+        record: &mut Record,
+        desired: &Desired,
+        phase: Phase,
+    ) -> Result<Stepped, StepError> {
         let attempt = record.attempt.clone().expect("running an attempt");
         let source = self.instances.ensure(&attempt.from).await?;
         match phase {
@@ -212,7 +286,9 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             }
             Phase::CopySchema => {
                 let target = self.instances.ensure(&attempt.to).await?;
-                let fp = self.copy_schema(&attempt, desired, &source, &target).await?;
+                let fp = self
+                    .copy_schema(&attempt, desired, &source, &target)
+                    .await?;
                 record.attempt.as_mut().unwrap().source_fingerprint = Some(fp);
                 Ok(Stepped::Done)
             }
@@ -223,7 +299,15 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                     let src = connect(&source, &self.admin, db).await?;
                     let tgt = connect(&target, &self.admin, db).await?;
                     repl::ensure_publication(&src, &name).await?;
-                    repl::ensure_subscription(&tgt, &name, &source, &self.admin, db, repl::Start::CopyAll).await?;
+                    repl::ensure_subscription(
+                        &tgt,
+                        &name,
+                        &source,
+                        &self.admin,
+                        db,
+                        repl::Start::CopyAll,
+                    )
+                    .await?;
                 }
                 Ok(Stepped::Done)
             }
@@ -255,7 +339,12 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 let mut u = Update::new(
                     State::Success,
                     Phase::Done.as_str(),
-                    format!("{} now serves; pause {:.1} ms; {} tables verified", attempt.to, m.pause_ms, attempt.verified_tables.unwrap_or(0)),
+                    format!(
+                        "{} now serves; pause {:.1} ms; {} tables verified",
+                        attempt.to,
+                        m.pause_ms,
+                        attempt.verified_tables.unwrap_or(0)
+                    ),
                 )
                 .between(attempt.from.major, attempt.to.major);
                 u.pause_ms = Some(m.pause_ms);
@@ -267,37 +356,70 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         }
     }
 
-    async fn bootstrap(&self, record: &mut Record, member: Member, desired: &Desired, revision: &str) -> anyhow::Result<()> {
+    async fn bootstrap(
+        &self,
+        record: &mut Record,
+        member: Member,
+        desired: &Desired,
+        revision: &str,
+    ) -> anyhow::Result<()> {
         tracing::info!(%member, "bootstrapping");
         let addr = self.instances.ensure(&member).await?;
         let admin = connect(&addr, &self.admin, "postgres").await?;
         for db in &desired.databases {
-            if admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[db]).await?.is_none() {
-                admin.batch_execute(&format!("CREATE DATABASE {}", ident(db))).await?;
+            if admin
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[db])
+                .await?
+                .is_none()
+            {
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {}", ident(db)))
+                    .await?;
             }
             repl::ensure_own_schema(&connect(&addr, &self.admin, db).await?).await?;
         }
         self.router.ensure(&desired.databases, &addr).await?;
         record.serving = Some(member);
         self.journal.save(record)?;
-        self.report(revision, Update::new(State::Success, "bootstrap", format!("{member} serves on port {}", desired.endpoint_port))).await;
+        self.report(
+            revision,
+            Update::new(
+                State::Success,
+                "bootstrap",
+                format!("{member} serves on port {}", desired.endpoint_port),
+            ),
+        )
+        .await;
         Ok(())
     }
 
-    async fn preflight(&self, record: &mut Record, desired: &Desired, source: &Addr) -> Result<Stepped, StepError> {
+    async fn preflight(
+        &self,
+        record: &mut Record,
+        desired: &Desired,
+        source: &Addr,
+    ) -> Result<Stepped, StepError> {
         let attempt = record.attempt.clone().unwrap();
         if let Err(e) = self.toolchain.server_bin(attempt.to.major.0) {
             return Err(final_err(format!("{e:#}")));
         }
         if attempt.kind == AttemptKind::Full
-            && let Err(e) = self.toolchain.client_bin(attempt.from.major.0) {
-                return Err(final_err(format!("{e:#}")));
-            }
+            && let Err(e) = self.toolchain.client_bin(attempt.from.major.0)
+        {
+            return Err(final_err(format!("{e:#}")));
+        }
         let mut refusals = Vec::new();
         let mut warnings = Vec::new();
         for db in &desired.databases {
             let client = connect(source, &self.admin, db).await?;
-            let f = preflight::check(&client, db, attempt.to.major, desired.unsupported, &self.toolchain).await?;
+            let f = preflight::check(
+                &client,
+                db,
+                attempt.to.major,
+                desired.unsupported,
+                &self.toolchain,
+            )
+            .await?;
             refusals.extend(f.refusals.iter().map(|r| format!("{db}: {r}")));
             warnings.extend(f.warnings.iter().map(|w| format!("{db}: {w}")));
         }
@@ -308,13 +430,24 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             }
         }
         if !refusals.is_empty() {
-            return Err(final_err(format!("preflight refused: {}", refusals.join("; "))));
+            return Err(final_err(format!(
+                "preflight refused: {}",
+                refusals.join("; ")
+            )));
         }
         // Passed: now (and only now) prepare the source.
         for db in &desired.databases {
             let client = connect(source, &self.admin, db).await?;
-            let f = preflight::check(&client, db, attempt.to.major, desired.unsupported, &self.toolchain).await?;
-            preflight::ensure_replica_identity_full(&client, &f.needs_replica_identity_full).await?;
+            let f = preflight::check(
+                &client,
+                db,
+                attempt.to.major,
+                desired.unsupported,
+                &self.toolchain,
+            )
+            .await?;
+            preflight::ensure_replica_identity_full(&client, &f.needs_replica_identity_full)
+                .await?;
             repl::ensure_own_schema(&client).await?;
         }
         for w in &warnings {
@@ -325,37 +458,79 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
     }
 
     /// Roles, then each database's schema, in one transaction per database. Returns the
-    /// source's schema fingerprint taken before the dump (a later change blocks the switch).
-    async fn copy_schema(&self, attempt: &Attempt, desired: &Desired, source: &Addr, target: &Addr) -> Result<String, StepError> {
-        let fp = self.fingerprint(source, desired).await?;
+    /// source's schema fingerprints taken before the dump (a later change blocks the switch).
+    async fn copy_schema(
+        &self,
+        attempt: &Attempt,
+        desired: &Desired,
+        source: &Addr,
+        target: &Addr,
+    ) -> Result<String, StepError> {
         let tgt_admin = connect(target, &self.admin, "postgres").await?;
-        let roles = schema::dump_roles(&self.toolchain, source, &self.admin, attempt.from.major).await?;
-        schema::load_roles(&tgt_admin, &roles, attempt.to.major)
+        self.copy_roles(attempt, source, &tgt_admin)
             .await
-            .map_err(|e| final_err(format!("the roles of {} do not load on PostgreSQL {}: {e:#}", attempt.from, attempt.to.major)))?;
+            .map_err(|e| {
+                final_err(format!(
+                    "the roles of {} do not load on PostgreSQL {}: {e:#}",
+                    attempt.from, attempt.to.major
+                ))
+            })?;
+        let mut fingerprints = Vec::new();
         for db in &desired.databases {
-            if tgt_admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[db]).await.map_err(anyhow::Error::from)?.is_none() {
-                tgt_admin.batch_execute(&format!("CREATE DATABASE {}", ident(db))).await.map_err(anyhow::Error::from)?;
-            }
-            let tgt = connect(target, &self.admin, db).await?;
-            if schema::already_loaded(&tgt).await? {
-                continue;
-            }
-            let sql = schema::dump_schema(&self.toolchain, source, &self.admin, db, attempt.from.major).await?;
-            let sql = schema::prepare_for_target(&sql, attempt.to.major);
-            schema::load(&tgt, &sql)
+            if tgt_admin
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[db])
                 .await
-                .map_err(|e| final_err(format!("the schema of database {db} does not load on PostgreSQL {}: {e:#}", attempt.to.major)))?;
+                .map_err(anyhow::Error::from)?
+                .is_none()
+            {
+                tgt_admin
+                    .batch_execute(&format!("CREATE DATABASE {}", ident(db)))
+                    .await
+                    .map_err(anyhow::Error::from)?;
+            }
+            let fp = schema::fingerprint(&connect(source, &self.admin, db).await?).await?;
+            let sql =
+                schema::dump_schema(&self.toolchain, source, &self.admin, db, attempt.from.major)
+                    .await?;
+            let sql = schema::prepare_for_target(&sql, attempt.to.major);
+            let tgt = connect(target, &self.admin, db).await?;
+            schema::load_once(&tgt, &sql, &fp)
+                .await
+                .map_err(|e| final_err(format!("database {db}: {e:#}")))?;
+            repl::ensure_own_schema(&tgt).await?;
+            fingerprints.push(format!("{db}={fp}"));
         }
-        Ok(fp)
+        Ok(fingerprints.join(";"))
     }
 
-    async fn initial_sync(&self, attempt: &Attempt, desired: &Desired) -> Result<Stepped, StepError> {
+    /// Every role of the source, with its password, onto the target (idempotent).
+    async fn copy_roles(
+        &self,
+        attempt: &Attempt,
+        source: &Addr,
+        target_admin: &Client,
+    ) -> anyhow::Result<()> {
+        let roles =
+            schema::dump_roles(&self.toolchain, source, &self.admin, attempt.from.major).await?;
+        schema::load_roles(
+            target_admin,
+            &schema::prepare_for_target(&roles, attempt.to.major),
+        )
+        .await
+    }
+
+    async fn initial_sync(
+        &self,
+        attempt: &Attempt,
+        desired: &Desired,
+    ) -> Result<Stepped, StepError> {
         let target = self.instances.ensure(&attempt.to).await?;
         let (mut ready, mut total) = (0, 0);
         for db in &desired.databases {
             let tgt = connect(&target, &self.admin, db).await?;
-            let (r, t) = repl::sync_progress(&tgt, &link_name(attempt.from.color, attempt.to.color, db)).await?;
+            let (r, t) =
+                repl::sync_progress(&tgt, &link_name(attempt.from.color, attempt.to.color, db))
+                    .await?;
             ready += r;
             total += t;
         }
@@ -363,12 +538,24 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             return Ok(Stepped::Done);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let pct = if total == 0 { 100.0 } else { 100.0 * ready as f64 / total as f64 };
-        Ok(Stepped::Waiting(format!("initial sync {pct:.0}% ({ready}/{total} tables)"), Some(pct)))
+        let pct = if total == 0 {
+            100.0
+        } else {
+            100.0 * ready as f64 / total as f64
+        };
+        Ok(Stepped::Waiting(
+            format!("initial sync {pct:.0}% ({ready}/{total} tables)"),
+            Some(pct),
+        ))
     }
 
     /// The lag gate: every database's link within `maxLagBytes`.
-    async fn catch_up(&self, attempt: &Attempt, desired: &Desired, source: &Addr) -> Result<Stepped, StepError> {
+    async fn catch_up(
+        &self,
+        attempt: &Attempt,
+        desired: &Desired,
+        source: &Addr,
+    ) -> Result<Stepped, StepError> {
         let mut worst = 0i64;
         for db in &desired.databases {
             let src = connect(source, &self.admin, db).await?;
@@ -380,7 +567,11 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         if worst as u64 <= desired.switchover.max_lag_bytes {
             return Ok(Stepped::Done);
         }
-        let waited = attempt.timings_ms.get(Phase::CatchUp.as_str()).copied().unwrap_or(0);
+        let waited = attempt
+            .timings_ms
+            .get(Phase::CatchUp.as_str())
+            .copied()
+            .unwrap_or(0);
         if Duration::from_millis(waited) > desired.switchover.catch_up_timeout {
             return Err(final_err(format!(
                 "{} did not catch up within {:?} (still {worst} bytes behind)",
@@ -388,12 +579,21 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        Ok(Stepped::Waiting(format!("catching up: {worst} bytes behind"), None))
+        Ok(Stepped::Waiting(
+            format!("catching up: {worst} bytes behind"),
+            None,
+        ))
     }
 
-    async fn verify(&self, record: &mut Record, desired: &Desired, source: &Addr) -> Result<Stepped, StepError> {
+    async fn verify(
+        &self,
+        record: &mut Record,
+        desired: &Desired,
+        source: &Addr,
+    ) -> Result<Stepped, StepError> {
         let attempt = record.attempt.clone().unwrap();
-        self.check_schema_unchanged(&attempt, desired, source).await?;
+        self.check_schema_unchanged(&attempt, desired, source)
+            .await?;
         let target = self.instances.ensure(&attempt.to).await?;
         let mut tables = 0;
         if desired.verification != Verification::None {
@@ -401,11 +601,23 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 let src = connect(source, &self.admin, db).await?;
                 let tgt = connect(&target, &self.admin, db).await?;
                 let list = verify::list_tables(&src).await?;
-                consistent_cut(source, &self.admin, db, &src, &tgt, &list, desired.switchover.pause_timeout).await?;
+                consistent_cut(
+                    source,
+                    &self.admin,
+                    db,
+                    &src,
+                    &tgt,
+                    &list,
+                    desired.switchover.pause_timeout,
+                )
+                .await?;
                 let report = verify::compare(&src, &tgt, &list, desired.verification).await?;
                 let _ = tokio::join!(src.batch_execute("COMMIT"), tgt.batch_execute("COMMIT"));
                 if !report.mismatches.is_empty() {
-                    return Err(final_err(format!("verification failed in database {db}: {}", report.mismatches.join("; "))));
+                    return Err(final_err(format!(
+                        "verification failed in database {db}: {}",
+                        report.mismatches.join("; ")
+                    )));
                 }
                 tables += report.tables;
             }
@@ -413,28 +625,56 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         // Materialized views are not replicated: refresh them on the target before it serves.
         for db in &desired.databases {
             let tgt = connect(&target, &self.admin, db).await?;
-            for row in tgt.query("SELECT schemaname, matviewname FROM pg_matviews WHERE schemaname <> 'pgflip'", &[]).await.map_err(anyhow::Error::from)? {
+            for row in tgt
+                .query(
+                    "SELECT schemaname, matviewname FROM pg_matviews WHERE schemaname <> 'pgflip'",
+                    &[],
+                )
+                .await
+                .map_err(anyhow::Error::from)?
+            {
                 let (s, n): (String, String) = (row.get(0), row.get(1));
-                tgt.batch_execute(&format!("REFRESH MATERIALIZED VIEW {}", super::pg::qualified(&s, &n))).await.map_err(anyhow::Error::from)?;
+                tgt.batch_execute(&format!(
+                    "REFRESH MATERIALIZED VIEW {}",
+                    super::pg::qualified(&s, &n)
+                ))
+                .await
+                .map_err(anyhow::Error::from)?;
             }
         }
         record.attempt.as_mut().unwrap().verified_tables = Some(tables);
         Ok(Stepped::Done)
     }
 
-    async fn switchover(&self, record: &mut Record, desired: &Desired, source: &Addr) -> Result<Stepped, StepError> {
+    async fn switchover(
+        &self,
+        record: &mut Record,
+        desired: &Desired,
+        source: &Addr,
+    ) -> Result<Stepped, StepError> {
         let attempt = record.attempt.clone().unwrap();
         let target = self.instances.ensure(&attempt.to).await?;
         let sides = self.sides(&attempt, desired, source, &target);
         let moved = switchover::recover(&self.router, &self.journal, record, &sides).await?;
         if !moved {
-            self.check_schema_unchanged(&attempt, desired, source).await?;
+            self.check_schema_unchanged(&attempt, desired, source)
+                .await?;
             // Roles created on the source since the copy must exist on the target.
-            let roles = schema::dump_roles(&self.toolchain, source, &self.admin, attempt.from.major).await?;
-            schema::load_roles(&connect(&target, &self.admin, "postgres").await?, &roles, attempt.to.major).await?;
+            self.copy_roles(
+                &attempt,
+                source,
+                &connect(&target, &self.admin, "postgres").await?,
+            )
+            .await?;
             match switchover::run(&self.router, &self.journal, record, &sides).await? {
                 Ok(m) => {
-                    tracing::info!(pause_ms = m.pause_ms, drain_ms = m.drain_ms, catch_up_ms = m.catch_up_ms, sequences_ms = m.sequences_ms, "switched");
+                    tracing::info!(
+                        pause_ms = m.pause_ms,
+                        drain_ms = m.drain_ms,
+                        catch_up_ms = m.catch_up_ms,
+                        sequences_ms = m.sequences_ms,
+                        "switched"
+                    );
                     record.attempt.as_mut().unwrap().switch = Some(m);
                 }
                 Err(aborted) => {
@@ -446,7 +686,12 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                     if n >= MAX_PAUSE_FAILURES {
                         return Err(final_err(format!("{aborted} ({n} times; giving up)")));
                     }
-                    self.report(&attempt.revision, Update::failure(Phase::Switchover.as_str(), format!("{aborted}; retrying")).between(attempt.from.major, attempt.to.major)).await;
+                    self.report(
+                        &attempt.revision,
+                        Update::failure(Phase::Switchover.as_str(), format!("{aborted}; retrying"))
+                            .between(attempt.from.major, attempt.to.major),
+                    )
+                    .await;
                     tokio::time::sleep(Duration::from_secs(u64::from(n))).await;
                     return Ok(Stepped::Waiting("retrying the switchover".into(), None));
                 }
@@ -462,7 +707,12 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         Ok(Stepped::Done)
     }
 
-    async fn check_schema_unchanged(&self, attempt: &Attempt, desired: &Desired, source: &Addr) -> Result<(), StepError> {
+    async fn check_schema_unchanged(
+        &self,
+        attempt: &Attempt,
+        desired: &Desired,
+        source: &Addr,
+    ) -> Result<(), StepError> {
         let now = self.fingerprint(source, desired).await?;
         if attempt.source_fingerprint.as_deref() != Some(now.as_str()) {
             return Err(final_err(format!(
@@ -482,7 +732,13 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         Ok(parts.join(";"))
     }
 
-    fn sides<'a>(&'a self, attempt: &Attempt, desired: &'a Desired, source: &'a Addr, target: &'a Addr) -> Sides<'a> {
+    fn sides<'a>(
+        &'a self,
+        attempt: &Attempt,
+        desired: &'a Desired,
+        source: &'a Addr,
+        target: &'a Addr,
+    ) -> Sides<'a> {
         Sides {
             from: attempt.from,
             to: attempt.to,
@@ -506,11 +762,12 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             let forward = link_name(attempt.from.color, attempt.to.color, db);
             let reverse = link_name(attempt.to.color, attempt.from.color, db);
             if let Some(t) = &target
-                && let Ok(tgt) = connect(t, &self.admin, db).await {
-                    repl::drop_subscription(&tgt, &forward).await?;
-                    repl::drop_slot(&tgt, &reverse).await?;
-                    repl::drop_publication(&tgt, &reverse).await?;
-                }
+                && let Ok(tgt) = connect(t, &self.admin, db).await
+            {
+                repl::drop_subscription(&tgt, &forward).await?;
+                repl::drop_slot(&tgt, &reverse).await?;
+                repl::drop_publication(&tgt, &reverse).await?;
+            }
             let src = connect(&source, &self.admin, db).await?;
             repl::drop_slot(&src, &forward).await?;
             repl::drop_publication(&src, &forward).await?;
@@ -532,15 +789,21 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         Ok(())
     }
 
-    async fn decommission(&self, serving: Member, standby: &Member, desired: &Desired) -> anyhow::Result<()> {
+    async fn decommission(
+        &self,
+        serving: Member,
+        standby: &Member,
+        desired: &Desired,
+    ) -> anyhow::Result<()> {
         let serving_addr = self.instances.ensure(&serving).await?;
         let standby_addr = self.instances.addr(standby).await?;
         for db in &desired.databases {
             let link = link_name(serving.color, standby.color, db);
             if let Some(a) = &standby_addr
-                && let Ok(c) = connect(a, &self.admin, db).await {
-                    repl::drop_subscription(&c, &link).await?;
-                }
+                && let Ok(c) = connect(a, &self.admin, db).await
+            {
+                repl::drop_subscription(&c, &link).await?;
+            }
             let src = connect(&serving_addr, &self.admin, db).await?;
             repl::drop_slot(&src, &link).await?;
             repl::drop_publication(&src, &link).await?;
@@ -556,9 +819,12 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             let key = format!("{revision}/{}", update.phase);
             let mut last = self.last_report.lock().unwrap();
             if let Some((k, at)) = last.as_ref()
-                && *k == key && at.elapsed() < Duration::from_secs(2) && update.progress_percent != Some(100.0) {
-                    return;
-                }
+                && *k == key
+                && at.elapsed() < Duration::from_secs(2)
+                && update.progress_percent != Some(100.0)
+            {
+                return;
+            }
             *last = Some((key, Instant::now()));
         }
         tracing::info!(revision = short(revision), state = update.state.as_str(), phase = %update.phase, "{}", update.message);
@@ -589,7 +855,11 @@ async fn consistent_cut(
     }
     let locker = connect(source, admin, db).await?;
     let marker = connect(source, admin, db).await?;
-    let list = tables.iter().map(|(s, n)| super::pg::qualified(s, n)).collect::<Vec<_>>().join(", ");
+    let list = tables
+        .iter()
+        .map(|(s, n)| super::pg::qualified(s, n))
+        .collect::<Vec<_>>()
+        .join(", ");
     locker
         .batch_execute(&format!(
             "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {list} IN EXCLUSIVE MODE",

@@ -17,18 +17,27 @@ pub fn link_name(from: Color, to: Color, db: &str) -> String {
     format!("pgflip_{}_to_{}_{h}", from.as_str(), to.as_str())
 }
 
-/// pgflip's own objects in every carried database. The marker table is replicated like
-/// any table: a row written on the source and seen on the target proves that everything
-/// committed before it on the source has been applied on the target (apply is in commit order).
+/// pgflip's own objects in every carried database, on both colors (every table of a
+/// `FOR ALL TABLES` publication must exist on the subscriber). The marker table is
+/// replicated like any table: a row written on the source and seen on the target proves
+/// that everything committed before it on the source has been applied on the target
+/// (apply is in commit order). `schema_copied` is written by the schema copy.
 pub const ENSURE_OWN_SCHEMA: &str = "CREATE SCHEMA IF NOT EXISTS pgflip; \
-    CREATE TABLE IF NOT EXISTS pgflip.switch_marker (token text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())";
+    CREATE TABLE IF NOT EXISTS pgflip.switch_marker (token text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now()); \
+    CREATE TABLE IF NOT EXISTS pgflip.schema_copied (fingerprint text NOT NULL, copied_at timestamptz NOT NULL DEFAULT now())";
 
 pub async fn ensure_own_schema(client: &Client) -> anyhow::Result<()> {
-    client.batch_execute(ENSURE_OWN_SCHEMA).await.context("creating schema pgflip")
+    client
+        .batch_execute(ENSURE_OWN_SCHEMA)
+        .await
+        .context("creating schema pgflip")
 }
 
 pub async fn publication_exists(client: &Client, name: &str) -> anyhow::Result<bool> {
-    Ok(client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name]).await?.is_some())
+    Ok(client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .await?
+        .is_some())
 }
 
 /// `FOR ALL TABLES` with `publish_via_partition_root`, so partitioned tables replicate
@@ -47,7 +56,9 @@ pub async fn ensure_publication(source: &Client, name: &str) -> anyhow::Result<(
 }
 
 pub async fn drop_publication(source: &Client, name: &str) -> anyhow::Result<()> {
-    source.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", ident(name))).await?;
+    source
+        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", ident(name)))
+        .await?;
     Ok(())
 }
 
@@ -84,7 +95,10 @@ pub async fn ensure_subscription(
     }
     let options = match start {
         Start::CopyAll => "copy_data = true, create_slot = true".to_string(),
-        Start::FromExistingSlot => format!("copy_data = false, create_slot = false, slot_name = {}", literal(name)),
+        Start::FromExistingSlot => format!(
+            "copy_data = false, create_slot = false, slot_name = {}",
+            literal(name)
+        ),
     };
     // The connection string holds the password: it goes to the server's catalog (readable
     // by superusers only), never to logs or errors.
@@ -94,16 +108,24 @@ pub async fn ensure_subscription(
         literal(&conninfo(source, creds, db)),
         ident(name)
     );
-    target
-        .batch_execute(&sql)
-        .await
-        .map_err(|e| anyhow::anyhow!("creating subscription {name} on the target: {}", db_error_text(&e)))
+    target.batch_execute(&sql).await.map_err(|e| {
+        anyhow::anyhow!(
+            "creating subscription {name} on the target: {}",
+            db_error_text(&e)
+        )
+    })
 }
 
-pub async fn set_subscription_enabled(target: &Client, name: &str, enabled: bool) -> anyhow::Result<()> {
+pub async fn set_subscription_enabled(
+    target: &Client,
+    name: &str,
+    enabled: bool,
+) -> anyhow::Result<()> {
     if subscription_exists(target, name).await? {
         let verb = if enabled { "ENABLE" } else { "DISABLE" };
-        target.batch_execute(&format!("ALTER SUBSCRIPTION {} {verb}", ident(name))).await?;
+        target
+            .batch_execute(&format!("ALTER SUBSCRIPTION {} {verb}", ident(name)))
+            .await?;
     }
     Ok(())
 }
@@ -113,9 +135,15 @@ pub async fn set_subscription_enabled(target: &Client, name: &str, enabled: bool
 pub async fn drop_subscription(target: &Client, name: &str) -> anyhow::Result<()> {
     if subscription_exists(target, name).await? {
         let n = ident(name);
-        target.batch_execute(&format!("ALTER SUBSCRIPTION {n} DISABLE")).await?;
-        target.batch_execute(&format!("ALTER SUBSCRIPTION {n} SET (slot_name = NONE)")).await?;
-        target.batch_execute(&format!("DROP SUBSCRIPTION {n}")).await?;
+        target
+            .batch_execute(&format!("ALTER SUBSCRIPTION {n} DISABLE"))
+            .await?;
+        target
+            .batch_execute(&format!("ALTER SUBSCRIPTION {n} SET (slot_name = NONE)"))
+            .await?;
+        target
+            .batch_execute(&format!("DROP SUBSCRIPTION {n}"))
+            .await?;
     }
     Ok(())
 }
@@ -125,18 +153,28 @@ pub async fn drop_subscription(target: &Client, name: &str) -> anyhow::Result<()
 pub async fn drop_slot(source: &Client, name: &str) -> anyhow::Result<()> {
     for _ in 0..50 {
         let row = source
-            .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&name])
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
             .await?;
         let Some(row) = row else { return Ok(()) };
         let pid: Option<i32> = row.get(0);
         if let Some(pid) = pid {
-            source.query("SELECT pg_terminate_backend($1)", &[&pid]).await?;
+            source
+                .query("SELECT pg_terminate_backend($1)", &[&pid])
+                .await?;
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
-        match source.query("SELECT pg_drop_replication_slot($1)", &[&name]).await {
+        match source
+            .query("SELECT pg_drop_replication_slot($1)", &[&name])
+            .await
+        {
             Ok(_) => return Ok(()),
-            Err(e) if e.to_string().contains("is active") => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) if e.to_string().contains("is active") => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(e) if e.to_string().contains("does not exist") => return Ok(()),
             Err(e) => return Err(e.into()),
         }
@@ -145,7 +183,13 @@ pub async fn drop_slot(source: &Client, name: &str) -> anyhow::Result<()> {
 }
 
 pub async fn slot_exists(client: &Client, name: &str) -> anyhow::Result<bool> {
-    Ok(client.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&name]).await?.is_some())
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?
+        .is_some())
 }
 
 /// Creates a logical slot on the (future) source for reverse replication, in the current
@@ -153,7 +197,10 @@ pub async fn slot_exists(client: &Client, name: &str) -> anyhow::Result<bool> {
 pub async fn ensure_slot(client: &Client, name: &str) -> anyhow::Result<()> {
     if !slot_exists(client, name).await? {
         client
-            .query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&name])
+            .query(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&name],
+            )
             .await
             .with_context(|| format!("creating replication slot {name}"))?;
     }
@@ -187,19 +234,32 @@ pub async fn lag_bytes(source: &Client, slot: &str) -> anyhow::Result<Option<i64
 /// Writes a marker on the source (autocommit).
 pub async fn write_marker(source: &Client, token: &str) -> anyhow::Result<()> {
     source
-        .simple_query(&format!("INSERT INTO pgflip.switch_marker (token) VALUES ({})", literal(token)))
+        .simple_query(&format!(
+            "INSERT INTO pgflip.switch_marker (token) VALUES ({})",
+            literal(token)
+        ))
         .await?;
     Ok(())
 }
 
 /// Polls the target until the marker has been applied, i.e. until everything committed
 /// on the source before it is visible on the target.
-pub async fn wait_marker(target: &Client, token: &str, timeout: Duration) -> anyhow::Result<Duration> {
+pub async fn wait_marker(
+    target: &Client,
+    token: &str,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
     let started = tokio::time::Instant::now();
-    let sql = format!("SELECT 1 FROM pgflip.switch_marker WHERE token = {}", literal(token));
+    let sql = format!(
+        "SELECT 1 FROM pgflip.switch_marker WHERE token = {}",
+        literal(token)
+    );
     loop {
         let rows = target.simple_query(&sql).await?;
-        if rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))) {
+        if rows
+            .iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        {
             return Ok(started.elapsed());
         }
         if started.elapsed() > timeout {
@@ -228,8 +288,14 @@ mod tests {
     fn link_names_are_valid_slot_names() {
         let n = link_name(Color::Blue, Color::Green, "Weird \"DB\" name ünïcode");
         assert!(n.len() < 64);
-        assert!(n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+        assert!(
+            n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        );
         assert_ne!(n, link_name(Color::Blue, Color::Green, "other"));
-        assert_ne!(n, link_name(Color::Green, Color::Blue, "Weird \"DB\" name ünïcode"));
+        assert_ne!(
+            n,
+            link_name(Color::Green, Color::Blue, "Weird \"DB\" name ünïcode")
+        );
     }
 }

@@ -84,7 +84,10 @@ pub async fn run<R: Router, J: Journal>(
     let target_admin = connect(s.target, s.admin, "postgres").await?;
     let source_admin = connect(s.source, s.admin, "postgres").await?;
     fence::unfence(&target_admin).await?;
-    let reverse: Vec<String> = pairs.iter().map(|p| link_name(s.to.color, s.from.color, &p.db)).collect();
+    let reverse: Vec<String> = pairs
+        .iter()
+        .map(|p| link_name(s.to.color, s.from.color, &p.db))
+        .collect();
     for (p, name) in pairs.iter().zip(&reverse) {
         repl::ensure_publication(&p.target, name).await?;
     }
@@ -100,22 +103,35 @@ pub async fn run<R: Router, J: Journal>(
     let started = Instant::now();
     if let Err(e) = router.pause(s.pause_timeout).await {
         set_step(journal, record, None)?;
-        return Ok(Err(Aborted(format!("could not pause the endpoint within {:?}: {e:#}", s.pause_timeout))));
+        return Ok(Err(Aborted(format!(
+            "could not pause the endpoint within {:?}: {e:#}",
+            s.pause_timeout
+        ))));
     }
     m.drain_ms = ms(started.elapsed());
     failpoint::hit("switchover:paused");
 
     let remaining = s.pause_timeout.saturating_sub(started.elapsed());
-    let inside = tokio::time::timeout(remaining, inside_pause(&source_admin, &pairs, &reverse, &mut m, s)).await;
+    let inside = tokio::time::timeout(
+        remaining,
+        inside_pause(&source_admin, &pairs, &reverse, &mut m, s),
+    )
+    .await;
     let failure = match inside {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(format!("{e:#}")),
-        Err(_) => Some(format!("the pause reached its bound of {:?}", s.pause_timeout)),
+        Err(_) => Some(format!(
+            "the pause reached its bound of {:?}",
+            s.pause_timeout
+        )),
     };
     if let Some(reason) = failure {
         roll_back_pause(router, &source_admin, &pairs, &reverse, s).await?;
         set_step(journal, record, None)?;
-        return Ok(Err(Aborted(format!("switchover aborted, clients resumed on {}: {reason}", s.from))));
+        return Ok(Err(Aborted(format!(
+            "switchover aborted, clients resumed on {}: {reason}",
+            s.from
+        ))));
     }
 
     // The commit point: from here on, clients belong to the target.
@@ -139,12 +155,18 @@ async fn inside_pause(
     s: &Sides<'_>,
 ) -> anyhow::Result<()> {
     let t = Instant::now();
-    fence::fence(source_admin).await.context("fencing the source")?;
+    fence::fence(source_admin)
+        .await
+        .context("fencing the source")?;
     m.fence_ms = ms(t.elapsed());
     failpoint::hit("switchover:fenced");
 
     let t = Instant::now();
-    let token = format!("switch-{}-{}", crate::state::now_ms(), crate::state::random_token(8));
+    let token = format!(
+        "switch-{}-{}",
+        crate::state::now_ms(),
+        crate::state::random_token(8)
+    );
     for p in pairs {
         repl::write_marker(&p.source, &token).await?;
     }
@@ -155,7 +177,12 @@ async fn inside_pause(
 
     let t = Instant::now();
     for (p, rev) in pairs.iter().zip(reverse) {
-        repl::set_subscription_enabled(&p.target, &link_name(s.from.color, s.to.color, &p.db), false).await?;
+        repl::set_subscription_enabled(
+            &p.target,
+            &link_name(s.from.color, s.to.color, &p.db),
+            false,
+        )
+        .await?;
         repl::ensure_slot(&p.target, rev).await?;
     }
     m.reverse_setup_ms = ms(t.elapsed());
@@ -181,7 +208,12 @@ async fn roll_back_pause<R: Router>(
     fence::unfence(source_admin).await?;
     router.resume().await?;
     for (p, rev) in pairs.iter().zip(reverse) {
-        repl::set_subscription_enabled(&p.target, &link_name(s.from.color, s.to.color, &p.db), true).await?;
+        repl::set_subscription_enabled(
+            &p.target,
+            &link_name(s.from.color, s.to.color, &p.db),
+            true,
+        )
+        .await?;
         repl::drop_slot(&p.target, rev).await?;
     }
     Ok(())
@@ -201,7 +233,10 @@ pub async fn recover<R: Router, J: Journal>(
         Some(SwitchStep::Pausing) => {
             let source_admin = connect(s.source, s.admin, "postgres").await?;
             let pairs = open_pairs(s).await?;
-            let reverse: Vec<String> = pairs.iter().map(|p| link_name(s.to.color, s.from.color, &p.db)).collect();
+            let reverse: Vec<String> = pairs
+                .iter()
+                .map(|p| link_name(s.to.color, s.from.color, &p.db))
+                .collect();
             roll_back_pause(router, &source_admin, &pairs, &reverse, s).await?;
             set_step(journal, record, None)?;
             Ok(false)
@@ -227,12 +262,24 @@ pub async fn finish(s: &Sides<'_>) -> anyhow::Result<()> {
         repl::drop_subscription(&p.target, &forward).await?;
         repl::drop_slot(&p.source, &forward).await?;
         repl::drop_publication(&p.source, &forward).await?;
-        repl::ensure_subscription(&p.source, &reverse, s.target, s.admin, &p.db, repl::Start::FromExistingSlot).await?;
+        repl::ensure_subscription(
+            &p.source,
+            &reverse,
+            s.target,
+            s.admin,
+            &p.db,
+            repl::Start::FromExistingSlot,
+        )
+        .await?;
     }
     Ok(())
 }
 
-fn set_step<J: Journal>(journal: &J, record: &mut Record, step: Option<SwitchStep>) -> anyhow::Result<()> {
+fn set_step<J: Journal>(
+    journal: &J,
+    record: &mut Record,
+    step: Option<SwitchStep>,
+) -> anyhow::Result<()> {
     if let Some(a) = record.attempt.as_mut() {
         a.switch_step = step;
     }

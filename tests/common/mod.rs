@@ -26,14 +26,25 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(extra_spec: &str) -> Harness {
-        let dir = tempfile::Builder::new().prefix("pgflip-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("pgflip-test-")
+            .tempdir()
+            .unwrap();
         let repo = dir.path().join("repo");
         std::fs::create_dir_all(&repo).unwrap();
         git::init_repo(&repo);
         let state = StateDir::open(dir.path().join("state")).unwrap();
         let port = pgflip::adapters::run_as::free_port().unwrap();
         let extra_spec = format!("endpoint:\n  port: {port}\n{extra_spec}");
-        Harness { dir, repo, state, port, extra_spec, child: None, runs: 0 }
+        Harness {
+            dir,
+            repo,
+            state,
+            port,
+            extra_spec,
+            child: None,
+            runs: 0,
+        }
     }
 
     pub fn document(&self, major: u32) -> String {
@@ -56,7 +67,8 @@ impl Harness {
     /// Starts `pgflip local` (optionally armed to kill itself at a failpoint).
     pub fn start(&mut self, failpoint: Option<&str>) {
         self.runs += 1;
-        let log = std::fs::File::create(self.dir.path().join(format!("pgflip-{}.log", self.runs))).unwrap();
+        let log = std::fs::File::create(self.dir.path().join(format!("pgflip-{}.log", self.runs)))
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgflip"));
         cmd.args(["local", "--repo"])
             .arg(&self.repo)
@@ -103,7 +115,12 @@ impl Harness {
     }
 
     /// Waits until `cond` holds on the record; panics with the log on timeout.
-    pub async fn wait(&self, what: &str, timeout: Duration, cond: impl Fn(&Record) -> bool) -> Record {
+    pub async fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Record) -> bool,
+    ) -> Record {
         let started = Instant::now();
         loop {
             let r = self.record();
@@ -111,7 +128,10 @@ impl Harness {
                 return r;
             }
             if started.elapsed() > timeout {
-                panic!("timed out waiting for {what}; record: {r:#?}\nlog:\n{}", self.log_tail());
+                panic!(
+                    "timed out waiting for {what}; record: {r:#?}\nlog:\n{}",
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -121,11 +141,20 @@ impl Harness {
     pub async fn wait_final_note(&self, revision: &str, timeout: Duration) -> Update {
         let started = Instant::now();
         loop {
-            if let Some(u) = self.notes(revision).into_iter().rev().find(|u| u.state != State::Pending) {
+            if let Some(u) = self
+                .notes(revision)
+                .into_iter()
+                .rev()
+                .find(|u| u.state != State::Pending)
+            {
                 return u;
             }
             if started.elapsed() > timeout {
-                panic!("no final note on {revision}; notes: {:#?}\nlog:\n{}", self.notes(revision), self.log_tail());
+                panic!(
+                    "no final note on {revision}; notes: {:#?}\nlog:\n{}",
+                    self.notes(revision),
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -138,7 +167,8 @@ impl Harness {
     pub fn log_tail(&self) -> String {
         let mut out = String::new();
         for i in 1..=self.runs {
-            let text = std::fs::read_to_string(self.dir.path().join(format!("pgflip-{i}.log"))).unwrap_or_default();
+            let text = std::fs::read_to_string(self.dir.path().join(format!("pgflip-{i}.log")))
+                .unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let from = lines.len().saturating_sub(60);
             out.push_str(&format!("--- run {i} ---\n{}\n", lines[from..].join("\n")));
@@ -151,14 +181,26 @@ impl Harness {
     }
 
     pub fn endpoint(&self) -> Addr {
-        Addr { host: "127.0.0.1".into(), port: self.port }
+        Addr {
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
     }
 
     /// Where an instance of the pair listens (from its instance file).
     pub fn instance_addr(&self, color: &str) -> Option<Addr> {
-        let bytes = std::fs::read(self.state.dir("instances").join(color).join("instance.json")).ok()?;
+        let bytes = std::fs::read(
+            self.state
+                .dir("instances")
+                .join(color)
+                .join("instance.json"),
+        )
+        .ok()?;
         let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        Some(Addr { host: "127.0.0.1".into(), port: v["port"].as_u64()? as u16 })
+        Some(Addr {
+            host: "127.0.0.1".into(),
+            port: v["port"].as_u64()? as u16,
+        })
     }
 
     /// Publications, replication slots and subscriptions made by pgflip on an instance.
@@ -182,8 +224,13 @@ impl Harness {
     pub async fn load_sample(&self) -> Credentials {
         let admin = self.admin();
         let c = connect(&self.endpoint(), &admin, "app").await.unwrap();
-        c.batch_execute(include_str!("../../demo/sample.sql")).await.unwrap();
-        let app = Credentials { user: "app".into(), password: pgflip::state::random_token(12) };
+        c.batch_execute(include_str!("../../demo/sample.sql"))
+            .await
+            .unwrap();
+        let app = Credentials {
+            user: "app".into(),
+            password: pgflip::state::random_token(12),
+        };
         c.batch_execute(&format!(
             "CREATE ROLE app LOGIN PASSWORD '{}'; GRANT USAGE ON SCHEMA public TO app;
              GRANT ALL ON ALL TABLES IN SCHEMA public TO app; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;",
@@ -191,8 +238,12 @@ impl Harness {
         ))
         .await
         .unwrap();
-        pgflip::load::prepare(&self.endpoint(), &admin, "app").await.unwrap();
-        c.batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO app").await.unwrap();
+        pgflip::load::prepare(&self.endpoint(), &admin, "app")
+            .await
+            .unwrap();
+        c.batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO app")
+            .await
+            .unwrap();
         app
     }
 
@@ -209,7 +260,10 @@ impl Harness {
     /// The port the endpoint currently sends clients to.
     pub async fn serving_port(&self, app: &Credentials) -> u16 {
         let c = connect(&self.endpoint(), app, "app").await.unwrap();
-        let rows = c.simple_query("SELECT current_setting('port')").await.unwrap();
+        let rows = c
+            .simple_query("SELECT current_setting('port')")
+            .await
+            .unwrap();
         for m in rows {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
                 return r.get(0).unwrap().parse().unwrap();
@@ -236,9 +290,16 @@ pub const MINUTE: Duration = Duration::from_secs(60);
 impl Harness {
     /// The port in the endpoint's stored configuration (readable while PgBouncer is paused).
     pub async fn serving_port_direct(&self) -> u16 {
-        let ini = std::fs::read_to_string(self.state.dir("endpoint").join("pgbouncer.ini")).unwrap();
-        let line = ini.lines().find(|l| l.starts_with("app =") || l.starts_with("app=")).expect("app entry");
-        let port = line.split_whitespace().find_map(|w| w.strip_prefix("port=")).expect("port");
+        let ini =
+            std::fs::read_to_string(self.state.dir("endpoint").join("pgbouncer.ini")).unwrap();
+        let line = ini
+            .lines()
+            .find(|l| l.starts_with("app =") || l.starts_with("app="))
+            .expect("app entry");
+        let port = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("port="))
+            .expect("port");
         port.parse().unwrap()
     }
 }
