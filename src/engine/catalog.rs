@@ -5,12 +5,14 @@
 //! design), the system catalogs, and TOAST and temporary schemas (they belong to their
 //! tables or sessions, never to the schema a user wrote).
 
-/// The schema pgflip keeps its own objects in, in every carried database.
-pub const PGFLIP_SCHEMA: &str = "pgflip";
+/// The schema pgflip keeps its own objects in, in every carried database. Not `pgflip`:
+/// that is the admin role's name, and `"$user"` comes first on the default search_path,
+/// so the admin's own `CREATE TABLE t` would land in it.
+pub const PGFLIP_SCHEMA: &str = "_pgflip";
 
 /// A query yielding `(oid, nspname)` of every user schema; use it as a CTE or subquery.
 pub const USER_NAMESPACES: &str = "SELECT oid, nspname FROM pg_catalog.pg_namespace \
-     WHERE nspname NOT IN ('pgflip', 'pg_catalog', 'information_schema') \
+     WHERE nspname NOT IN ('_pgflip', 'pg_catalog', 'information_schema') \
        AND nspname NOT LIKE 'pg\\_toast%' \
        AND nspname NOT LIKE 'pg\\_temp\\_%'";
 

@@ -627,7 +627,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             let tgt = connect(&target, &self.admin, db).await?;
             for row in tgt
                 .query(
-                    "SELECT schemaname, matviewname FROM pg_matviews WHERE schemaname <> 'pgflip'",
+                    "SELECT schemaname, matviewname FROM pg_matviews WHERE schemaname <> '_pgflip'",
                     &[],
                 )
                 .await

@@ -22,9 +22,9 @@ pub fn link_name(from: Color, to: Color, db: &str) -> String {
 /// replicated like any table: a row written on the source and seen on the target proves
 /// that everything committed before it on the source has been applied on the target
 /// (apply is in commit order). `schema_copied` is written by the schema copy.
-pub const ENSURE_OWN_SCHEMA: &str = "CREATE SCHEMA IF NOT EXISTS pgflip; \
-    CREATE TABLE IF NOT EXISTS pgflip.switch_marker (token text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now()); \
-    CREATE TABLE IF NOT EXISTS pgflip.schema_copied (fingerprint text NOT NULL, copied_at timestamptz NOT NULL DEFAULT now())";
+pub const ENSURE_OWN_SCHEMA: &str = "CREATE SCHEMA IF NOT EXISTS _pgflip; \
+    CREATE TABLE IF NOT EXISTS _pgflip.switch_marker (token text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now()); \
+    CREATE TABLE IF NOT EXISTS _pgflip.schema_copied (fingerprint text NOT NULL, copied_at timestamptz NOT NULL DEFAULT now())";
 
 pub async fn ensure_own_schema(client: &Client) -> anyhow::Result<()> {
     client
@@ -235,7 +235,7 @@ pub async fn lag_bytes(source: &Client, slot: &str) -> anyhow::Result<Option<i64
 pub async fn write_marker(source: &Client, token: &str) -> anyhow::Result<()> {
     source
         .simple_query(&format!(
-            "INSERT INTO pgflip.switch_marker (token) VALUES ({})",
+            "INSERT INTO _pgflip.switch_marker (token) VALUES ({})",
             literal(token)
         ))
         .await?;
@@ -251,7 +251,7 @@ pub async fn wait_marker(
 ) -> anyhow::Result<Duration> {
     let started = tokio::time::Instant::now();
     let sql = format!(
-        "SELECT 1 FROM pgflip.switch_marker WHERE token = {}",
+        "SELECT 1 FROM _pgflip.switch_marker WHERE token = {}",
         literal(token)
     );
     loop {

@@ -5,7 +5,7 @@
 //! retry would trip over or that could be mistaken for a copy.
 //!
 //! Once, because the copy is a step of a resumable plan: a copy that committed is
-//! recorded in the same transaction, in `pgflip.schema_copied`, with the fingerprint of
+//! recorded in the same transaction, in `_pgflip.schema_copied`, with the fingerprint of
 //! blue's schema it was taken from. A later pass finds the marker and leaves the database
 //! alone; a marker with another fingerprint means blue's schema changed after the copy.
 
@@ -41,7 +41,7 @@ pub async fn load_roles(target: &Client, sql: &str) -> anyhow::Result<()> {
 pub async fn copied_fingerprint(target: &Client) -> anyhow::Result<Option<String>> {
     let exists = target
         .query_one(
-            "SELECT to_regclass('pgflip.schema_copied') IS NOT NULL",
+            "SELECT to_regclass('_pgflip.schema_copied') IS NOT NULL",
             &[],
         )
         .await?
@@ -50,7 +50,7 @@ pub async fn copied_fingerprint(target: &Client) -> anyhow::Result<Option<String
         return Ok(None);
     }
     let row = target
-        .query_opt("SELECT fingerprint FROM pgflip.schema_copied", &[])
+        .query_opt("SELECT fingerprint FROM _pgflip.schema_copied", &[])
         .await?;
     Ok(row.map(|r| r.get(0)))
 }
@@ -100,13 +100,13 @@ pub async fn load_once(
     }
     // The marker commits with the schema, or neither does.
     let script = format!(
-        "{sql}\n;\nCREATE SCHEMA IF NOT EXISTS pgflip;\n\
-         CREATE TABLE IF NOT EXISTS pgflip.schema_copied (\n\
+        "{sql}\n;\nCREATE SCHEMA IF NOT EXISTS _pgflip;\n\
+         CREATE TABLE IF NOT EXISTS _pgflip.schema_copied (\n\
              fingerprint text NOT NULL,\n\
              copied_at timestamptz NOT NULL DEFAULT now()\n\
          );\n\
-         DELETE FROM pgflip.schema_copied;\n\
-         INSERT INTO pgflip.schema_copied (fingerprint) VALUES ({});\n",
+         DELETE FROM _pgflip.schema_copied;\n\
+         INSERT INTO _pgflip.schema_copied (fingerprint) VALUES ({});\n",
         literal(source_fingerprint)
     );
     load(target, &script).await?;
