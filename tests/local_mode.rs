@@ -233,7 +233,7 @@ async fn bad_documents_change_nothing() {
     h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
     let good = h.document(16);
     let bad: Vec<(String, &str)> = vec![
-        ("spec: [unclosed".into(), "YAML"),
+        ("kind: BlueGreenDatabase\nspec: [unclosed".into(), "YAML"),
         (
             good.replace("spec:\n", "spec:\n  colour: blue\n"),
             "unknown field",
@@ -278,11 +278,13 @@ async fn preflight_refuses_and_touches_nothing() {
     c.batch_execute(
         "CREATE UNLOGGED TABLE cache (k text PRIMARY KEY, v text);
          SELECT lo_from_bytea(0, 'blob');
-         CREATE TABLE no_key (a int, b text); INSERT INTO no_key VALUES (1, 'x'); UPDATE no_key SET b = 'y';",
+         CREATE TABLE no_key (a int, b text); INSERT INTO no_key VALUES (1, 'x'); UPDATE no_key SET b = 'y';
+         SELECT pg_stat_force_next_flush();",
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await; // let the statistics collector see the UPDATE
+    drop(c); // the session's statistics (the UPDATE) are flushed when it ends
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let sha = h.commit_version(16);
     let note = h.wait_final_note(&sha, 2 * MINUTE).await;
     assert_eq!(note.state, State::Failure);

@@ -74,7 +74,7 @@ impl Harness {
             .arg(&self.repo)
             .arg("--state-dir")
             .arg(&self.state.root)
-            .args(["--poll", "200ms"])
+            .args(["--file", "db/database.yaml", "--poll", "200ms"])
             .env("RUST_LOG", "info,pgflip=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
