@@ -57,7 +57,7 @@ pub struct LoadReport {
     /// Over all attempts, failed ones included.
     pub max_latency_ms: f64,
     pub p99_latency_ms: f64,
-    /// The longest window without a committed transaction, from the start to the stop.
+    /// The longest window without a committed transaction, between the first and the last.
     pub longest_gap_ms: f64,
     pub latencies: Vec<Sample>,
     /// `(client, seq)` of every acknowledged commit.
@@ -196,13 +196,17 @@ fn summarize(report: &mut LoadReport) {
     latencies.sort_by(f64::total_cmp);
     report.max_latency_ms = latencies.last().copied().unwrap_or(0.0);
     report.p99_latency_ms = percentile(&latencies, 0.99);
-    let mut last = 0.0f64;
+    // Between the first and the last commit: connecting at the start and stopping at the
+    // end are not outages.
+    let mut commits = report.latencies.iter().filter(|s| s.ok).map(|s| s.at_ms);
     let mut gap = 0.0f64;
-    for s in report.latencies.iter().filter(|s| s.ok) {
-        gap = gap.max(s.at_ms - last);
-        last = s.at_ms;
+    if let Some(mut last) = commits.next() {
+        for at in commits {
+            gap = gap.max(at - last);
+            last = at;
+        }
     }
-    report.longest_gap_ms = gap.max(report.duration_ms - last);
+    report.longest_gap_ms = gap;
 }
 
 /// The `q` quantile of sorted values (nearest rank).
@@ -373,6 +377,7 @@ mod tests {
                 sample(300.0, 250.0, false),
                 sample(400.0, 3.0, true),
                 sample(990.0, 4.0, true),
+                sample(995.0, 4.0, true),
             ],
             ..Default::default()
         };

@@ -427,3 +427,32 @@ async fn killed_at_every_boundary_resumes_and_loses_nothing() {
         0
     );
 }
+
+/// A repository given by URL: pgflip keeps its own clone, fetches new commits and pushes
+/// its notes back to the remote. `pgflip status` reports the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_repository_gets_notes_pushed_and_status_reports() {
+    let mut h = Harness::with_remote("databases: [app]\nretainPrevious: 1h");
+    let first = h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    assert_eq!(h.wait_final_note(&first, MINUTE).await.phase, "bootstrap", "bootstrap note pushed to the remote");
+    let bad = h.commit_text("kind: BlueGreenDatabase\nspec: {version: \"16\", colour: blue}", "bad");
+    assert_eq!(h.wait_final_note(&bad, MINUTE).await.state, State::Failure);
+    let up = h.commit_version(16);
+    h.wait("upgrade", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    assert_eq!(h.wait_final_note(&up, MINUTE).await.state, State::Success);
+    assert!(h.dir.path().join("state/repo").is_dir(), "pgflip keeps its clone in the state directory");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgflip"))
+        .args(["status", "--state-dir"])
+        .arg(&h.state.root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("serving:  green (PostgreSQL 16)"), "{text}");
+    assert!(text.contains("standby:  blue (PostgreSQL 15) in reverse sync"), "{text}");
+    assert!(text.contains("blue (PostgreSQL 15) → green (PostgreSQL 16)  pause"), "{text}");
+    assert!(!text.contains(&h.admin().password), "no credential in the status");
+}

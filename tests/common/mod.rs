@@ -20,6 +20,8 @@ pub struct Harness {
     pub state: StateDir,
     pub port: u16,
     pub extra_spec: String,
+    /// A bare repository pgflip reads by `file://` URL (commits are pushed to it).
+    pub remote: Option<PathBuf>,
     child: Option<Child>,
     runs: u32,
 }
@@ -42,9 +44,19 @@ impl Harness {
             state,
             port,
             extra_spec,
+            remote: None,
             child: None,
             runs: 0,
         }
+    }
+
+    /// Like [`Harness::new`], but pgflip reads a bare "forge" repository by URL.
+    pub fn with_remote(extra_spec: &str) -> Harness {
+        let mut h = Harness::new(extra_spec);
+        let remote = h.dir.path().join("remote.git");
+        git2::Repository::init_bare(&remote).unwrap();
+        h.remote = Some(remote);
+        h
     }
 
     pub fn document(&self, major: u32) -> String {
@@ -57,11 +69,29 @@ impl Harness {
     }
 
     pub fn commit_text(&self, text: &str, message: &str) -> String {
-        git::commit_file(&self.repo, "db/database.yaml", text, message)
+        let sha = git::commit_file(&self.repo, "db/database.yaml", text, message);
+        self.push();
+        sha
     }
 
     pub fn revert(&self, sha: &str) -> String {
-        git::revert(&self.repo, sha)
+        let sha = git::revert(&self.repo, sha);
+        self.push();
+        sha
+    }
+
+    fn push(&self) {
+        if let Some(remote) = &self.remote {
+            git::push(&self.repo, remote);
+        }
+    }
+
+    /// What pgflip is told to read: the work tree's path, or the remote's URL.
+    fn repo_arg(&self) -> String {
+        match &self.remote {
+            Some(r) => format!("file://{}", r.display()),
+            None => self.repo.display().to_string(),
+        }
     }
 
     /// Starts `pgflip local` (optionally armed to kill itself at a failpoint).
@@ -71,7 +101,7 @@ impl Harness {
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgflip"));
         cmd.args(["local", "--repo"])
-            .arg(&self.repo)
+            .arg(self.repo_arg())
             .arg("--state-dir")
             .arg(&self.state.root)
             .args(["--file", "db/database.yaml", "--poll", "200ms"])
@@ -160,8 +190,9 @@ impl Harness {
         }
     }
 
+    /// The notes on a commit, read where pgflip writes them (pushed to the remote in URL mode).
     pub fn notes(&self, revision: &str) -> Vec<Update> {
-        GitNotes::read(&self.repo, revision).unwrap_or_default()
+        GitNotes::read(self.remote.as_ref().unwrap_or(&self.repo), revision).unwrap_or_default()
     }
 
     pub fn log_tail(&self) -> String {
