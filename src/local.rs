@@ -60,8 +60,11 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
                             None => engine.insert(build_engine(&state, &desired, notes.clone())?),
                         };
                         if !adopted {
-                            engine.adopt(&record, &desired).await?;
-                            adopted = true;
+                            // Instances and the endpoint outlive pgflip: start or adopt them.
+                            match engine.adopt(&record, &desired).await {
+                                Ok(()) => adopted = true,
+                                Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not adopt the instances; retrying"),
+                            }
                         }
                         let wanted = Wanted {
                             revision: &d.revision,

@@ -456,3 +456,39 @@ async fn url_repository_gets_notes_pushed_and_status_reports() {
     assert!(text.contains("blue (PostgreSQL 15) → green (PostgreSQL 16)  pause"), "{text}");
     assert!(!text.contains(&h.admin().password), "no credential in the status");
 }
+
+/// The pause is bounded: a transaction that does not finish keeps PgBouncer from draining,
+/// so the switch is aborted within `pauseTimeout`, clients go on on blue without an error,
+/// and the next try (once the transaction is gone) succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_bound_resumes_on_blue_then_retries() {
+    let mut h = Harness::new("databases: [app]\nswitchover:\n  pauseTimeout: 300ms");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    let load = h.load(&app, 2, 100);
+    // An open transaction through the endpoint that holds no lock on user tables.
+    let straggler = connect(&h.endpoint(), &app, "app").await.unwrap();
+    straggler.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let up = h.commit_version(16);
+    let started = std::time::Instant::now();
+    loop {
+        let aborted = h.notes(&up).into_iter().find(|u| u.state == State::Failure);
+        if let Some(u) = aborted {
+            assert!(u.message.contains("resumed on blue"), "{u:?}");
+            break;
+        }
+        assert!(started.elapsed() < 3 * MINUTE, "no aborted pause\n{}", h.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(load.failed_so_far(), 0, "clients were not left hanging or failed");
+    assert_eq!(h.record().serving.unwrap().color, Color::Blue);
+    straggler.simple_query("COMMIT").await.unwrap();
+    let r = h.wait("the retried switch", 3 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    assert_eq!(serving(&r), Some((Color::Green, 16)));
+    assert_eq!(h.wait_final_note(&up, MINUTE).await.state, State::Success);
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+}

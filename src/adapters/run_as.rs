@@ -70,7 +70,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+        .with_context(|| format!("running {}", describe(cmd)))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -91,4 +91,11 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// The program and its arguments, never its environment (which may hold a password).
+fn describe(cmd: &Command) -> String {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
 }

@@ -104,8 +104,8 @@ pub async fn run<R: Router, J: Journal>(
     if let Err(e) = router.pause(s.pause_timeout).await {
         set_step(journal, record, None)?;
         return Ok(Err(Aborted(format!(
-            "could not pause the endpoint within {:?}: {e:#}",
-            s.pause_timeout
+            "switchover aborted, clients resumed on {}: could not pause the endpoint within {:?}: {e:#}",
+            s.from, s.pause_timeout
         ))));
     }
     m.drain_ms = ms(started.elapsed());
