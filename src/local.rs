@@ -63,7 +63,9 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
                             // Instances and the endpoint outlive pgflip: start or adopt them.
                             match engine.adopt(&record, &desired).await {
                                 Ok(()) => adopted = true,
-                                Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not adopt the instances; retrying"),
+                                Err(e) => {
+                                    tracing::warn!(error = %format!("{e:#}"), "could not adopt the instances; retrying")
+                                }
                             }
                         }
                         let wanted = Wanted {

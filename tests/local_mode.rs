@@ -47,7 +47,11 @@ async fn upgrade_and_revert_under_load() {
     let note = h.wait_final_note(&up, MINUTE).await;
     assert_eq!(note.state, State::Success, "{note:?}");
     assert!(note.pause_ms.unwrap() > 0.0);
-    assert_eq!(note.verified_tables, Some(5), "customers, orders (through its root), audit_log, page_views, the ledger: {note:?}");
+    assert_eq!(
+        note.verified_tables,
+        Some(5),
+        "customers, orders (through its root), audit_log, page_views, the ledger: {note:?}"
+    );
     let phases: Vec<String> = h.notes(&up).iter().map(|u| u.phase.clone()).collect();
     for p in ["preflight", "initial-sync", "verify", "switchover", "done"] {
         assert!(
@@ -436,13 +440,26 @@ async fn url_repository_gets_notes_pushed_and_status_reports() {
     let first = h.commit_version(15);
     h.start(None);
     h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
-    assert_eq!(h.wait_final_note(&first, MINUTE).await.phase, "bootstrap", "bootstrap note pushed to the remote");
-    let bad = h.commit_text("kind: BlueGreenDatabase\nspec: {version: \"16\", colour: blue}", "bad");
+    assert_eq!(
+        h.wait_final_note(&first, MINUTE).await.phase,
+        "bootstrap",
+        "bootstrap note pushed to the remote"
+    );
+    let bad = h.commit_text(
+        "kind: BlueGreenDatabase\nspec: {version: \"16\", colour: blue}",
+        "bad",
+    );
     assert_eq!(h.wait_final_note(&bad, MINUTE).await.state, State::Failure);
     let up = h.commit_version(16);
-    h.wait("upgrade", 5 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    h.wait("upgrade", 5 * MINUTE, |r| {
+        r.history.len() == 1 && r.attempt.is_none()
+    })
+    .await;
     assert_eq!(h.wait_final_note(&up, MINUTE).await.state, State::Success);
-    assert!(h.dir.path().join("state/repo").is_dir(), "pgflip keeps its clone in the state directory");
+    assert!(
+        h.dir.path().join("state/repo").is_dir(),
+        "pgflip keeps its clone in the state directory"
+    );
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgflip"))
         .args(["status", "--state-dir"])
@@ -452,9 +469,18 @@ async fn url_repository_gets_notes_pushed_and_status_reports() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("serving:  green (PostgreSQL 16)"), "{text}");
-    assert!(text.contains("standby:  blue (PostgreSQL 15) in reverse sync"), "{text}");
-    assert!(text.contains("blue (PostgreSQL 15) → green (PostgreSQL 16)  pause"), "{text}");
-    assert!(!text.contains(&h.admin().password), "no credential in the status");
+    assert!(
+        text.contains("standby:  blue (PostgreSQL 15) in reverse sync"),
+        "{text}"
+    );
+    assert!(
+        text.contains("blue (PostgreSQL 15) → green (PostgreSQL 16)  pause"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&h.admin().password),
+        "no credential in the status"
+    );
 }
 
 /// The pause is bounded: a transaction that does not finish keeps PgBouncer from draining,
@@ -479,16 +505,33 @@ async fn pause_bound_resumes_on_blue_then_retries() {
             assert!(u.message.contains("resumed on blue"), "{u:?}");
             break;
         }
-        assert!(started.elapsed() < 3 * MINUTE, "no aborted pause\n{}", h.log_tail());
+        assert!(
+            started.elapsed() < 3 * MINUTE,
+            "no aborted pause\n{}",
+            h.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(load.failed_so_far(), 0, "clients were not left hanging or failed");
+    assert_eq!(
+        load.failed_so_far(),
+        0,
+        "clients were not left hanging or failed"
+    );
     assert_eq!(h.record().serving.unwrap().color, Color::Blue);
     straggler.simple_query("COMMIT").await.unwrap();
-    let r = h.wait("the retried switch", 3 * MINUTE, |r| r.history.len() == 1 && r.attempt.is_none()).await;
+    let r = h
+        .wait("the retried switch", 3 * MINUTE, |r| {
+            r.history.len() == 1 && r.attempt.is_none()
+        })
+        .await;
     assert_eq!(serving(&r), Some((Color::Green, 16)));
     assert_eq!(h.wait_final_note(&up, MINUTE).await.state, State::Success);
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.errors);
-    assert_eq!(pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app").await.unwrap(), 0);
+    assert_eq!(
+        pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+            .await
+            .unwrap(),
+        0
+    );
 }

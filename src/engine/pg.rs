@@ -79,17 +79,27 @@ pub fn literal(value: &str) -> String {
 
 /// A libpq connection string (for CREATE SUBSCRIPTION), each value quoted.
 pub fn conninfo(addr: &Addr, creds: &Credentials, dbname: &str) -> String {
-    fn q(v: &str) -> String {
-        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
-    }
     format!(
-        "host={} port={} dbname={} user={} password={}",
-        q(&addr.host),
-        addr.port,
-        q(dbname),
-        q(&creds.user),
-        q(&creds.password)
+        "{} password={}",
+        conninfo_without_password(addr, &creds.user, dbname),
+        conninfo_value(&creds.password)
     )
+}
+
+/// A libpq connection string for tools that get the password some other way (the
+/// environment of their own process only).
+pub fn conninfo_without_password(addr: &Addr, user: &str, dbname: &str) -> String {
+    format!(
+        "host={} port={} dbname={} user={} application_name=pgflip connect_timeout=10",
+        conninfo_value(&addr.host),
+        addr.port,
+        conninfo_value(dbname),
+        conninfo_value(user)
+    )
+}
+
+fn conninfo_value(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// The major version of the server a client is connected to.
@@ -124,7 +134,7 @@ mod tests {
         );
         assert_eq!(
             s,
-            "host='127.0.0.1' port=5 dbname='db' user='u' password='p\\'w\\\\'"
+            "host='127.0.0.1' port=5 dbname='db' user='u' application_name=pgflip connect_timeout=10 password='p\\'w\\\\'"
         );
         assert!(!format!("{c:?}").contains("p'w"));
     }

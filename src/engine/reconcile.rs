@@ -410,6 +410,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         }
         let mut refusals = Vec::new();
         let mut warnings = Vec::new();
+        let mut findings = Vec::new();
         for db in &desired.databases {
             let client = connect(source, &self.admin, db).await?;
             let f = preflight::check(
@@ -422,6 +423,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             .await?;
             refusals.extend(f.refusals.iter().map(|r| format!("{db}: {r}")));
             warnings.extend(f.warnings.iter().map(|w| format!("{db}: {w}")));
+            findings.push((client, f));
         }
         if attempt.kind == AttemptKind::SwitchBack {
             let fp = self.fingerprint(source, desired).await?;
@@ -436,19 +438,9 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
             )));
         }
         // Passed: now (and only now) prepare the source.
-        for db in &desired.databases {
-            let client = connect(source, &self.admin, db).await?;
-            let f = preflight::check(
-                &client,
-                db,
-                attempt.to.major,
-                desired.unsupported,
-                &self.toolchain,
-            )
-            .await?;
-            preflight::ensure_replica_identity_full(&client, &f.needs_replica_identity_full)
-                .await?;
-            repl::ensure_own_schema(&client).await?;
+        for (client, f) in &findings {
+            preflight::ensure_replica_identity_full(client, &f.needs_replica_identity_full).await?;
+            repl::ensure_own_schema(client).await?;
         }
         for w in &warnings {
             tracing::warn!("{w}");

@@ -44,7 +44,10 @@ pub async fn dump_schema(
         format!("--exclude-schema={PGFLIP_SCHEMA}"),
         "--encoding=UTF8".into(),
         "--lock-wait-timeout=30s".into(),
-        format!("--dbname={}", conninfo(source, &creds.user, db)),
+        format!(
+            "--dbname={}",
+            crate::engine::pg::conninfo_without_password(source, &creds.user, db)
+        ),
     ];
     run_tool(&dir.join("pg_dump"), &args, creds)
         .await
@@ -63,25 +66,14 @@ pub async fn dump_roles(
     let (tool_major, dir) = toolchain.client_bin(source_major.0)?;
     let args = vec![
         "--roles-only".to_string(),
-        format!("--dbname={}", conninfo(source, &creds.user, "postgres")),
+        format!(
+            "--dbname={}",
+            crate::engine::pg::conninfo_without_password(source, &creds.user, "postgres")
+        ),
     ];
     run_tool(&dir.join("pg_dumpall"), &args, creds)
         .await
         .map_err(|e| anyhow!("pg_dumpall {tool_major} --roles-only on {source}: {e:#}"))
-}
-
-/// A libpq connection string without the password, each value quoted.
-fn conninfo(addr: &Addr, user: &str, db: &str) -> String {
-    fn q(v: &str) -> String {
-        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
-    }
-    format!(
-        "host={} port={} user={} dbname={} application_name=pgflip connect_timeout=10",
-        q(&addr.host),
-        addr.port,
-        q(user),
-        q(db)
-    )
 }
 
 async fn run_tool(
