@@ -53,10 +53,12 @@ impl LocalInstances {
         toolchain: Toolchain,
         admin: Credentials,
     ) -> anyhow::Result<LocalInstances> {
+        let run_as = RunAs::detect()?;
+        run_as.check_reachable(&state.root)?;
         Ok(LocalInstances {
             state,
             toolchain,
-            run_as: RunAs::detect()?,
+            run_as,
             admin,
         })
     }

@@ -54,6 +54,31 @@ impl RunAs {
         cmd
     }
 
+    /// The servers run as the unprivileged user, so every directory above their data must
+    /// be searchable by it (a state directory under `/root` is not).
+    pub fn check_reachable(&self, dir: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        if !self.drop {
+            return Ok(());
+        }
+        for anc in dir.ancestors().skip(1) {
+            let meta =
+                std::fs::metadata(anc).with_context(|| format!("reading {}", anc.display()))?;
+            let searchable = meta.mode() & 0o001 != 0
+                || (meta.uid() == self.uid && meta.mode() & 0o100 != 0)
+                || (meta.gid() == self.gid && meta.mode() & 0o010 != 0);
+            if !searchable {
+                bail!(
+                    "{} is not reachable by the unprivileged user that runs PostgreSQL ({} is not searchable by uid {}): choose a --state-dir elsewhere (e.g. under /var/lib or /tmp)",
+                    dir.display(),
+                    anc.display(),
+                    self.uid
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Gives a file or directory to the unprivileged user.
     pub fn own(&self, path: &Path) -> anyhow::Result<()> {
         if self.drop {
