@@ -1,4 +1,4 @@
-//! The one binary: `local`, `demo`, `status`, `stop`.
+//! The one binary: `local`, `demo`, `status`, `stop`, `crd`.
 
 use clap::{Parser, Subcommand};
 use pgflip::core::plan::Record;
@@ -54,6 +54,8 @@ enum Command {
     },
     /// A real upgrade and rollback on throw-away local instances, under a write load.
     Demo(pgflip::demo::DemoOptions),
+    /// Print the BlueGreenDatabase CustomResourceDefinition (as in manifests/crd.yaml).
+    Crd,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -115,6 +117,10 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Stop { state_dir } => pgflip::local::stop(&StateDir::open(state_dir)?).await,
             Command::Demo(opts) => pgflip::demo::run(opts).await,
+            Command::Crd => {
+                print!("{}", pgflip::k8s::crd::crd_yaml());
+                Ok(())
+            }
         }
     })
 }
@@ -144,8 +150,11 @@ fn render_status(r: &Record) -> String {
     }
     if let Some(rev) = &r.failed_revision {
         out.push_str(&format!(
-            "failed:   revision {} (not retried until a new commit)\n",
-            pgflip::core::plan::short(rev)
+            "failed:   revision {} (not retried until a new commit): {}\n",
+            pgflip::core::plan::short(rev),
+            r.failed_reason
+                .as_deref()
+                .unwrap_or("see the commit's notes")
         ));
     }
     out.push_str("history:\n");

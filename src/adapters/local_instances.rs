@@ -9,6 +9,7 @@ use super::{Instances, Result};
 use crate::core::plan::Member;
 use crate::core::spec::Major;
 use crate::engine::pg::{Addr, Credentials};
+use crate::engine::replication::SERVER_SETTINGS;
 use crate::state::{StateDir, write_atomic};
 use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};
@@ -29,20 +30,9 @@ pub struct LocalInstances {
     admin: Credentials,
 }
 
-/// Server settings every instance starts with: logical replication from the first start,
-/// so blue never needs a restart later.
-const SETTINGS: &[(&str, &str)] = &[
+/// Settings of a local instance beyond [`SERVER_SETTINGS`].
+const LOCAL_SETTINGS: &[(&str, &str)] = &[
     ("listen_addresses", "'127.0.0.1'"),
-    ("wal_level", "logical"),
-    ("max_wal_senders", "20"),
-    ("max_replication_slots", "20"),
-    ("max_logical_replication_workers", "8"),
-    ("max_sync_workers_per_subscription", "4"),
-    ("max_worker_processes", "16"),
-    ("max_connections", "200"),
-    ("shared_buffers", "128MB"),
-    ("wal_sender_timeout", "60s"),
-    ("password_encryption", "'scram-sha-256'"),
     ("logging_collector", "off"),
     ("log_min_messages", "warning"),
 ];
@@ -127,7 +117,7 @@ impl LocalInstances {
             "\n# pgflip\nport = {port}\nunix_socket_directories = '{}'\n",
             dir.display()
         );
-        for (k, v) in SETTINGS {
+        for (k, v) in SERVER_SETTINGS.iter().chain(LOCAL_SETTINGS) {
             conf.push_str(&format!("{k} = {v}\n"));
         }
         let conf_path = data.join("postgresql.conf");

@@ -224,6 +224,9 @@ pub struct Record {
     /// A revision whose attempt failed for good: not retried until a new revision arrives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_revision: Option<String>,
+    /// Why that revision's attempt failed (for `pgflip status` and Kubernetes' `Stalled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_reason: Option<String>,
     #[serde(default)]
     pub history: Vec<SwitchRecord>,
     /// The last revision read from the source, valid or not (each is reported once).

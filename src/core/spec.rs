@@ -4,6 +4,7 @@
 //! rejected here with a reason meant for the commit's failure status, before anything
 //! is touched.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
@@ -53,7 +54,7 @@ impl Major {
 
 /// What to do with objects logical replication cannot carry (unlogged tables, large
 /// objects, tables without a replica identity that receive UPDATE/DELETE).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum UnsupportedPolicy {
     /// Refuse to start, naming the objects. Nothing is touched.
@@ -65,7 +66,7 @@ pub enum UnsupportedPolicy {
 }
 
 /// How thoroughly green is compared with blue before the switch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Verification {
     /// Row count and a SHA-256 content checksum of every table, at one consistent cut.
@@ -98,11 +99,14 @@ pub struct Metadata {
     pub annotations: Option<serde_yaml::Mapping>,
 }
 
-/// `spec` as written in Git. Every field but `version` has a default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// The schema derived here is also the Kubernetes CRD's (`crate::k8s::crd`), so both run
+// modes read one document; doc comments on these types are its user-facing descriptions.
+/// The desired state of the database, as written in Git. Every field but `version` has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Spec {
     /// The PostgreSQL major to run, as a string ("16"): the field a pull request changes.
+    #[schemars(schema_with = "int_or_string")]
     pub version: serde_yaml::Value,
     /// Databases carried over. Created empty when pgflip bootstraps the first instance.
     #[serde(default = "default_databases")]
@@ -116,15 +120,24 @@ pub struct Spec {
     /// How long the previous color is kept in reverse replication so that `git revert`
     /// switches back without losing a write. "0s" decommissions it right after the switch.
     #[serde(default = "default_retain", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub retain_previous: Duration,
     #[serde(default)]
     pub unsupported: UnsupportedPolicy,
+    /// Kubernetes mode: the server image, `{version}` standing for the major
+    /// (default `postgres:{version}`). Local mode runs the installed binaries instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Kubernetes mode: the volume size of each color (default `1Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointSpec {
-    /// The stable client port (PgBouncer, transaction pooling) on 127.0.0.1.
+    /// The stable client port: PgBouncer in transaction pooling (local mode: on 127.0.0.1;
+    /// Kubernetes: the port of the endpoint Service).
     #[serde(default = "default_port")]
     pub port: u16,
 }
@@ -137,7 +150,7 @@ impl Default for EndpointSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SwitchoverSpec {
     /// The lag gate: the switch starts only when green is at most this many bytes of WAL behind.
@@ -146,9 +159,11 @@ pub struct SwitchoverSpec {
     /// Upper bound on the client-visible pause. On expiry clients resume on blue and the
     /// attempt reports failure (it is retried on the next pass).
     #[serde(default = "default_pause_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub pause_timeout: Duration,
     /// How long to wait for the lag gate before giving up on this attempt.
     #[serde(default = "default_catch_up_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub catch_up_timeout: Duration,
 }
 
@@ -160,6 +175,11 @@ impl Default for SwitchoverSpec {
             catch_up_timeout: default_catch_up_timeout(),
         }
     }
+}
+
+/// `version: "16"` and `version: 16` are both accepted (validation says which majors).
+fn int_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "x-kubernetes-int-or-string": true })
 }
 
 fn default_databases() -> Vec<String> {
@@ -192,7 +212,14 @@ pub struct Desired {
     pub verification: Verification,
     pub retain_previous: Duration,
     pub unsupported: UnsupportedPolicy,
+    /// Kubernetes mode: the server image, `{version}` standing for the major.
+    pub image_template: String,
+    /// Kubernetes mode: the volume size of each color, a Kubernetes quantity.
+    pub storage: String,
 }
+
+pub const DEFAULT_IMAGE: &str = "postgres:{version}";
+pub const DEFAULT_STORAGE: &str = "1Gi";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -231,13 +258,17 @@ fn validate(doc: Document) -> Result<Desired, SpecError> {
             doc.kind
         )));
     }
-    if !is_dns_label(&doc.metadata.name) {
+    validate_spec(&doc.metadata.name, doc.spec)
+}
+
+/// Validates a `spec` (from a Git document, or from the Kubernetes object Flux applied).
+pub fn validate_spec(name: &str, s: Spec) -> Result<Desired, SpecError> {
+    if !is_dns_label(name) {
         return Err(SpecError::Invalid(format!(
-            "metadata.name {:?} must be a DNS label (lowercase letters, digits, '-', at most 63)",
-            doc.metadata.name
+            "metadata.name {name:?} must be a DNS label (lowercase letters, digits, '-', at most 63)"
         )));
     }
-    let version_text = match &doc.spec.version {
+    let version_text = match &s.version {
         serde_yaml::Value::String(s) => s.clone(),
         serde_yaml::Value::Number(n) => n.to_string(),
         serde_yaml::Value::Null => {
@@ -250,7 +281,6 @@ fn validate(doc: Document) -> Result<Desired, SpecError> {
         }
     };
     let major = Major::parse(&version_text)?;
-    let s = doc.spec;
     if s.databases.is_empty() {
         return Err(SpecError::Invalid(
             "spec.databases must name at least one database".into(),
@@ -285,8 +315,22 @@ fn validate(doc: Document) -> Result<Desired, SpecError> {
             "spec.switchover.pauseTimeout must be between 1ms and 60s".into(),
         ));
     }
+    let image_template = s.image.as_deref().unwrap_or(DEFAULT_IMAGE);
+    if !image_template.contains("{version}") || image_template.chars().any(char::is_whitespace) {
+        return Err(SpecError::Invalid(format!(
+            "spec.image {image_template:?} must name the image with {{version}} where the major goes, e.g. \"postgres:{{version}}\""
+        )));
+    }
+    let storage = s.storage.unwrap_or_else(|| DEFAULT_STORAGE.to_string());
+    if !is_quantity(&storage) {
+        return Err(SpecError::Invalid(format!(
+            "spec.storage {storage:?} is not a size such as \"10Gi\""
+        )));
+    }
     Ok(Desired {
-        name: doc.metadata.name,
+        name: name.to_string(),
+        storage,
+        image_template: image_template.to_string(),
         major,
         databases: s.databases,
         endpoint_port: s.endpoint.port,
@@ -295,6 +339,23 @@ fn validate(doc: Document) -> Result<Desired, SpecError> {
         retain_previous: s.retain_previous,
         unsupported: s.unsupported,
     })
+}
+
+impl Desired {
+    /// Kubernetes mode: the server image of `major` (during a switch the two colors run
+    /// different majors of the same image).
+    pub fn image(&self, major: Major) -> String {
+        self.image_template.replace("{version}", &major.to_string())
+    }
+}
+
+/// A plain Kubernetes quantity: digits and an optional binary or decimal suffix.
+fn is_quantity(s: &str) -> bool {
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let suffix = &s[digits.len()..];
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && ["", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"].contains(&suffix)
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -335,6 +396,8 @@ mod tests {
         assert_eq!(d.switchover.pause_timeout, Duration::from_secs(2));
         assert_eq!(d.unsupported, UnsupportedPolicy::Refuse);
         assert_eq!(d.verification, Verification::Full);
+        assert_eq!(d.image(d.major), "postgres:16");
+        assert_eq!(d.storage, "1Gi");
     }
 
     #[test]
@@ -342,7 +405,7 @@ mod tests {
         let text = render(
             "orders",
             Major(17),
-            "databases: [shop, billing]\nendpoint:\n  port: 7000\nswitchover:\n  maxLagBytes: 4096\n  pauseTimeout: 500ms\n  catchUpTimeout: 2m\nverification: count\nretainPrevious: 30m\nunsupported: warn",
+            "databases: [shop, billing]\nendpoint:\n  port: 7000\nswitchover:\n  maxLagBytes: 4096\n  pauseTimeout: 500ms\n  catchUpTimeout: 2m\nverification: count\nretainPrevious: 30m\nunsupported: warn\nimage: registry.example/pg:{version}-alpine",
         );
         let d = parse(&text).unwrap();
         assert_eq!(d.major, Major(17));
@@ -353,6 +416,7 @@ mod tests {
         assert_eq!(d.verification, Verification::Count);
         assert_eq!(d.retain_previous, Duration::from_secs(1800));
         assert_eq!(d.unsupported, UnsupportedPolicy::Warn);
+        assert_eq!(d.image(Major(15)), "registry.example/pg:15-alpine");
     }
 
     #[test]
@@ -403,6 +467,9 @@ mod tests {
             (&format!("{GOOD}  databases: [a, a]\n"), "twice"),
             (&format!("{GOOD}  retainPrevious: soon\n"), "retainPrevious"),
             (&format!("{GOOD}  unsupported: ignore\n"), "unknown variant"),
+            (&format!("{GOOD}  image: postgres:16\n"), "{version}"),
+            (&format!("{GOOD}  storage: lots\n"), "spec.storage"),
+            (&format!("{GOOD}  storage: 10GB\n"), "spec.storage"),
         ];
         for (text, needle) in cases {
             let err = parse(text).expect_err(text).to_string();

@@ -260,6 +260,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         }
         record.attempt = None;
         record.failed_revision = Some(attempt.revision.clone());
+        record.failed_reason = Some(reason.clone());
         self.journal.save(record)?;
         self.report(
             &attempt.revision,
@@ -335,6 +336,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 });
                 record.attempt = None;
                 record.failed_revision = None;
+                record.failed_reason = None;
                 self.journal.save(record).map_err(StepError::Retry)?;
                 let mut u = Update::new(
                     State::Success,

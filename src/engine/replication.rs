@@ -10,6 +10,21 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 use tokio_postgres::Client;
 
+/// Server settings every instance starts with, in both run modes: logical replication
+/// from the first start, so the serving color never needs a restart for a switch.
+pub const SERVER_SETTINGS: &[(&str, &str)] = &[
+    ("wal_level", "logical"),
+    ("max_wal_senders", "20"),
+    ("max_replication_slots", "20"),
+    ("max_logical_replication_workers", "8"),
+    ("max_sync_workers_per_subscription", "4"),
+    ("max_worker_processes", "16"),
+    ("max_connections", "200"),
+    ("shared_buffers", "128MB"),
+    ("wal_sender_timeout", "60s"),
+    ("password_encryption", "'scram-sha-256'"),
+];
+
 /// The name of the link `from → to` for database `db`: a valid slot name (lowercase,
 /// digits, underscore, < 64 bytes) whatever the database is called.
 pub fn link_name(from: Color, to: Color, db: &str) -> String {

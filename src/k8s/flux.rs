@@ -1,0 +1,207 @@
+//! Flux as the source of the revision: which Git commit the object's current spec came
+//! from. A `BlueGreenDatabase` applied by Flux carries the labels
+//! `kustomize.toolkit.fluxcd.io/name` and `/namespace` naming its Kustomization, whose
+//! status says which source revision it applied. Pure: the caller reads the objects.
+//!
+//! The subtle part is `wait: true`. kustomize-controller sets `lastAppliedRevision` only
+//! after the health checks pass, and with `wait: true` the health checks include this
+//! very object, which turns Ready only once pgflip has switched. Waiting for
+//! `lastAppliedRevision` would deadlock. But Flux applies the objects *before* it checks
+//! their health, and while it checks it reports `Healthy=Unknown` (reason `Progressing`,
+//! "Running health checks for revision <rev> …") with `lastAttemptedRevision = <rev>`; a
+//! failed check leaves `Ready=False` with reason `HealthCheckFailed`. In both states the
+//! attempted revision has been applied, so it is the one the spec came from.
+
+use serde::Deserialize;
+
+pub const NAME_LABEL: &str = "kustomize.toolkit.fluxcd.io/name";
+pub const NAMESPACE_LABEL: &str = "kustomize.toolkit.fluxcd.io/namespace";
+
+/// A source revision as Flux writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision {
+    /// The branch or tag, as given (`main`, `refs/heads/main`, `v1.2.0`), if any.
+    pub reference: Option<String>,
+    /// `sha1` for a Git commit (`sha256` for Git's SHA-256 object format or OCI digests).
+    pub algorithm: String,
+    pub digest: String,
+}
+
+impl Revision {
+    /// Parses `main@sha1:<sha>`, `refs/heads/main@sha1:<sha>`, `sha1:<sha>` and the legacy
+    /// `main/<sha>` (Flux before v2.0).
+    pub fn parse(text: &str) -> Result<Revision, String> {
+        let bad = || format!("{text:?} is not a Flux source revision");
+        let (reference, digest_part) = match text.rsplit_once('@') {
+            Some((r, d)) => (Some(r), d),
+            None if text.contains(':') => (None, text),
+            None => {
+                // Legacy `<branch>/<sha>`.
+                let (r, sha) = text.rsplit_once('/').ok_or_else(bad)?;
+                return Revision::checked(Some(r), "sha1", sha).ok_or_else(bad);
+            }
+        };
+        let (algorithm, digest) = digest_part.split_once(':').ok_or_else(bad)?;
+        Revision::checked(reference, algorithm, digest).ok_or_else(bad)
+    }
+
+    fn checked(reference: Option<&str>, algorithm: &str, digest: &str) -> Option<Revision> {
+        let length = match algorithm {
+            "sha1" => 40,
+            "sha256" => 64,
+            _ => return None,
+        };
+        let hex = digest.len() == length && digest.bytes().all(|b| b.is_ascii_hexdigit());
+        let reference = reference.filter(|r| !r.is_empty());
+        hex.then(|| Revision {
+            reference: reference.map(str::to_string),
+            algorithm: algorithm.to_string(),
+            digest: digest.to_ascii_lowercase(),
+        })
+    }
+
+    /// The Git commit, when this is one: what commit statuses and notes are attached to.
+    pub fn commit(&self) -> Option<&str> {
+        (self.algorithm == "sha1").then_some(self.digest.as_str())
+    }
+}
+
+/// The part of a Flux `Kustomization` (kustomize.toolkit.fluxcd.io/v1) pgflip reads.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KustomizationStatus {
+    #[serde(default)]
+    pub last_applied_revision: Option<String>,
+    #[serde(default)]
+    pub last_attempted_revision: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<FluxCondition>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct FluxCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+impl KustomizationStatus {
+    fn condition(&self, type_: &str) -> Option<&FluxCondition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    /// The revision whose objects Flux has applied to the cluster, if any (see the module
+    /// comment for why this is not simply `lastAppliedRevision`).
+    pub fn applied_revision(&self) -> Option<&str> {
+        if let Some(attempted) = self.last_attempted_revision.as_deref() {
+            let checking = self.condition("Healthy").is_some_and(|c| {
+                c.status == "Unknown"
+                    && c.reason == "Progressing"
+                    && c.message.contains(&format!("revision {attempted} "))
+            });
+            let check_failed = self
+                .condition("Ready")
+                .is_some_and(|c| c.status == "False" && c.reason == "HealthCheckFailed");
+            if checking || check_failed {
+                return Some(attempted);
+            }
+        }
+        self.last_applied_revision.as_deref()
+    }
+
+    /// Whether Flux considers the Kustomization done and healthy.
+    pub fn is_ready(&self) -> bool {
+        self.condition("Ready").is_some_and(|c| c.status == "True")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn revisions_in_every_format_flux_writes() {
+        let cases = [
+            (format!("main@sha1:{SHA}"), Some("main")),
+            (
+                format!("refs/heads/main@sha1:{SHA}"),
+                Some("refs/heads/main"),
+            ),
+            (format!("main/{SHA}"), Some("main")),
+            (format!("sha1:{SHA}"), None),
+            (
+                format!("v1.2.0@sha1:{}", SHA.to_uppercase()),
+                Some("v1.2.0"),
+            ),
+        ];
+        for (text, reference) in cases {
+            let r = Revision::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.reference.as_deref(), reference, "{text}");
+            assert_eq!(r.commit(), Some(SHA), "{text}");
+        }
+        let oci = Revision::parse(&format!("latest@sha256:{}", "a".repeat(64))).unwrap();
+        assert_eq!(oci.commit(), None);
+        for bad in [
+            "",
+            "main",
+            "main@sha1:xyz",
+            "main@md5:0123",
+            &format!("main/{}", &SHA[..39]),
+            &format!("main@sha1:{SHA}0"),
+        ] {
+            assert!(Revision::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    fn status(yaml: &str) -> KustomizationStatus {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn the_applied_revision_through_a_kustomization_lifecycle() {
+        let done = status(
+            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:aaa\nconditions:\n- {type: Ready, status: 'True', reason: ReconciliationSucceeded, message: 'Applied revision: main@sha1:aaa'}\n",
+        );
+        assert_eq!(done.applied_revision(), Some("main@sha1:aaa"));
+        assert!(done.is_ready());
+
+        // Building the new revision: nothing of it is applied yet.
+        let building = status(
+            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {type: Ready, status: Unknown, reason: Progressing, message: Reconciliation in progress}\n- {type: Reconciling, status: 'True', reason: Progressing, message: 'Building manifests for revision main@sha1:bbb with a timeout of 5m0s'}\n- {type: Healthy, status: 'True', reason: Succeeded, message: Health check passed}\n",
+        );
+        assert_eq!(building.applied_revision(), Some("main@sha1:aaa"));
+        assert!(!building.is_ready());
+
+        // Applied, waiting for health (our object among them): act on it.
+        let checking = status(
+            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {type: Ready, status: Unknown, reason: Progressing, message: Reconciliation in progress}\n- {type: Healthy, status: Unknown, reason: Progressing, message: 'Running health checks for revision main@sha1:bbb with a timeout of 5m0s'}\n",
+        );
+        assert_eq!(checking.applied_revision(), Some("main@sha1:bbb"));
+
+        // A stale health-check message from an earlier revision does not count.
+        let stale = status(
+            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:ccc\nconditions:\n- {type: Healthy, status: Unknown, reason: Progressing, message: 'Running health checks for revision main@sha1:bbb with a timeout of 5m0s'}\n",
+        );
+        assert_eq!(stale.applied_revision(), Some("main@sha1:aaa"));
+
+        // The health check timed out (the switch took longer): still applied.
+        let failed = status(
+            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {type: Ready, status: 'False', reason: HealthCheckFailed, message: timeout waiting for BlueGreenDatabase/shop/orders}\n",
+        );
+        assert_eq!(failed.applied_revision(), Some("main@sha1:bbb"));
+
+        // The build failed: the objects are from the last applied revision.
+        let build_failed = status(
+            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {type: Ready, status: 'False', reason: BuildFailed, message: kustomize build failed}\n",
+        );
+        assert_eq!(build_failed.applied_revision(), Some("main@sha1:aaa"));
+
+        assert_eq!(KustomizationStatus::default().applied_revision(), None);
+    }
+}

@@ -1,0 +1,10 @@
+//! Kubernetes mode, its pure parts: the `BlueGreenDatabase` custom resource ([`crd`]),
+//! Flux as the source of the revision ([`flux`]), the object's status ([`status`]) and
+//! the objects pgflip owns ([`objects`]). They take values and return values; the
+//! controller that reads and writes them through the API server is an adapter around
+//! the same engine local mode runs.
+
+pub mod crd;
+pub mod flux;
+pub mod objects;
+pub mod status;

@@ -1,0 +1,347 @@
+//! The objects pgflip creates for a `BlueGreenDatabase`, built from the validated spec.
+//! Pure: each builder returns the full desired object, applied with server-side apply.
+//!
+//! Per color: a StatefulSet of one PostgreSQL pod with its volume claim, and a headless
+//! Service giving it a stable name. Per database: a Secret with pgflip's admin password,
+//! created once if absent and never overwritten.
+//!
+//! Ownership: Services carry an owner reference to the `BlueGreenDatabase` (they hold no
+//! state and are garbage-collected with it). StatefulSets, their volumes and the Secret
+//! do not: deleting or pruning the object must never delete the data or the credentials
+//! that reach it. They are found by their labels instead.
+
+use super::crd::BlueGreenDatabase;
+use crate::core::plan::{Color, Member};
+use crate::core::spec::Desired;
+use crate::engine::replication::SERVER_SETTINGS;
+use crate::state::ADMIN_USER;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector, Service,
+    ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use kube::Resource;
+use std::collections::BTreeMap;
+
+pub const PORT: i32 = 5432;
+/// The Secret key holding the admin password.
+pub const PASSWORD_KEY: &str = "password";
+const DATA_MOUNT: &str = "/var/lib/postgresql";
+/// Below the mount point (a fresh volume's root may hold `lost+found`); outside
+/// `/var/lib/postgresql/data`, which PostgreSQL 18's image refuses as a mount.
+const PGDATA: &str = "/var/lib/postgresql/pgdata";
+
+/// The name of one color's StatefulSet and headless Service: `<database>-<color>`.
+pub fn instance_name(db: &str, color: Color) -> String {
+    format!("{db}-{color}")
+}
+
+pub fn admin_secret_name(db: &str) -> String {
+    format!("{db}-pgflip-admin")
+}
+
+/// Labels selecting one color's pod (and, without the color, everything of a database).
+pub fn labels(db: &str, color: Option<Color>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "postgresql".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), db.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "pgflip".to_string(),
+        ),
+    ]);
+    if let Some(c) = color {
+        l.insert("pgflip.dev/color".to_string(), c.to_string());
+    }
+    l
+}
+
+fn meta(owner: &BlueGreenDatabase, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: owner.metadata.namespace.clone(),
+        labels: Some(labels),
+        ..Default::default()
+    }
+}
+
+fn owner_reference(owner: &BlueGreenDatabase) -> Option<Vec<OwnerReference>> {
+    owner.controller_owner_ref(&()).map(|r| vec![r])
+}
+
+/// The StatefulSet running one color at `member.major`. The server starts with
+/// `wal_level = logical` and the other replication settings, so it can publish without
+/// a restart; the pod is ready when it accepts connections.
+pub fn statefulset(owner: &BlueGreenDatabase, desired: &Desired, member: &Member) -> StatefulSet {
+    let name = instance_name(&desired.name, member.color);
+    let selector = labels(&desired.name, Some(member.color));
+    let mut pod_labels = selector.clone();
+    pod_labels.insert("pgflip.dev/version".into(), member.major.to_string());
+    let args: Vec<String> = SERVER_SETTINGS
+        .iter()
+        .flat_map(|(k, v)| ["-c".to_string(), format!("{k}={}", v.trim_matches('\''))])
+        .collect();
+    let env = vec![
+        EnvVar {
+            name: "POSTGRES_USER".into(),
+            value: Some(ADMIN_USER.into()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "POSTGRES_PASSWORD".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: admin_secret_name(&desired.name),
+                    key: PASSWORD_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "PGDATA".into(),
+            value: Some(PGDATA.into()),
+            ..Default::default()
+        },
+    ];
+    let container = Container {
+        name: "postgres".into(),
+        image: Some(desired.image(member.major)),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("postgres".into()),
+            container_port: PORT,
+            ..Default::default()
+        }]),
+        readiness_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(
+                    [
+                        "pg_isready",
+                        "-h",
+                        "127.0.0.1",
+                        "-U",
+                        ADMIN_USER,
+                        "-d",
+                        "postgres",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ),
+            }),
+            period_seconds: Some(2),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_MOUNT.into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    StatefulSet {
+        metadata: meta(owner, name.clone(), pod_labels.clone()),
+        spec: Some(StatefulSetSpec {
+            service_name: Some(name),
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    // PostgreSQL shuts down cleanly (fast mode) well within this.
+                    termination_grace_period_seconds: Some(60),
+                    ..Default::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("data".into()),
+                    ..Default::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([(
+                            "storage".to_string(),
+                            Quantity(desired.storage.clone()),
+                        )])),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The headless Service that names one color's pod: `<db>-<color>-0.<db>-<color>`.
+pub fn headless_service(owner: &BlueGreenDatabase, desired: &Desired, color: Color) -> Service {
+    let name = instance_name(&desired.name, color);
+    let mut metadata = meta(owner, name, labels(&desired.name, Some(color)));
+    metadata.owner_references = owner_reference(owner);
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(labels(&desired.name, Some(color))),
+            ports: Some(vec![ServicePort {
+                name: Some("postgres".into()),
+                port: PORT,
+                ..Default::default()
+            }]),
+            // Replication connects before the pod is ready during a restart.
+            publish_not_ready_addresses: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The admin Secret, with a password generated by the caller. Created only if absent.
+pub fn admin_secret(owner: &BlueGreenDatabase, desired: &Desired, password: &str) -> Secret {
+    Secret {
+        metadata: meta(
+            owner,
+            admin_secret_name(&desired.name),
+            labels(&desired.name, None),
+        ),
+        string_data: Some(BTreeMap::from([
+            ("username".to_string(), ADMIN_USER.to_string()),
+            (PASSWORD_KEY.to_string(), password.to_string()),
+        ])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::spec::Major;
+
+    const FIXTURE: &str = r#"
+apiVersion: pgflip.dev/v1alpha1
+kind: BlueGreenDatabase
+metadata:
+  name: orders
+  namespace: shop
+  uid: 7d6c0a6e-3f0e-4c55-9a57-0c8a3f1f2b11
+spec:
+  version: "16"
+  image: "registry.example/postgres:{version}-alpine"
+  storage: 20Gi
+"#;
+
+    fn fixture() -> (BlueGreenDatabase, Desired) {
+        let obj: BlueGreenDatabase = serde_yaml::from_str(FIXTURE).unwrap();
+        let d = obj.desired().unwrap();
+        (obj, d)
+    }
+
+    #[test]
+    fn statefulset_runs_the_member_major_with_logical_replication() {
+        let (obj, d) = fixture();
+        // Blue still runs 15 while the spec asks for 16.
+        let member = Member {
+            color: Color::Blue,
+            major: Major(15),
+        };
+        let sts = statefulset(&obj, &d, &member);
+        assert_eq!(sts.metadata.name.as_deref(), Some("orders-blue"));
+        assert_eq!(sts.metadata.namespace.as_deref(), Some("shop"));
+        assert!(
+            sts.metadata.owner_references.is_none(),
+            "data outlives the object"
+        );
+        let spec = sts.spec.unwrap();
+        assert_eq!(spec.service_name.as_deref(), Some("orders-blue"));
+        assert_eq!(spec.replicas, Some(1));
+        let selector = spec.selector.match_labels.unwrap();
+        assert_eq!(selector["pgflip.dev/color"], "blue");
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.image.as_deref(),
+            Some("registry.example/postgres:15-alpine")
+        );
+        let args = c.args.as_ref().unwrap().join(" ");
+        assert!(args.contains("-c wal_level=logical"), "{args}");
+        assert!(
+            args.contains("-c password_encryption=scram-sha-256"),
+            "{args}"
+        );
+        let env = c.env.as_ref().unwrap();
+        let password = env.iter().find(|e| e.name == "POSTGRES_PASSWORD").unwrap();
+        assert!(
+            password.value.is_none(),
+            "the password comes from the Secret only"
+        );
+        assert_eq!(
+            password
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "orders-pgflip-admin"
+        );
+        let claim = &spec.volume_claim_templates.unwrap()[0];
+        let size = &claim
+            .spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"];
+        assert_eq!(size.0, "20Gi");
+        let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
+        assert_eq!(pod_labels["pgflip.dev/version"], "15");
+        for (k, v) in &selector {
+            assert_eq!(pod_labels.get(k), Some(v), "the selector matches the pod");
+        }
+    }
+
+    #[test]
+    fn service_is_headless_and_owned_secret_is_not() {
+        let (obj, d) = fixture();
+        let svc = headless_service(&obj, &d, Color::Green);
+        assert_eq!(svc.metadata.name.as_deref(), Some("orders-green"));
+        let owner = &svc.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("BlueGreenDatabase", "orders")
+        );
+        assert_eq!(owner.controller, Some(true));
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.selector.unwrap()["pgflip.dev/color"], "green");
+
+        let secret = admin_secret(&obj, &d, "s3cret");
+        assert_eq!(secret.metadata.name.as_deref(), Some("orders-pgflip-admin"));
+        assert!(secret.metadata.owner_references.is_none());
+        assert_eq!(secret.string_data.unwrap()[PASSWORD_KEY], "s3cret");
+    }
+}
