@@ -108,6 +108,7 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
             file: None,
             state_dir: state.root.clone(),
             poll: Duration::from_millis(300),
+            forge: None,
         },
         stop_rx,
     ));

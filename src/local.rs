@@ -1,7 +1,8 @@
 //! Local mode: watch a Git branch and reconcile this machine to its `BlueGreenDatabase`.
 //! Instances are local PostgreSQL processes, the endpoint a local PgBouncer, progress
-//! goes to git notes on the commit.
+//! goes to git notes on the commit (and to the forge's commit status when configured).
 
+use crate::adapters::forge_status::{ForgeStatus, Sinks};
 use crate::adapters::git_notes::GitNotes;
 use crate::adapters::git_source::GitSource;
 use crate::adapters::local_instances::LocalInstances;
@@ -25,9 +26,12 @@ pub struct LocalOptions {
     pub file: Option<String>,
     pub state_dir: PathBuf,
     pub poll: Duration,
+    /// Also post commit statuses here (context `pgflip/<metadata.name>`).
+    pub forge: Option<ForgeStatus>,
 }
 
-pub type LocalEngine = Engine<LocalInstances, PgBouncer, GitNotes, StateDir>;
+pub type LocalSinks = Sinks<GitNotes, ForgeStatus>;
+pub type LocalEngine = Engine<LocalInstances, PgBouncer, LocalSinks, StateDir>;
 
 /// Runs until `stop` turns true. Every pass: observe the branch, take a new revision's
 /// document if it is valid (a bad one gets a failure note and changes nothing), and run
@@ -41,6 +45,14 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
         &state.dir("repo"),
     )?;
     let notes = GitNotes::new(source.repo_dir(), source.remote_url().map(Into::into));
+    // The status context names the database; it cannot change on a running database.
+    let sinks_for = |name: &str| Sinks {
+        first: notes.clone(),
+        second: opts
+            .forge
+            .as_ref()
+            .map(|f| f.with_context(format!("pgflip/{name}"))),
+    };
     let mut record = state.load()?;
     let mut engine: Option<LocalEngine> = None;
     let mut adopted = false;
@@ -50,14 +62,18 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
         }
         let busy = match source.observe().await {
             Ok(observed) => {
-                take_revision(&observed, &mut record, &state, &notes).await?;
+                take_revision(&observed, &mut record, &state, &sinks_for).await?;
                 match record.desired.clone() {
                     Some(d) => {
                         let desired =
                             spec::parse(&d.document).expect("a stored document was valid");
                         let engine = match &engine {
                             Some(e) => e,
-                            None => engine.insert(build_engine(&state, &desired, notes.clone())?),
+                            None => engine.insert(build_engine(
+                                &state,
+                                &desired,
+                                sinks_for(&desired.name),
+                            )?),
                         };
                         if !adopted {
                             // Instances and the endpoint outlive pgflip: start or adopt them.
@@ -100,7 +116,7 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
 fn build_engine(
     state: &StateDir,
     desired: &Desired,
-    notes: GitNotes,
+    sinks: LocalSinks,
 ) -> anyhow::Result<LocalEngine> {
     let toolchain = Toolchain::discover();
     let admin = state.admin_credentials()?;
@@ -114,7 +130,7 @@ fn build_engine(
     Ok(Engine::new(
         instances,
         router,
-        notes,
+        sinks,
         state.clone(),
         toolchain,
         admin,
@@ -127,8 +143,23 @@ async fn take_revision(
     observed: &Observed,
     record: &mut Record,
     state: &StateDir,
-    notes: &GitNotes,
+    sinks_for: &impl Fn(&str) -> LocalSinks,
 ) -> anyhow::Result<()> {
+    // Which database a report is about: the document's own name if it has a readable
+    // one, else the running database's.
+    let name = observed
+        .document
+        .as_deref()
+        .ok()
+        .and_then(spec::peek_name)
+        .or_else(|| {
+            record
+                .desired
+                .as_ref()
+                .and_then(|d| spec::peek_name(&d.document))
+        })
+        .unwrap_or_else(|| "database".to_string());
+    let sinks = sinks_for(&name);
     if record.observed_revision.as_deref() == Some(observed.revision.as_str()) {
         return Ok(());
     }
@@ -146,7 +177,7 @@ async fn take_revision(
                     || prev.endpoint_port != desired.endpoint_port
                 {
                     let reason = "metadata.name, spec.databases and spec.endpoint cannot change on a running database";
-                    report_bad(notes, &observed.revision, reason).await;
+                    report_bad(&sinks, &observed.revision, reason).await;
                     record.observed_revision = Some(observed.revision.clone());
                     return state.save(record);
                 }
@@ -159,18 +190,18 @@ async fn take_revision(
         }
         Err(reason) => {
             tracing::warn!(revision = crate::core::plan::short(&observed.revision), %reason, "bad document; nothing changes");
-            report_bad(notes, &observed.revision, &reason).await;
+            report_bad(&sinks, &observed.revision, &reason).await;
         }
     }
     record.observed_revision = Some(observed.revision.clone());
     state.save(record)
 }
 
-async fn report_bad(notes: &GitNotes, revision: &str, reason: &str) {
+async fn report_bad(sinks: &LocalSinks, revision: &str, reason: &str) {
     use crate::adapters::StatusSink;
     let u =
         crate::core::report::Update::failure("document", format!("{reason}; nothing was changed"));
-    if let Err(e) = notes.publish(revision, &u).await {
+    if let Err(e) = sinks.publish(revision, &u).await {
         tracing::warn!(error = %format!("{e:#}"), "could not publish the status");
     }
 }

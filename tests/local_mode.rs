@@ -433,10 +433,23 @@ async fn killed_at_every_boundary_resumes_and_loses_nothing() {
 }
 
 /// A repository given by URL: pgflip keeps its own clone, fetches new commits and pushes
-/// its notes back to the remote. `pgflip status` reports the result.
+/// its notes back to the remote, and posts commit statuses to the forge (a stand-in
+/// GitHub API on loopback). `pgflip status` reports the result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn url_repository_gets_notes_pushed_and_status_reports() {
+    let forge = common::forge::FakeForge::start().await;
     let mut h = Harness::with_remote("databases: [app]\nretainPrevious: 1h");
+    h.extra_args = [
+        "--forge",
+        "github",
+        "--forge-api",
+        &forge.url,
+        "--forge-repository",
+        "shop/db",
+    ]
+    .map(String::from)
+    .to_vec();
+    h.extra_env = vec![("PGFLIP_FORGE_TOKEN".into(), "forge-t0ken".into())];
     let first = h.commit_version(15);
     h.start(None);
     h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
@@ -481,6 +494,43 @@ async fn url_repository_gets_notes_pushed_and_status_reports() {
         !text.contains(&h.admin().password),
         "no credential in the status"
     );
+
+    // The forge saw the same story, on the same commits, under one context.
+    let statuses: Vec<(String, String, String)> = forge
+        .requests()
+        .iter()
+        .map(|r| {
+            assert_eq!(r.headers["authorization"], "Bearer forge-t0ken");
+            assert_eq!(r.body["context"], "pgflip/testdb");
+            let sha = r.path.rsplit('/').next().unwrap().to_string();
+            let state = r.body["state"].as_str().unwrap().to_string();
+            (
+                sha,
+                state,
+                r.body["description"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let on = |sha: &str| -> Vec<&str> {
+        statuses
+            .iter()
+            .filter(|s| s.0 == sha)
+            .map(|s| s.1.as_str())
+            .collect()
+    };
+    assert_eq!(on(&first), ["success"], "bootstrap: {statuses:?}");
+    assert_eq!(on(&bad), ["failure"], "{statuses:?}");
+    let upgrade = on(&up);
+    assert_eq!(upgrade.first(), Some(&"pending"), "{statuses:?}");
+    assert_eq!(upgrade.last(), Some(&"success"), "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.0 == up && s.2.contains("[initial-sync]")),
+        "phases are described: {statuses:?}"
+    );
+    let log = h.log_tail();
+    assert!(!log.contains("forge-t0ken"), "the token is not logged");
 }
 
 /// The pause is bounded: a transaction that does not finish keeps PgBouncer from draining,

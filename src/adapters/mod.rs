@@ -3,8 +3,9 @@
 //! - [`Instances`]: where PostgreSQL servers live (local processes | StatefulSets).
 //! - [`Router`]: the one stable client endpoint (PgBouncer, via its admin console).
 //! - [`Source`]: where the desired state comes from (a Git branch | a Flux-applied CR).
-//! - [`StatusSink`]: where progress goes (git notes | forge statuses | Kubernetes status).
+//! - [`StatusSink`]: where progress goes (git notes | forge commit statuses | Kubernetes status).
 
+pub mod forge_status;
 pub mod git_notes;
 pub mod git_remote;
 pub mod git_source;

@@ -261,6 +261,13 @@ fn validate(doc: Document) -> Result<Desired, SpecError> {
     validate_spec(&doc.metadata.name, doc.spec)
 }
 
+/// `metadata.name` of a document that may be invalid otherwise (to say which database a
+/// failure is about), if it can be read at all.
+pub fn peek_name(text: &str) -> Option<String> {
+    let value: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
+    Some(value.get("metadata")?.get("name")?.as_str()?.to_string())
+}
+
 /// Validates a `spec` (from a Git document, or from the Kubernetes object Flux applied).
 pub fn validate_spec(name: &str, s: Spec) -> Result<Desired, SpecError> {
     if !is_dns_label(name) {
@@ -478,6 +485,15 @@ mod tests {
                 "{text:?}: error {err:?} should mention {needle:?}"
             );
         }
+    }
+
+    #[test]
+    fn names_are_peeked_from_invalid_documents() {
+        assert_eq!(
+            peek_name(&GOOD.replace("\"16\"", "\"9\"")).as_deref(),
+            Some("orders")
+        );
+        assert_eq!(peek_name("spec: [unclosed"), None);
     }
 
     #[test]

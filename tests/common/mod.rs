@@ -3,6 +3,8 @@
 //! server it started, whatever the outcome.
 #![allow(dead_code)]
 
+pub mod forge;
+
 use pgflip::adapters::git_notes::GitNotes;
 use pgflip::adapters::git_source::testing as git;
 use pgflip::core::plan::Record;
@@ -22,6 +24,10 @@ pub struct Harness {
     pub extra_spec: String,
     /// A bare repository pgflip reads by `file://` URL (commits are pushed to it).
     pub remote: Option<PathBuf>,
+    /// More arguments for `pgflip local` (forge flags, say).
+    pub extra_args: Vec<String>,
+    /// More environment for `pgflip local`.
+    pub extra_env: Vec<(String, String)>,
     child: Option<Child>,
     runs: u32,
 }
@@ -45,6 +51,8 @@ impl Harness {
             port,
             extra_spec,
             remote: None,
+            extra_args: Vec::new(),
+            extra_env: Vec::new(),
             child: None,
             runs: 0,
         }
@@ -105,6 +113,8 @@ impl Harness {
             .arg("--state-dir")
             .arg(&self.state.root)
             .args(["--file", "db/database.yaml", "--poll", "200ms"])
+            .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,pgflip=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
