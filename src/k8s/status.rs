@@ -119,24 +119,17 @@ fn ready(message: String) -> Vec<State> {
     }]
 }
 
+/// Under way: not Ready, and Reconciling says why.
 fn progressing(reason: &'static str, message: String) -> Vec<State> {
-    vec![
-        State {
-            type_: READY,
-            status: false,
-            reason,
-            message: message.clone(),
-        },
-        State {
-            type_: RECONCILING,
-            status: true,
-            reason,
-            message,
-        },
-    ]
+    not_ready(RECONCILING, reason, message)
 }
 
+/// Stuck until something changes (the spec, a new commit): not Ready, and Stalled says why.
 fn stalled(reason: &'static str, message: String) -> Vec<State> {
+    not_ready(STALLED, reason, message)
+}
+
+fn not_ready(condition: &'static str, reason: &'static str, message: String) -> Vec<State> {
     vec![
         State {
             type_: READY,
@@ -145,7 +138,7 @@ fn stalled(reason: &'static str, message: String) -> Vec<State> {
             message: message.clone(),
         },
         State {
-            type_: STALLED,
+            type_: condition,
             status: true,
             reason,
             message,
