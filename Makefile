@@ -22,6 +22,12 @@ demo: build
 test: setup
 	$(CARGO) test -- --test-threads=2
 
+# The benchmark: pgflip against dump/restore and pg_upgrade --link, 100 MB and 1 GB at
+# 1000 tx/s (BENCH_ARGS="--sizes 100MB,1GB,5GB" for more). Results in bench/results/.
+BENCH_ARGS ?=
+bench: build
+	./target/release/pgflip bench $(BENCH_ARGS)
+
 test-unit:
 	$(CARGO) test --lib
 

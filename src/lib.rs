@@ -4,10 +4,12 @@
 //! - [`engine`]: the PostgreSQL work; [`engine::switchover`] is the switchover sequence.
 //! - [`adapters`]: instances, the PgBouncer endpoint, Git source and notes.
 //! - [`k8s`]: Kubernetes mode's pure parts (the CRD, Flux revisions, status, objects).
+//! - [`bench`]: pgflip against dump/restore and pg_upgrade, under load, per size.
 //! - [`local`]: local mode's run loop; [`demo`]: the end-to-end demo; [`load`]: the
 //!   client write load with its ledger of committed transactions.
 
 pub mod adapters;
+pub mod bench;
 pub mod core;
 pub mod demo;
 pub mod engine;

@@ -1,4 +1,4 @@
-//! The one binary: `local`, `demo`, `status`, `stop`, `crd`.
+//! The one binary: `local`, `demo`, `bench`, `status`, `stop`, `crd`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -58,6 +58,8 @@ enum Command {
     },
     /// A real upgrade and rollback on throw-away local instances, under a write load.
     Demo(pgflip::demo::DemoOptions),
+    /// Measure a switch under load against dump/restore and pg_upgrade, per database size.
+    Bench(pgflip::bench::BenchOptions),
     /// Print the BlueGreenDatabase CustomResourceDefinition (as in manifests/crd.yaml).
     Crd,
 }
@@ -111,9 +113,9 @@ impl ForgeArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // The demo prints its own progress; its logs would drown it unless asked for.
+    // The demo and the benchmark print their own progress; logs would drown it.
     let default_level = match cli.command {
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Bench(_) => "warn",
         _ => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -171,6 +173,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Stop { state_dir } => pgflip::local::stop(&StateDir::open(state_dir)?).await,
             Command::Demo(opts) => pgflip::demo::run(opts).await,
+            Command::Bench(opts) => pgflip::bench::run(opts).await,
             Command::Crd => {
                 print!("{}", pgflip::k8s::crd::crd_yaml());
                 Ok(())

@@ -61,6 +61,21 @@ impl Toolchain {
         )
     }
 
+    /// A full install of this major with `pg_upgrade` beside its server (the in-place
+    /// baseline of the benchmark).
+    pub fn upgrade_bin(&self, major: u32) -> anyhow::Result<PathBuf> {
+        self.candidates(major)
+            .into_iter()
+            .find(|dir| {
+                ["pg_upgrade", "postgres", "pg_ctl"]
+                    .iter()
+                    .all(|b| dir.join(b).is_file())
+            })
+            .with_context(|| {
+                format!("pg_upgrade of PostgreSQL {major} is not installed: {SETUP_HINT}")
+            })
+    }
+
     /// Extension control files shipped with this major's server.
     pub fn extension_dir(&self, major: u32) -> Option<PathBuf> {
         let bin = self.server_bin(major).ok()?;

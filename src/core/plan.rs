@@ -210,6 +210,12 @@ pub struct SwitchRecord {
     pub total_ms: u64,
     pub pause_ms: f64,
     pub verified_tables: u64,
+    /// Where the pause went (drain, fence, catch-up, sequences, reverse setup, repoint).
+    #[serde(default)]
+    pub pause_breakdown: SwitchMeasurement,
+    /// Milliseconds spent per phase.
+    #[serde(default)]
+    pub timings_ms: std::collections::BTreeMap<String, u64>,
 }
 
 /// Everything pgflip remembers, persisted atomically before every step.

@@ -333,6 +333,8 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                     total_ms: total,
                     pause_ms: m.pause_ms,
                     verified_tables: attempt.verified_tables.unwrap_or(0),
+                    pause_breakdown: m.clone(),
+                    timings_ms: attempt.timings_ms.clone(),
                 });
                 record.attempt = None;
                 record.failed_revision = None;

@@ -237,6 +237,8 @@ mod tests {
                 total_ms: 5000,
                 pause_ms: 31.26,
                 verified_tables: 4,
+                pause_breakdown: Default::default(),
+                timings_ms: Default::default(),
             }],
             ..Default::default()
         };

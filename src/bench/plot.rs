@@ -1,0 +1,171 @@
+//! The benchmark's two plots, drawn with plotters into PNG files: downtime against
+//! database size per strategy, and client latency over time around the change.
+
+use super::BenchResult;
+use super::strategies::Measured;
+use anyhow::{Context, anyhow};
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+const FONT_FILES: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+const STRATEGIES: [(&str, RGBColor); 3] = [
+    ("pgflip", RGBColor(0, 114, 178)),
+    ("conventional (dump/restore)", RGBColor(213, 94, 0)),
+    ("in-place (pg_upgrade --link)", RGBColor(0, 158, 115)),
+];
+
+/// plotters draws text with a font it is given: DejaVu Sans from the system (the setup
+/// script installs fonts-dejavu-core).
+fn register_font() -> anyhow::Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let bytes = FONT_FILES
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .ok_or("no DejaVu Sans font found: install fonts-dejavu-core (make setup)")?;
+        plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into()))
+            .map_err(|_| "the DejaVu Sans font does not load".to_string())
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+fn strategies(m: [&Measured; 3]) -> impl Iterator<Item = (&'static str, RGBColor, &Measured)> {
+    STRATEGIES
+        .into_iter()
+        .zip(m)
+        .map(|((name, color), m)| (name, color, m))
+}
+
+pub fn draw(r: &BenchResult, out: &Path, stem: &str) -> anyhow::Result<Vec<PathBuf>> {
+    register_font()?;
+    let by_size = out.join(format!("{stem}-downtime.png"));
+    downtime_by_size(r, &by_size).context("drawing the downtime plot")?;
+    let largest = r.sizes.last().context("no sizes")?;
+    let around = out.join(format!("{stem}-latency.png"));
+    latency_around_switch(
+        [&largest.pgflip, &largest.conventional, &largest.in_place],
+        largest.size_mb,
+        &around,
+    )
+    .context("drawing the latency plot")?;
+    Ok(vec![by_size, around])
+}
+
+fn downtime_by_size(r: &BenchResult, path: &Path) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_size = r.sizes.iter().map(|s| s.size_mb).max().unwrap_or(1) as f64;
+    let min_size = r.sizes.iter().map(|s| s.size_mb).min().unwrap_or(1) as f64;
+    let all = r.sizes.iter().flat_map(|s| {
+        [
+            s.pgflip.downtime_ms,
+            s.conventional.downtime_ms,
+            s.in_place.downtime_ms,
+        ]
+    });
+    let max_ms = all.fold(1.0f64, f64::max) * 2.0;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Downtime seen by clients, PostgreSQL {} → {}", r.from, r.to),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            ((min_size / 2.0)..(max_size * 2.0)).log_scale(),
+            (1.0f64..max_ms).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("database size (MB)")
+        .y_desc("downtime (ms, log scale)")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (i, (name, color)) in STRATEGIES.into_iter().enumerate() {
+        let points: Vec<(f64, f64)> = r
+            .sizes
+            .iter()
+            .map(|s| {
+                let m = [&s.pgflip, &s.conventional, &s.in_place][i];
+                (s.size_mb as f64, m.downtime_ms.max(1.0))
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 5, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .label_font(("sans-serif", 15))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn latency_around_switch(m: [&Measured; 3], size_mb: u64, path: &Path) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let points = m.iter().flat_map(|s| s.series.iter());
+    let (x_min, x_max, y_max) = points.fold((0.0f64, 1.0f64, 1.0f64), |(a, b, c), (x, y)| {
+        (a.min(*x), b.max(*x), c.max(*y))
+    });
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Client latency around the change, {size_mb} MB (max per 20 ms)"),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (x_min / 1000.0)..(x_max / 1000.0),
+            (0.1f64..y_max * 2.0).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds from the start of the change")
+        .y_desc("transaction latency (ms, log scale)")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (name, color, s) in strategies(m) {
+        let line: Vec<(f64, f64)> = s
+            .series
+            .iter()
+            .filter(|(_, y)| *y > 0.0)
+            .map(|(x, y)| (x / 1000.0, *y))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(line, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .label_font(("sans-serif", 15))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
