@@ -158,7 +158,8 @@ impl Env {
             .dir("instances")
             .join(color.as_str())
             .join("instance.json");
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)?;
         Ok(Addr {
             host: "127.0.0.1".into(),
             port: v["port"].as_u64().context("instance.json has no port")? as u16,

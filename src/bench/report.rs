@@ -50,9 +50,9 @@ pub fn markdown(r: &BenchResult) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| size | pause / rollback pause (ms) | drain · fence · catch-up · sequences · reverse slot · repoint (ms) | × conventional | × in-place | initial sync (MB/s) vs dump\\|restore | verify (MB/s) vs plain scan | controller peak RSS (MiB) |"
+        "\n| size | pause / rollback pause (ms) | whole attempt: max latency · longest gap (ms) | drain · fence · catch-up · sequences · reverse slot · repoint (ms) | × conventional | × in-place | initial sync (MB/s) vs dump\\|restore | verify (MB/s) vs plain scan | controller peak RSS (MiB) |"
     );
-    let _ = writeln!(s, "|---:|---:|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---:|---:|---:|");
     for size in &r.sizes {
         let Some(p) = &size.pgflip.pgflip else {
             continue;
@@ -60,10 +60,12 @@ pub fn markdown(r: &BenchResult) -> String {
         let b = &p.pause_breakdown;
         let _ = writeln!(
             s,
-            "| {} MB | {:.1} / {:.1} | {:.1} · {:.1} · {:.1} · {:.1} · {:.1} · {:.1} | {:.0}× | {:.0}× | {:.1} vs {} | {:.1} vs {:.1} | {} |",
+            "| {} MB | {:.1} / {:.1} | {:.0} · {:.0} | {:.1} · {:.1} · {:.1} · {:.1} · {:.1} · {:.1} | {:.0}× | {:.0}× | {:.1} vs {} | {:.1} vs {:.1} | {} |",
             size.size_mb,
             p.pause_ms,
             p.rollback_pause_ms,
+            p.whole_attempt.max_latency_ms,
+            p.whole_attempt.longest_gap_ms,
             b.drain_ms,
             b.fence_ms,
             b.catch_up_ms,

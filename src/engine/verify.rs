@@ -107,11 +107,24 @@ pub async fn table_checksum(
         .await
         .with_context(|| format!("reading {name}"))?;
     let mut stream = std::pin::pin!(stream);
-    let mut sum = RowSetDigest::default();
+    // Hashing runs on a thread of its own, so the two sides (and the network reads) keep
+    // more than one core busy.
+    let (chunks, mut received) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut sum = RowSetDigest::default();
+        while let Some(chunk) = received.blocking_recv() {
+            sum.update(&chunk);
+        }
+        sum.finish()
+    });
     while let Some(chunk) = stream.next().await {
-        sum.update(&chunk.with_context(|| format!("reading {name}"))?);
+        let chunk = chunk.with_context(|| format!("reading {name}"))?;
+        if chunks.send(chunk).await.is_err() {
+            break;
+        }
     }
-    Ok(sum.finish())
+    drop(chunks);
+    hasher.await.context("the hashing thread failed")
 }
 
 /// Compares every table of `tables` on blue and green, both sides of a table at once.
