@@ -12,7 +12,7 @@
 //! cannot happen while the old server takes writes.
 
 use super::env::{DATABASE, Env};
-use super::traffic::{Outcome, Traffic, Window};
+use super::traffic::{Traffic, Window};
 use crate::adapters::Instances;
 use crate::adapters::Router;
 use crate::adapters::local_instances::LocalInstances;
@@ -177,25 +177,15 @@ pub async fn conventional(env: &mut Env, to: Major, load: Load) -> anyhow::Resul
             major: to,
         })
         .await?;
-    let traffic = Traffic::start(env, load.rate, load.clients)?;
-    Traffic::settle(SETTLE).await;
-
-    let stop = crate::state::now_ms() as f64;
-    let started = Instant::now();
-    router.pause(SWITCH_TIMEOUT).await?;
-    let copy = Instant::now();
-    dump_and_restore(env, &toolchain, &blue, &green).await?;
-    let copy_s = copy.elapsed().as_secs_f64();
-    compare_counts(env, &blue, &green).await?;
-    router.repoint(&green).await?;
-    router.resume().await?;
-    let stop_to_resume = started.elapsed().as_secs_f64() * 1000.0;
-    let resumed = crate::state::now_ms() as f64;
-
-    Traffic::settle(SETTLE).await;
-    let outcome = traffic.stop(env).await?;
-    let mut m = offline_measured(env, &outcome, &green, stop, resumed, stop_to_resume).await?;
-    m.dump_restore_mb_s = Some(mb(bytes) / copy_s.max(0.001));
+    let mut copy_s = 0.0;
+    let mut m = offline(env, &router, &green, load, async |env: &Env| {
+        let copy = Instant::now();
+        dump_and_restore(env, &toolchain, &blue, &green).await?;
+        copy_s = copy.elapsed().as_secs_f64();
+        compare_counts(env, &blue, &green).await
+    })
+    .await?;
+    m.dump_restore_mb_s = Some(mb(bytes) / f64::max(copy_s, 0.001));
     Ok(m)
 }
 
@@ -222,36 +212,59 @@ pub async fn in_place(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Me
             .args(["-m", "fast", "-w", "-t", "300"]))
     };
     pg_ctl(to, Color::Green, "stop")?;
-    let new_bin = toolchain.upgrade_bin(to.0)?;
-    let traffic = Traffic::start(env, load.rate, load.clients)?;
-    Traffic::settle(SETTLE).await;
-
-    let stop = crate::state::now_ms() as f64;
-    let started = Instant::now();
-    router.pause(SWITCH_TIMEOUT).await?;
-    pg_ctl(from.major, Color::Blue, "stop")?;
-    run(run_as
-        .command(&new_bin.join("pg_upgrade"))
+    let mut upgrade = run_as.command(&toolchain.upgrade_bin(to.0)?.join("pg_upgrade"));
+    upgrade
         .current_dir(instance_dir(Color::Green))
         .arg("-b")
         .arg(toolchain.server_bin(from.major.0)?)
         .arg("-B")
-        .arg(&new_bin)
+        .arg(toolchain.upgrade_bin(to.0)?)
         .arg("-d")
         .arg(instance_dir(Color::Blue).join("data"))
         .arg("-D")
         .arg(instance_dir(Color::Green).join("data"))
-        .args(["--link", "-U", &env.admin.user]))
-    .context("pg_upgrade --link")?;
-    pg_ctl(to, Color::Green, "start")?;
-    router.repoint(&green).await?;
-    router.resume().await?;
-    let stop_to_resume = started.elapsed().as_secs_f64() * 1000.0;
-    let resumed = crate::state::now_ms() as f64;
+        .args(["--link", "-U", &env.admin.user]);
+    offline(env, &router, &green, load, async |_: &Env| {
+        pg_ctl(from.major, Color::Blue, "stop")?;
+        run(&mut upgrade).context("pg_upgrade --link")?;
+        pg_ctl(to, Color::Green, "start")?;
+        Ok(())
+    })
+    .await
+}
 
+/// Runs clients, stops them at the endpoint, does `downtime_work`, points the endpoint
+/// at `new_server` and resumes; measures what the clients saw.
+async fn offline(
+    env: &Env,
+    router: &PgBouncer,
+    new_server: &Addr,
+    load: Load,
+    downtime_work: impl AsyncFnOnce(&Env) -> anyhow::Result<()>,
+) -> anyhow::Result<Measured> {
+    let traffic = Traffic::start(env, load.rate, load.clients)?;
+    Traffic::settle(SETTLE).await;
+    let stop_ms = crate::state::now_ms() as f64;
+    let started = Instant::now();
+    router.pause(SWITCH_TIMEOUT).await?;
+    downtime_work(env).await?;
+    router.repoint(new_server).await?;
+    router.resume().await?;
+    let stop_to_resume_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let resumed_ms = crate::state::now_ms() as f64;
     Traffic::settle(SETTLE).await;
     let outcome = traffic.stop(env).await?;
-    offline_measured(env, &outcome, &green, stop, resumed, stop_to_resume).await
+    let window = outcome.window(stop_ms - MARGIN_MS, resumed_ms + MARGIN_MS);
+    Ok(Measured {
+        downtime_ms: window.max_latency_ms,
+        failed_transactions: outcome.failed(),
+        lost_commits: outcome.lost_commits(env, new_server).await?,
+        series: outcome.latency_series(stop_ms, stop_ms - 5000.0, resumed_ms + 5000.0, 20.0),
+        clients: window,
+        stop_to_resume_ms: Some(stop_to_resume_ms),
+        pgflip: None,
+        dump_restore_mb_s: None,
+    })
 }
 
 /// The adapters the offline strategies drive by hand, once pgflip's controller is gone
@@ -267,27 +280,6 @@ fn offline_parts(env: &mut Env) -> anyhow::Result<(LocalInstances, PgBouncer, To
         env.endpoint.port,
     )?;
     Ok((instances, router, toolchain))
-}
-
-async fn offline_measured(
-    env: &Env,
-    outcome: &Outcome,
-    serving: &Addr,
-    stop_ms: f64,
-    resumed_ms: f64,
-    stop_to_resume_ms: f64,
-) -> anyhow::Result<Measured> {
-    let window = outcome.window(stop_ms - MARGIN_MS, resumed_ms + MARGIN_MS);
-    Ok(Measured {
-        downtime_ms: window.max_latency_ms,
-        failed_transactions: outcome.failed(),
-        lost_commits: outcome.lost_commits(env, serving).await?,
-        series: outcome.latency_series(stop_ms, stop_ms - 5000.0, resumed_ms + 5000.0, 20.0),
-        clients: window,
-        stop_to_resume_ms: Some(stop_to_resume_ms),
-        pgflip: None,
-        dump_restore_mb_s: None,
-    })
 }
 
 /// Roles, then the database: `pg_dumpall --roles-only | psql` and `pg_dump | psql`, with

@@ -25,7 +25,8 @@ use std::time::Duration;
 pub struct Traffic {
     pgbench: Child,
     log_dir: PathBuf,
-    ledger: LoadHandle,
+    /// Taken by [`Traffic::stop`].
+    ledger: Option<LoadHandle>,
 }
 
 /// One finished transaction, as pgbench logged it.
@@ -78,13 +79,16 @@ impl Traffic {
         Ok(Traffic {
             pgbench,
             log_dir,
-            ledger,
+            ledger: Some(ledger),
         })
     }
 
     /// Stops both loads and reads what pgbench logged.
     pub async fn stop(mut self, env: &Env) -> anyhow::Result<Outcome> {
-        let ledger = self.ledger.stop().await;
+        let ledger = match self.ledger.take() {
+            Some(l) => l.stop().await,
+            None => LoadReport::default(),
+        };
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pgbench.id() as i32),
             nix::sys::signal::Signal::SIGINT,
@@ -112,6 +116,14 @@ impl Traffic {
     /// Lets the clients run for a while (before and after the moment measured).
     pub async fn settle(d: Duration) {
         tokio::time::sleep(d).await;
+    }
+}
+
+/// A run that ends early (an error) does not leave pgbench behind.
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        let _ = self.pgbench.kill();
+        let _ = self.pgbench.wait();
     }
 }
 
