@@ -856,6 +856,15 @@ async fn consistent_cut(
         .map(|(s, n)| super::pg::qualified(s, n))
         .collect::<Vec<_>>()
         .join(", ");
+    // Catch up first, holding nothing: the wait under the lock then covers only what is
+    // committed while it is being taken, not the lag the lag gate let through.
+    let ahead = format!(
+        "verify-ahead-{}-{}",
+        now_ms(),
+        crate::state::random_token(8)
+    );
+    repl::write_marker(&marker, &ahead).await?;
+    repl::wait_marker(tgt, &ahead, bound.max(Duration::from_secs(60))).await?;
     locker
         .batch_execute(&format!(
             "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {list} IN EXCLUSIVE MODE",

@@ -1,8 +1,8 @@
 //! The switchover: moving clients from the source color to the target color in one short,
 //! bounded pause, with nothing lost and no write landing on the wrong side.
 //!
-//! Before the pause (clients unaffected): the target is unfenced and has the publication
-//! for the reverse link ready.
+//! Before the pause (clients unaffected): the target is unfenced, has the publication
+//! for the reverse link ready, and has caught up with a marker written just now.
 //!
 //! The pause (what clients feel), bounded by `pauseTimeout`:
 //! 1. `PAUSE` PgBouncer: in-flight transactions finish, new ones wait.
@@ -34,6 +34,10 @@ use crate::failpoint;
 use anyhow::Context;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
+
+/// How long the target may take to catch up before the pause (the lag gate has passed,
+/// so this is seconds at most; beyond it the step fails and is retried).
+const CATCH_UP_BEFORE_PAUSE: Duration = Duration::from_secs(60);
 
 /// Everything the switchover needs to know about the two sides.
 pub struct Sides<'a> {
@@ -91,10 +95,19 @@ pub async fn run<R: Router, J: Journal>(
     for (p, name) in pairs.iter().zip(&reverse) {
         repl::ensure_publication(&p.target, name).await?;
     }
-    // Warm the statements used inside the pause.
+    // Warm the statements used inside the pause, and let the target catch up with what
+    // the source committed during the verification, so the wait inside the pause covers
+    // only the transactions the pause drains.
+    let ahead = format!(
+        "switch-ahead-{}-{}",
+        crate::state::now_ms(),
+        crate::state::random_token(8)
+    );
     for p in &pairs {
-        p.source.simple_query("SELECT 1").await?;
-        p.target.simple_query("SELECT 1").await?;
+        repl::write_marker(&p.source, &ahead).await?;
+    }
+    for p in &pairs {
+        repl::wait_marker(&p.target, &ahead, CATCH_UP_BEFORE_PAUSE).await?;
     }
 
     set_step(journal, record, Some(SwitchStep::Pausing))?;
