@@ -55,8 +55,7 @@ pub struct Measured {
     pub stop_to_resume_ms: Option<f64>,
     #[serde(flatten)]
     pub pgflip: Option<PgflipDetail>,
-    /// Latency around the change: (ms relative to its start, max latency in the bucket).
-    #[serde(skip)]
+    /// Latency around the change, per 20 ms: (ms from its start, the bucket's max latency).
     pub series: Vec<(f64, f64)>,
     /// Conventional: MB/s of the dump and restore.
     #[serde(skip_serializing_if = "Option::is_none")]
