@@ -66,6 +66,19 @@ fn quick_bench_writes_every_figure() {
         assert!(p[key].as_f64().unwrap() > 0.0, "{key}: {p}");
     }
     assert!(v["conventional"]["stop_to_resume_ms"].as_f64().unwrap() > 0.0);
+    // Each slow transaction is put down to the phase it waited in, from the phase timeline.
+    let timeline = p["phase_timeline"].as_array().unwrap();
+    assert!(
+        timeline.iter().any(|m| m["phase"] == "switchover"),
+        "{timeline:?}"
+    );
+    for stall in ["worst_stall", "rollback_worst_stall"] {
+        assert!(
+            p[stall]["phase"].as_str().is_some_and(|s| !s.is_empty()),
+            "{stall}: {p}"
+        );
+    }
+    assert!(p["rollback_timings_ms"]["verify"].as_u64().is_some(), "{p}");
     let results: Vec<_> = std::fs::read_dir(dir.path().join("results"))
         .unwrap()
         .map(|e| e.unwrap().path())

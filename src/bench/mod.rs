@@ -7,6 +7,7 @@ mod env;
 mod plot;
 mod report;
 mod strategies;
+mod timeline;
 mod traffic;
 
 use crate::core::spec::Major;

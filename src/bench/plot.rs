@@ -84,8 +84,12 @@ fn downtime_by_size(r: &BenchResult, path: &Path) -> anyhow::Result<()> {
         )?;
     chart
         .configure_mesh()
-        .x_desc("database size (MB)")
+        .x_desc("database size (MB, log scale)")
         .y_desc("downtime (ms, log scale)")
+        // A log axis gets a label at every minor step; whole numbers at a few are enough.
+        .x_labels(6)
+        .x_label_formatter(&|mb| format!("{mb:.0}"))
+        .y_label_formatter(&|ms| format!("{ms:.0}"))
         .label_style(("sans-serif", 14))
         .draw()?;
     for (i, (name, color)) in STRATEGIES.into_iter().enumerate() {
@@ -146,14 +150,20 @@ fn latency_around_switch(m: [&Measured; 3], size_mb: u64, path: &Path) -> anyhow
         .label_style(("sans-serif", 14))
         .draw()?;
     for (name, color, s) in strategies(m) {
-        let line: Vec<(f64, f64)> = s
-            .series
-            .iter()
-            .filter(|(_, y)| *y > 0.0)
-            .map(|(x, y)| (x / 1000.0, *y))
-            .collect();
+        let runs = runs_of_completions(&s.series);
+        // One-pixel lines: plotters joins wider ones with miters, which turn a one-bucket
+        // peak into a spike far above its value.
+        for run in runs.iter().filter(|r| r.len() > 1) {
+            chart.draw_series(LineSeries::new(run.clone(), color.stroke_width(1)))?;
+        }
+        chart.draw_series(
+            runs.iter()
+                .filter(|r| r.len() == 1)
+                .map(|r| Circle::new(r[0], 2, color.filled())),
+        )?;
+        // The legend entry, drawn once with nothing to show on the chart itself.
         chart
-            .draw_series(LineSeries::new(line, color.stroke_width(2)))?
+            .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
             .label(name)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
@@ -164,8 +174,44 @@ fn latency_around_switch(m: [&Measured; 3], size_mb: u64, path: &Path) -> anyhow
         .border_style(BLACK)
         .background_style(WHITE.mix(0.9))
         .label_font(("sans-serif", 15))
-        .position(SeriesLabelPosition::UpperRight)
+        // Upper left: before the change no transaction waits long, so nothing hides there.
+        .position(SeriesLabelPosition::UpperLeft)
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// The latency series (ms from the change, max latency per bucket) cut where no
+/// transaction completed: a stop shows as a gap, not as a line drawn across it.
+fn runs_of_completions(series: &[(f64, f64)]) -> Vec<Vec<(f64, f64)>> {
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+    for &(x, y) in series {
+        if y > 0.0 {
+            runs.last_mut().expect("never empty").push((x / 1000.0, y));
+        } else if runs.last().is_some_and(|r| !r.is_empty()) {
+            runs.push(Vec::new());
+        }
+    }
+    runs.retain(|r| !r.is_empty());
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_cuts_the_line() {
+        let series = [
+            (0.0, 1.0),
+            (20.0, 2.0),
+            (40.0, 0.0),
+            (60.0, 0.0),
+            (80.0, 900.0),
+        ];
+        assert_eq!(
+            runs_of_completions(&series),
+            vec![vec![(0.0, 1.0), (0.02, 2.0)], vec![(0.08, 900.0)]]
+        );
+    }
 }

@@ -25,6 +25,12 @@ pub fn markdown(r: &BenchResult) -> String {
         "PostgreSQL {} → {}, pgbench (TPC-B-like) at {} tx/s with {} clients through PgBouncer, on {} ({}).\n",
         r.from, r.to, r.rate_tps, r.clients, r.host, r.date
     );
+    // pgbench's own schema, unchanged: pgflip's preflight decides what to do with it.
+    let _ = writeln!(
+        s,
+        "pgbench_history has no primary key and only receives INSERTs: pgflip carries it with \
+         REPLICA IDENTITY FULL (a preflight warning), the data is pgbench's own, unchanged.\n"
+    );
     let _ = writeln!(
         s,
         "| size | strategy | downtime seen by clients (ms) | p99 around it (ms) | longest gap without a commit (ms) | failed transactions | lost commits |"
@@ -50,9 +56,9 @@ pub fn markdown(r: &BenchResult) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| size | pause / rollback pause (ms) | whole attempt: max latency · longest gap (ms) | drain · fence · catch-up · sequences · reverse slot · repoint (ms) | × conventional | × in-place | initial sync (MB/s) vs dump\\|restore | verify (MB/s) vs plain scan | controller peak RSS (MiB) |"
+        "\n| size | pause / rollback pause (ms) | rollback seen by clients (ms) | whole attempt: max latency · longest gap (ms) | drain · fence · catch-up · sequences · reverse slot · repoint (ms) | × conventional | × in-place | initial sync (MB/s) vs dump\\|restore | verify (MB/s) vs plain scan | controller peak RSS (MiB, VmHWM of `pgflip local`) |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|");
     for size in &r.sizes {
         let Some(p) = &size.pgflip.pgflip else {
             continue;
@@ -60,10 +66,11 @@ pub fn markdown(r: &BenchResult) -> String {
         let b = &p.pause_breakdown;
         let _ = writeln!(
             s,
-            "| {} MB | {:.1} / {:.1} | {:.0} · {:.0} | {:.1} · {:.1} · {:.1} · {:.1} · {:.1} · {:.1} | {:.0}× | {:.0}× | {:.1} vs {} | {:.1} vs {:.1} | {} |",
+            "| {} MB | {:.1} / {:.1} | {:.1} | {:.0} · {:.0} | {:.1} · {:.1} · {:.1} · {:.1} · {:.1} · {:.1} | {:.0}× | {:.0}× | {:.1} vs {} | {:.1} vs {:.1} | {} |",
             size.size_mb,
             p.pause_ms,
             p.rollback_pause_ms,
+            p.rollback_downtime_ms,
             p.whole_attempt.max_latency_ms,
             p.whole_attempt.longest_gap_ms,
             b.drain_ms,
@@ -80,6 +87,25 @@ pub fn markdown(r: &BenchResult) -> String {
             p.sequential_scan_mb_s,
             p.controller_peak_rss_mib
                 .map_or("n/a".to_string(), |m| format!("{m:.1}")),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n| size | pgflip's slowest transaction, upgrade (ms, in phase) | and rollback (ms, in phase) |"
+    );
+    let _ = writeln!(s, "|---:|---|---|");
+    for size in &r.sizes {
+        let Some(p) = &size.pgflip.pgflip else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "| {} MB | {:.1} in {} | {:.1} in {} |",
+            size.size_mb,
+            p.worst_stall.latency_ms,
+            p.worst_stall.phase,
+            p.rollback_worst_stall.latency_ms,
+            p.rollback_worst_stall.phase
         );
     }
     s

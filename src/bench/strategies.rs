@@ -12,6 +12,7 @@
 //! cannot happen while the old server takes writes.
 
 use super::env::{DATABASE, Env};
+use super::timeline::{PhaseMark, PhaseWatch, Stall, phase_at};
 use super::traffic::{Traffic, Window};
 use crate::adapters::Instances;
 use crate::adapters::Router;
@@ -69,9 +70,17 @@ pub struct PgflipDetail {
     pub rollback_downtime_ms: f64,
     /// The clients from the commit to the end of the switch, copy and verification included.
     pub whole_attempt: Window,
+    /// The same from the revert on (preflight, catch-up, verification, the switch back).
+    pub rollback_whole_attempt: Window,
+    /// The slowest transaction of each attempt and the phase it waited in.
+    pub worst_stall: Stall,
+    pub rollback_worst_stall: Stall,
     pub pause_breakdown: SwitchMeasurement,
     pub rollback_pause_breakdown: SwitchMeasurement,
     pub timings_ms: BTreeMap<String, u64>,
+    pub rollback_timings_ms: BTreeMap<String, u64>,
+    /// When each phase began, in ms from the upgrade's commit (polled from the record).
+    pub phase_timeline: Vec<PhaseMark>,
     pub initial_sync_s: f64,
     pub initial_sync_mb_s: f64,
     pub verify_s: f64,
@@ -94,12 +103,15 @@ pub async fn pgflip(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Meas
     // The baseline for verification, read under the same client load.
     let scan_mb_s = sequential_scan_mb_s(env, &blue).await?;
 
+    let watch = PhaseWatch::start(env.state.clone());
     let committed = crate::state::now_ms() as f64;
     let upgrade = env.commit(to, "upgrade");
     let (up_from, up_to) = switch_window(env, 1).await?;
     Traffic::settle(SETTLE).await;
+    let reverted = crate::state::now_ms() as f64;
     env.revert(&upgrade);
     let (down_from, down_to) = switch_window(env, 2).await?;
+    let phases = watch.stop().await;
     Traffic::settle(SETTLE).await;
     let rss = env.controller_peak_rss_mib();
     let outcome = traffic.stop(env).await?;
@@ -111,6 +123,15 @@ pub async fn pgflip(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Meas
     // From the commit on: the copy and the verification compete with the clients for the
     // machine, and the verification's snapshot holds writes for a moment.
     let attempt = outcome.window(committed, up_to + MARGIN_MS);
+    let rollback_attempt = outcome.window(reverted, down_to + MARGIN_MS);
+    let stall = |w: &Window, since: f64| {
+        let midway = w.max_latency_at_ms - w.max_latency_ms / 2.0;
+        Stall {
+            latency_ms: w.max_latency_ms,
+            completed_after_commit_ms: w.max_latency_at_ms - since,
+            phase: phase_at(&phases, midway),
+        }
+    };
     let phase_s = |p: &str| up.timings_ms.get(p).copied().unwrap_or(0) as f64 / 1000.0;
     let sync_s = phase_s("replicate") + phase_s("initial-sync");
     let verify_s = phase_s("verify");
@@ -126,10 +147,21 @@ pub async fn pgflip(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Meas
             pause_ms: up.pause_ms,
             rollback_pause_ms: down.pause_ms,
             rollback_downtime_ms: down_window.max_latency_ms,
+            worst_stall: stall(&attempt, committed),
+            rollback_worst_stall: stall(&rollback_attempt, reverted),
             whole_attempt: attempt,
+            rollback_whole_attempt: rollback_attempt,
             pause_breakdown: up.pause_breakdown.clone(),
             rollback_pause_breakdown: down.pause_breakdown.clone(),
             timings_ms: up.timings_ms.clone(),
+            rollback_timings_ms: down.timings_ms.clone(),
+            phase_timeline: phases
+                .iter()
+                .map(|m| PhaseMark {
+                    at_ms: m.at_ms - committed,
+                    phase: m.phase.clone(),
+                })
+                .collect(),
             initial_sync_s: sync_s,
             initial_sync_mb_s: mb(bytes) / sync_s.max(0.001),
             verify_s,

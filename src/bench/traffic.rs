@@ -43,6 +43,9 @@ pub struct Window {
     pub transactions: u64,
     pub max_latency_ms: f64,
     pub p99_latency_ms: f64,
+    /// When the slowest transaction completed (Unix ms): what it waited for is found by
+    /// the time.
+    pub max_latency_at_ms: f64,
     /// The longest stretch with no completed transaction.
     pub longest_gap_ms: f64,
 }
@@ -141,6 +144,9 @@ impl Outcome {
             .get(((latencies.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
             .copied()
             .unwrap_or(0.0);
+        let slowest = inside
+            .iter()
+            .max_by(|a, b| a.latency_ms.total_cmp(&b.latency_ms));
         let gap = inside
             .windows(2)
             .map(|w| w[1].at_ms - w[0].at_ms)
@@ -149,6 +155,7 @@ impl Outcome {
             transactions: inside.len() as u64,
             max_latency_ms: latencies.last().copied().unwrap_or(0.0),
             p99_latency_ms: p99,
+            max_latency_at_ms: slowest.map_or(0.0, |t| t.at_ms),
             longest_gap_ms: gap,
         }
     }
@@ -231,6 +238,7 @@ mod tests {
         let w = o.window(5.0, 1000.0);
         assert_eq!(w.transactions, 3);
         assert_eq!(w.max_latency_ms, 390.0);
+        assert_eq!(w.max_latency_at_ms, 400.0);
         assert_eq!(w.longest_gap_ms, 390.0);
         let series = o.latency_series(0.0, 0.0, 500.0, 100.0);
         assert_eq!(series.len(), 5);
