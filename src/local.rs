@@ -2,14 +2,15 @@
 //! Instances are local PostgreSQL processes, the endpoint a local PgBouncer, progress
 //! goes to git notes on the commit (and to the forge's commit status when configured).
 
+use crate::adapters::Source;
 use crate::adapters::forge_status::{ForgeStatus, Sinks};
 use crate::adapters::git_notes::GitNotes;
 use crate::adapters::git_source::GitSource;
 use crate::adapters::local_instances::LocalInstances;
 use crate::adapters::pgbouncer::PgBouncer;
-use crate::adapters::{Observed, Source};
-use crate::core::plan::{Record, Wanted};
+use crate::core::plan::Wanted;
 use crate::core::spec::{self, Desired};
+use crate::engine::intake;
 use crate::engine::reconcile::{Engine, Progress};
 use crate::state::StateDir;
 use crate::toolchain::Toolchain;
@@ -62,7 +63,8 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
         }
         let busy = match source.observe().await {
             Ok(observed) => {
-                take_revision(&observed, &mut record, &state, &sinks_for).await?;
+                let sinks = sinks_for(&intake::subject_name(&observed, &record));
+                intake::take_revision(&observed, &mut record, &state, &sinks).await?;
                 match record.desired.clone() {
                     Some(d) => {
                         let desired =
@@ -135,75 +137,6 @@ fn build_engine(
         toolchain,
         admin,
     ))
-}
-
-/// A new revision: keep its document if valid, report it if not. Either way it is
-/// remembered, so the same bad commit is reported once.
-async fn take_revision(
-    observed: &Observed,
-    record: &mut Record,
-    state: &StateDir,
-    sinks_for: &impl Fn(&str) -> LocalSinks,
-) -> anyhow::Result<()> {
-    // Which database a report is about: the document's own name if it has a readable
-    // one, else the running database's.
-    let name = observed
-        .document
-        .as_deref()
-        .ok()
-        .and_then(spec::peek_name)
-        .or_else(|| {
-            record
-                .desired
-                .as_ref()
-                .and_then(|d| spec::peek_name(&d.document))
-        })
-        .unwrap_or_else(|| "database".to_string());
-    let sinks = sinks_for(&name);
-    if record.observed_revision.as_deref() == Some(observed.revision.as_str()) {
-        return Ok(());
-    }
-    let parsed = observed.document.clone().and_then(|text| {
-        spec::parse(&text)
-            .map(|d| (text, d))
-            .map_err(|e| e.to_string())
-    });
-    match parsed {
-        Ok((text, desired)) => {
-            if let Some(prev) = &record.desired {
-                let prev = spec::parse(&prev.document).expect("a stored document was valid");
-                if prev.name != desired.name
-                    || prev.databases != desired.databases
-                    || prev.endpoint_port != desired.endpoint_port
-                {
-                    let reason = "metadata.name, spec.databases and spec.endpoint cannot change on a running database";
-                    report_bad(&sinks, &observed.revision, reason).await;
-                    record.observed_revision = Some(observed.revision.clone());
-                    return state.save(record);
-                }
-            }
-            tracing::info!(revision = crate::core::plan::short(&observed.revision), version = %desired.major, "new revision");
-            record.desired = Some(crate::core::plan::DesiredDocument {
-                revision: observed.revision.clone(),
-                document: text,
-            });
-        }
-        Err(reason) => {
-            tracing::warn!(revision = crate::core::plan::short(&observed.revision), %reason, "bad document; nothing changes");
-            report_bad(&sinks, &observed.revision, &reason).await;
-        }
-    }
-    record.observed_revision = Some(observed.revision.clone());
-    state.save(record)
-}
-
-async fn report_bad(sinks: &LocalSinks, revision: &str, reason: &str) {
-    use crate::adapters::StatusSink;
-    let u =
-        crate::core::report::Update::failure("document", format!("{reason}; nothing was changed"));
-    if let Err(e) = sinks.publish(revision, &u).await {
-        tracing::warn!(error = %format!("{e:#}"), "could not publish the status");
-    }
 }
 
 /// Stops the endpoint and every instance of a state directory.

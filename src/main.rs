@@ -62,6 +62,26 @@ enum Command {
     Bench(pgflip::bench::BenchOptions),
     /// Print the BlueGreenDatabase CustomResourceDefinition (as in manifests/crd.yaml).
     Crd,
+    /// Kubernetes mode: reconcile every BlueGreenDatabase in the cluster (leader-elected).
+    Controller(ControllerPlaceholder),
+    /// The process of a database's endpoint pod: runs PgBouncer and takes new targets
+    /// from the controller (started by the endpoint Deployment, not by hand).
+    Endpoint,
+}
+
+/// Turns true on Ctrl-C or SIGTERM (what Kubernetes sends a pod it stops).
+fn stop_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        let _ = tx.send(true);
+    });
+    rx
 }
 
 /// Commit statuses on the forge, besides git notes.
@@ -144,11 +164,7 @@ fn main() -> anyhow::Result<()> {
                 forge,
             } => {
                 let forge = forge.sink()?;
-                let (tx, rx) = tokio::sync::watch::channel(false);
-                tokio::spawn(async move {
-                    let _ = tokio::signal::ctrl_c().await;
-                    let _ = tx.send(true);
-                });
+                let rx = stop_signal();
                 pgflip::local::run(
                     pgflip::local::LocalOptions {
                         repo,
@@ -178,6 +194,11 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", pgflip::k8s::crd::crd_yaml());
                 Ok(())
             }
+            Command::Controller(opts) => {
+                let _ = opts;
+                anyhow::bail!("not yet")
+            }
+            Command::Endpoint => pgflip::k8s::endpoint::run_pod(stop_signal()).await,
         }
     })
 }
@@ -234,3 +255,6 @@ fn render_status(r: &Record) -> String {
     }
     out
 }
+
+#[derive(clap::Args)]
+struct ControllerPlaceholder {}

@@ -15,7 +15,6 @@ use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct InstanceFile {
@@ -194,7 +193,7 @@ impl Instances for LocalInstances {
             host: "127.0.0.1".into(),
             port: file.port,
         };
-        wait_ready(&addr, &self.admin).await?;
+        crate::engine::pg::wait_ready(&addr, &self.admin).await?;
         Ok(addr)
     }
 
@@ -255,20 +254,4 @@ pub fn stop_all(state: &StateDir) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn wait_ready(addr: &Addr, admin: &Credentials) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match crate::engine::pg::connect(addr, admin, "postgres").await {
-            Ok(c) => {
-                c.simple_query("SELECT 1").await?;
-                return Ok(());
-            }
-            Err(e) if tokio::time::Instant::now() > deadline => {
-                return Err(e.context("server did not become ready"));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }

@@ -11,6 +11,7 @@ pub mod git_remote;
 pub mod git_source;
 pub mod local_instances;
 pub mod pgbouncer;
+pub mod pgbouncer_console;
 pub mod run_as;
 
 use crate::core::plan::Member;
@@ -63,13 +64,13 @@ pub trait Source: Send {
 }
 
 /// Where the [`Record`](crate::core::plan::Record) is persisted before every step
-/// (local mode: a file written atomically).
+/// (local mode: a file written atomically; Kubernetes mode: a ConfigMap beside the object).
 pub trait Journal: Send + Sync {
-    fn save(&self, record: &crate::core::plan::Record) -> Result<()>;
+    fn save(&self, record: &crate::core::plan::Record) -> impl Future<Output = Result<()>> + Send;
 }
 
 impl Journal for crate::state::StateDir {
-    fn save(&self, record: &crate::core::plan::Record) -> Result<()> {
+    async fn save(&self, record: &crate::core::plan::Record) -> Result<()> {
         crate::state::StateDir::save(self, record)
     }
 }

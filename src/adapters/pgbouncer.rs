@@ -17,6 +17,8 @@
 //! - `RESUME` when not paused fails with "pooler is not paused/suspended".
 //! - A second `PAUSE` while one is pending or done fails with "already suspended/paused".
 
+pub use super::pgbouncer_console::AdminConsole;
+use super::pgbouncer_console::CONSOLE_DB;
 use super::run_as::{RunAs, run};
 use super::{Result, Router};
 use crate::engine::pg::{Addr, Credentials};
@@ -27,38 +29,19 @@ use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
 
-/// The admin console's database name (reserved: no application database may use it).
-const CONSOLE_DB: &str = "pgbouncer";
 /// First line of the ini: the configuration pgflip rendered it from, so the stored file
 /// is the one source of truth for the target and is replaced in one atomic rename.
 const CONFIG_MARKER: &str = "; pgflip endpoint ";
 /// How long a started (or adopted) PgBouncer may take to answer on its console.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
-/// Error text of PgBouncer 1.18 for `RESUME` when nothing is paused.
-const NOT_PAUSED: &str = "is not paused";
 
 /// What the endpoint is configured to do; rendered into `pgbouncer.ini`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct EndpointConfig {
-    listen_port: u16,
-    target: Addr,
-    databases: Vec<String>,
-}
-
-/// A live admin-console session; the connection task dies with it (a timed-out `PAUSE`
-/// leaves its request pending forever, so dropping the client alone would leak it).
-struct Console {
-    client: Client,
-    connection: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        self.connection.abort();
-    }
+pub(crate) struct EndpointConfig {
+    pub listen_port: u16,
+    pub target: Addr,
+    pub databases: Vec<String>,
 }
 
 pub struct PgBouncer {
@@ -67,8 +50,7 @@ pub struct PgBouncer {
     run_as: RunAs,
     admin: Credentials,
     listen_port: u16,
-    /// Kept open between calls so `PAUSE` costs one round trip, not a SCRAM login.
-    console: Mutex<Option<Console>>,
+    console: AdminConsole,
 }
 
 impl PgBouncer {
@@ -78,26 +60,20 @@ impl PgBouncer {
         admin: Credentials,
         listen_port: u16,
     ) -> anyhow::Result<PgBouncer> {
-        // The admin user is written bare into `auth_user` / `admin_users` and the console
-        // login; anything needing quoting there is refused rather than half-supported.
-        if admin.user.is_empty()
-            || !admin
-                .user
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
-            bail!(
-                "the endpoint's admin user {:?} must consist of letters, digits and _",
-                admin.user
-            );
-        }
+        let console = AdminConsole::new(
+            Addr {
+                host: "127.0.0.1".into(),
+                port: listen_port,
+            },
+            admin.clone(),
+        )?;
         Ok(PgBouncer {
             dir: endpoint_dir(&state),
             toolchain,
             run_as: RunAs::detect()?,
             admin,
             listen_port,
-            console: Mutex::new(None),
+            console,
         })
     }
 
@@ -129,7 +105,7 @@ impl PgBouncer {
     }
 
     fn write_config(&self, config: &EndpointConfig) -> anyhow::Result<()> {
-        let ini = render_ini(config, &self.dir, &self.admin.user)?;
+        let ini = render_ini(config, "127.0.0.1", &self.dir, &self.admin.user)?;
         write_atomic(&self.ini_path(), ini.as_bytes(), 0o644)?;
         self.run_as.own(&self.ini_path())
     }
@@ -168,72 +144,20 @@ impl PgBouncer {
                 self.dir.join("pgbouncer.log").display()
             )
         })?;
-        self.wait_console().await.with_context(|| {
-            format!(
-                "PgBouncer did not come up; see {}",
-                self.dir.join("pgbouncer.log").display()
-            )
-        })
-    }
-
-    async fn wait_console(&self) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            match self.admin_command("SHOW VERSION").await {
-                Ok(()) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    }
-
-    async fn open_console(&self) -> anyhow::Result<Console> {
-        let addr = self.addr();
-        let mut config = crate::engine::pg::config(&addr, &self.admin, CONSOLE_DB);
-        config.connect_timeout(Duration::from_secs(5));
-        let (client, connection) = config
-            .connect(NoTls)
+        self.console
+            .wait_ready(STARTUP_TIMEOUT)
             .await
-            .with_context(|| format!("connecting to PgBouncer's admin console at {addr}"))?;
-        let connection = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "PgBouncer console connection closed");
-            }
-        });
-        Ok(Console { client, connection })
-    }
-
-    /// Runs one console command on the cached session (opened or reopened as needed).
-    /// A command that fails because the session broke is retried once on a new one.
-    async fn admin_command(&self, command: &str) -> anyhow::Result<()> {
-        let mut cached = self.console.lock().await;
-        for attempt in 0..2 {
-            if cached.as_ref().is_none_or(|c| c.client.is_closed()) {
-                *cached = Some(self.open_console().await?);
-            }
-            let console = cached.as_ref().expect("opened above");
-            match console.client.simple_query(command).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.is_closed() && attempt == 0 => *cached = None,
-                Err(e) => return Err(e).with_context(|| format!("PgBouncer {command}")),
-            }
-        }
-        unreachable!("the second attempt returns")
-    }
-
-    /// `RESUME` on a session of its own: used when the cached one is stuck in a `PAUSE`.
-    async fn resume_fresh(&self) -> anyhow::Result<()> {
-        let console = self.open_console().await?;
-        match console.client.simple_query("RESUME").await {
-            Ok(_) => Ok(()),
-            Err(e) if is_not_paused(&e) => Ok(()),
-            Err(e) => Err(e).context("PgBouncer RESUME"),
-        }
+            .with_context(|| {
+                format!(
+                    "PgBouncer did not come up; see {}",
+                    self.dir.join("pgbouncer.log").display()
+                )
+            })
     }
 
     /// Stops the PgBouncer process (tests, demo cleanup). Clients are disconnected.
     pub async fn stop(&self) -> anyhow::Result<()> {
-        *self.console.lock().await = None;
+        self.console.forget().await;
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || stop_pidfile(&dir.join("pgbouncer.pid"))).await?
     }
@@ -268,13 +192,14 @@ impl Router for PgBouncer {
             self.write_config(&wanted)?;
         }
         if running {
-            self.wait_console()
+            self.console
+                .wait_ready(STARTUP_TIMEOUT)
                 .await
                 .context("PgBouncer runs (pidfile) but its admin console does not answer")?;
             // Always: a pgflip killed between writing the ini and RELOAD (in `repoint`) left
             // a process serving an older file than `target()` reports. Unchanged database
             // entries keep their connections, so this is harmless otherwise.
-            self.admin_command("RELOAD").await?;
+            self.console.command("RELOAD").await?;
             return Ok(());
         }
         self.start().await
@@ -285,25 +210,7 @@ impl Router for PgBouncer {
     }
 
     async fn pause(&self, timeout: Duration) -> Result<()> {
-        let outcome = tokio::time::timeout(timeout, self.admin_command("PAUSE")).await;
-        let failure = match outcome {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => e,
-            Err(_) => anyhow::anyhow!(
-                "in-flight transactions did not finish within {}",
-                humantime::format_duration(timeout)
-            ),
-        };
-        // Any failure resumes, "already suspended/paused" included: a pause left by a
-        // killed pgflip (or an operator) would otherwise hold clients indefinitely.
-        // The cached session may still wait for its PAUSE: never reuse it.
-        *self.console.lock().await = None;
-        match self.resume_fresh().await {
-            Ok(()) => Err(failure.context("PgBouncer PAUSE failed; resumed")),
-            Err(e) => Err(failure.context(format!(
-                "PgBouncer PAUSE failed and RESUME failed too ({e:#}): clients may be held"
-            ))),
-        }
+        self.console.pause(timeout).await
     }
 
     async fn repoint(&self, target: &Addr) -> Result<()> {
@@ -312,14 +219,11 @@ impl Router for PgBouncer {
             .context("the endpoint has no configuration yet: ensure it first")?;
         config.target = target.clone();
         self.write_config(&config)?;
-        self.admin_command("RELOAD").await
+        self.console.command("RELOAD").await
     }
 
     async fn resume(&self) -> Result<()> {
-        match self.admin_command("RESUME").await {
-            Err(e) if e.chain().any(|c| c.to_string().contains(NOT_PAUSED)) => Ok(()),
-            other => other,
-        }
+        self.console.resume().await
     }
 }
 
@@ -327,13 +231,8 @@ fn endpoint_dir(state: &StateDir) -> PathBuf {
     state.dir("endpoint")
 }
 
-fn is_not_paused(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error()
-        .is_some_and(|d| d.message().contains(NOT_PAUSED))
-}
-
 /// A field of `userlist.txt`: double-quoted, inner quotes doubled.
-fn userlist_field(value: &str) -> String {
+pub(crate) fn userlist_field(value: &str) -> String {
     format!("\"{}\"", value.replace('"', "\"\""))
 }
 
@@ -351,7 +250,14 @@ fn connstr_value(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
-fn render_ini(config: &EndpointConfig, dir: &Path, admin_user: &str) -> anyhow::Result<String> {
+/// The ini for `config`, listening on `listen_addr`, with its socket, pidfile, log and
+/// userlist in `dir`.
+pub(crate) fn render_ini(
+    config: &EndpointConfig,
+    listen_addr: &str,
+    dir: &Path,
+    admin_user: &str,
+) -> anyhow::Result<String> {
     let dir_text = dir
         .to_str()
         .context("the state directory's path is not UTF-8")?;
@@ -377,7 +283,7 @@ fn render_ini(config: &EndpointConfig, dir: &Path, admin_user: &str) -> anyhow::
     let d = dir_text;
     ini.push_str(&format!(
         "\n[pgbouncer]\n\
-         listen_addr = 127.0.0.1\n\
+         listen_addr = {listen_addr}\n\
          listen_port = {port}\n\
          unix_socket_dir = {d}/socket\n\
          pidfile = {d}/pgbouncer.pid\n\
@@ -451,6 +357,7 @@ mod tests {
     fn ini_quotes_names_and_carries_its_config() {
         let ini = render_ini(
             &config(&["app", "we'ird \"db\""]),
+            "127.0.0.1",
             Path::new("/s/endpoint"),
             "pgflip",
         )
@@ -471,9 +378,17 @@ mod tests {
 
     #[test]
     fn ini_refuses_what_it_cannot_express() {
-        assert!(render_ini(&config(&["pgbouncer"]), Path::new("/s"), "pgflip").is_err());
-        assert!(render_ini(&config(&["a\nb"]), Path::new("/s"), "pgflip").is_err());
-        assert!(render_ini(&config(&["app"]), Path::new("/s;x"), "pgflip").is_err());
+        assert!(
+            render_ini(
+                &config(&["pgbouncer"]),
+                "127.0.0.1",
+                Path::new("/s"),
+                "pgflip"
+            )
+            .is_err()
+        );
+        assert!(render_ini(&config(&["a\nb"]), "127.0.0.1", Path::new("/s"), "pgflip").is_err());
+        assert!(render_ini(&config(&["app"]), "127.0.0.1", Path::new("/s;x"), "pgflip").is_err());
     }
 
     #[test]

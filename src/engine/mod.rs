@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod fence;
+pub mod intake;
 pub mod pg;
 pub mod preflight;
 pub mod reconcile;

@@ -48,6 +48,23 @@ pub fn config(addr: &Addr, creds: &Credentials, dbname: &str) -> tokio_postgres:
     c
 }
 
+/// Waits (up to a minute) until the server accepts a login.
+pub async fn wait_ready(addr: &Addr, admin: &Credentials) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match crate::engine::pg::connect(addr, admin, "postgres").await {
+            Ok(c) => {
+                c.simple_query("SELECT 1").await?;
+                return Ok(());
+            }
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(e.context("server did not become ready"));
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// Opens a connection and drives it on a background task.
 pub async fn connect(addr: &Addr, creds: &Credentials, dbname: &str) -> anyhow::Result<Client> {
     let (client, conn) = config(addr, creds, dbname)

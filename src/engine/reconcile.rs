@@ -136,7 +136,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 .between(attempt.from.major, attempt.to.major);
                 let revision = attempt.revision.clone();
                 record.attempt = Some(attempt);
-                self.journal.save(record)?;
+                self.journal.save(record).await?;
                 self.report(&revision, update).await;
                 Ok(Progress::Busy)
             }
@@ -145,7 +145,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 tracing::info!(%reason, "abandoning attempt");
                 self.clean_up_attempt(&attempt, desired).await?;
                 record.attempt = None;
-                self.journal.save(record)?;
+                self.journal.save(record).await?;
                 self.report(
                     &attempt.revision,
                     Update::failure(attempt.phase.as_str(), reason)
@@ -162,7 +162,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 tracing::info!(%reason, "decommissioning {}", standby.member);
                 self.decommission(serving, &standby.member, desired).await?;
                 record.standby = None;
-                self.journal.save(record)?;
+                self.journal.save(record).await?;
                 Ok(Progress::Busy)
             }
             Decision::Run(phase) => {
@@ -201,7 +201,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 *self.retries.lock().unwrap() = 0;
                 let next = phase.next(attempt.kind);
                 attempt.phase = next;
-                self.journal.save(record)?;
+                self.journal.save(record).await?;
                 tracing::info!(phase = %next, "phase");
                 if next != Phase::Done {
                     self.report(
@@ -261,7 +261,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         record.attempt = None;
         record.failed_revision = Some(attempt.revision.clone());
         record.failed_reason = Some(reason.clone());
-        self.journal.save(record)?;
+        self.journal.save(record).await?;
         self.report(
             &attempt.revision,
             Update::failure(attempt.phase.as_str(), reason)
@@ -339,7 +339,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 record.attempt = None;
                 record.failed_revision = None;
                 record.failed_reason = None;
-                self.journal.save(record).map_err(StepError::Retry)?;
+                self.journal.save(record).await.map_err(StepError::Retry)?;
                 let mut u = Update::new(
                     State::Success,
                     Phase::Done.as_str(),
@@ -384,7 +384,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
         }
         self.router.ensure(&desired.databases, &addr).await?;
         record.serving = Some(member);
-        self.journal.save(record)?;
+        self.journal.save(record).await?;
         self.report(
             revision,
             Update::new(
@@ -678,7 +678,7 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                     a.pause_failures += 1;
                     a.phase = Phase::CatchUp;
                     let n = a.pause_failures;
-                    self.journal.save(record)?;
+                    self.journal.save(record).await?;
                     if n >= MAX_PAUSE_FAILURES {
                         return Err(final_err(format!("{aborted} ({n} times; giving up)")));
                     }
@@ -858,13 +858,12 @@ async fn consistent_cut(
         .join(", ");
     // Catch up first, holding nothing: the wait under the lock then covers only what is
     // committed while it is being taken, not the lag the lag gate let through.
-    let ahead = format!(
-        "verify-ahead-{}-{}",
-        now_ms(),
-        crate::state::random_token(8)
-    );
-    repl::write_marker(&marker, &ahead).await?;
-    repl::wait_marker(tgt, &ahead, bound.max(Duration::from_secs(60))).await?;
+    repl::catch_up(
+        &[(&marker, tgt)],
+        "verify-ahead",
+        bound.max(Duration::from_secs(60)),
+    )
+    .await?;
     locker
         .batch_execute(&format!(
             "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {list} IN EXCLUSIVE MODE",

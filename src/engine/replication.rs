@@ -287,6 +287,44 @@ pub async fn wait_marker(
     }
 }
 
+/// A marker round that the target applies within this is "caught up": what is left
+/// behind is about one round's worth of commits.
+const CAUGHT_UP_ROUND: Duration = Duration::from_millis(50);
+
+/// Writes markers on each source and waits for its target, round after round, until a
+/// round trip is short: one round only proves the target has applied what was committed
+/// before it, and a target far behind (after a long verification, say) takes seconds
+/// for that round, during which the source commits seconds more. Whatever is left is
+/// then small, so the hold that follows (a lock, a pause) waits only for it.
+pub async fn catch_up(
+    links: &[(&Client, &Client)],
+    label: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    const MAX_ROUNDS: u32 = 20;
+    let mut round = 0;
+    loop {
+        round += 1;
+        let token = format!(
+            "{label}-{}-{}",
+            crate::state::now_ms(),
+            crate::state::random_token(8)
+        );
+        let round_started = tokio::time::Instant::now();
+        for (source, _) in links {
+            write_marker(source, &token).await?;
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        for (_, target) in links {
+            wait_marker(target, &token, left).await?;
+        }
+        if round_started.elapsed() <= CAUGHT_UP_ROUND || round == MAX_ROUNDS {
+            return Ok(());
+        }
+    }
+}
+
 /// The server's own message for a database error (tokio-postgres' Display says only "db error").
 pub fn db_error_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {

@@ -98,24 +98,15 @@ pub async fn run<R: Router, J: Journal>(
     // Warm the statements used inside the pause, and let the target catch up with what
     // the source committed during the verification, so the wait inside the pause covers
     // only the transactions the pause drains.
-    let ahead = format!(
-        "switch-ahead-{}-{}",
-        crate::state::now_ms(),
-        crate::state::random_token(8)
-    );
-    for p in &pairs {
-        repl::write_marker(&p.source, &ahead).await?;
-    }
-    for p in &pairs {
-        repl::wait_marker(&p.target, &ahead, CATCH_UP_BEFORE_PAUSE).await?;
-    }
+    let links: Vec<_> = pairs.iter().map(|p| (&p.source, &p.target)).collect();
+    repl::catch_up(&links, "switch-ahead", CATCH_UP_BEFORE_PAUSE).await?;
 
-    set_step(journal, record, Some(SwitchStep::Pausing))?;
+    set_step(journal, record, Some(SwitchStep::Pausing)).await?;
     failpoint::hit("switchover:before-pause");
     let mut m = SwitchMeasurement::default();
     let started = Instant::now();
     if let Err(e) = router.pause(s.pause_timeout).await {
-        set_step(journal, record, None)?;
+        set_step(journal, record, None).await?;
         return Ok(Err(Aborted(format!(
             "switchover aborted, clients resumed on {}: could not pause the endpoint within {:?}: {e:#}",
             s.from, s.pause_timeout
@@ -140,7 +131,7 @@ pub async fn run<R: Router, J: Journal>(
     };
     if let Some(reason) = failure {
         roll_back_pause(router, &source_admin, &pairs, &reverse, s).await?;
-        set_step(journal, record, None)?;
+        set_step(journal, record, None).await?;
         return Ok(Err(Aborted(format!(
             "switchover aborted, clients resumed on {}: {reason}",
             s.from
@@ -149,14 +140,14 @@ pub async fn run<R: Router, J: Journal>(
 
     // The commit point: from here on, clients belong to the target.
     let t = Instant::now();
-    set_step(journal, record, Some(SwitchStep::Repointing))?;
+    set_step(journal, record, Some(SwitchStep::Repointing)).await?;
     failpoint::hit("switchover:repointing");
     router.repoint(s.target).await?;
     router.resume().await?;
     m.repoint_resume_ms = ms(t.elapsed());
     m.pause_ms = ms(started.elapsed());
     record.serving = Some(s.to);
-    set_step(journal, record, None)?;
+    set_step(journal, record, None).await?;
     Ok(Ok(m))
 }
 
@@ -251,7 +242,7 @@ pub async fn recover<R: Router, J: Journal>(
                 .map(|p| link_name(s.to.color, s.from.color, &p.db))
                 .collect();
             roll_back_pause(router, &source_admin, &pairs, &reverse, s).await?;
-            set_step(journal, record, None)?;
+            set_step(journal, record, None).await?;
             Ok(false)
         }
         Some(SwitchStep::Repointing) => {
@@ -259,7 +250,7 @@ pub async fn recover<R: Router, J: Journal>(
             router.repoint(s.target).await?;
             router.resume().await?;
             record.serving = Some(s.to);
-            set_step(journal, record, None)?;
+            set_step(journal, record, None).await?;
             Ok(true)
         }
     }
@@ -288,7 +279,7 @@ pub async fn finish(s: &Sides<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn set_step<J: Journal>(
+async fn set_step<J: Journal>(
     journal: &J,
     record: &mut Record,
     step: Option<SwitchStep>,
@@ -296,7 +287,7 @@ fn set_step<J: Journal>(
     if let Some(a) = record.attempt.as_mut() {
         a.switch_step = step;
     }
-    journal.save(record)
+    journal.save(record).await
 }
 
 fn ms(d: Duration) -> f64 {

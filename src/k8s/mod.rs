@@ -4,7 +4,12 @@
 //! controller that reads and writes them through the API server is an adapter around
 //! the same engine local mode runs.
 
+pub mod api;
+// (enabled once leader.rs and metrics.rs exist) pub mod controller;
 pub mod crd;
+pub mod endpoint;
 pub mod flux;
+pub mod instances;
+pub mod journal;
 pub mod objects;
 pub mod status;

@@ -15,18 +15,28 @@ use crate::core::plan::{Color, Member};
 use crate::core::spec::Desired;
 use crate::engine::replication::SERVER_SETTINGS;
 use crate::state::ADMIN_USER;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, StatefulSet, StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector, Service,
-    ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
+    PodTemplateSpec, Probe, Secret, SecretKeySelector, SecurityContext, Service, ServicePort,
+    ServiceSpec, TCPSocketAction, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use std::collections::BTreeMap;
 
 pub const PORT: i32 = 5432;
+/// The endpoint pod's control port: the controller pushes a new target to it.
+pub const CONTROL_PORT: i32 = 8432;
+/// The pod label saying which major a color's StatefulSet runs.
+pub const VERSION_LABEL: &str = "pgflip.dev/version";
+/// The endpoint ConfigMap's key: the endpoint's stored configuration (JSON).
+pub const ENDPOINT_CONFIG_KEY: &str = "endpoint.json";
 /// The Secret key holding the admin password.
 pub const PASSWORD_KEY: &str = "password";
 const DATA_MOUNT: &str = "/var/lib/postgresql";
@@ -37,6 +47,29 @@ const PGDATA: &str = "/var/lib/postgresql/pgdata";
 /// The name of one color's StatefulSet and headless Service: `<database>-<color>`.
 pub fn instance_name(db: &str, color: Color) -> String {
     format!("{db}-{color}")
+}
+
+/// The endpoint's Deployment and Service are named after the database: clients connect
+/// to `<database>.<namespace>.svc`.
+pub fn endpoint_name(db: &str) -> String {
+    db.to_string()
+}
+
+pub fn endpoint_config_name(db: &str) -> String {
+    format!("{db}-pgflip-endpoint")
+}
+
+/// The ConfigMap holding the engine's record for the database (its journal).
+pub fn state_name(db: &str) -> String {
+    format!("{db}-pgflip-state")
+}
+
+/// Labels of the endpoint pod.
+pub fn endpoint_labels(db: &str) -> BTreeMap<String, String> {
+    let mut l = labels(db, None);
+    l.insert("app.kubernetes.io/name".into(), "pgbouncer".into());
+    l.insert("app.kubernetes.io/component".into(), "endpoint".into());
+    l
 }
 
 pub fn admin_secret_name(db: &str) -> String {
@@ -82,7 +115,7 @@ pub fn statefulset(owner: &BlueGreenDatabase, desired: &Desired, member: &Member
     let name = instance_name(&desired.name, member.color);
     let selector = labels(&desired.name, Some(member.color));
     let mut pod_labels = selector.clone();
-    pod_labels.insert("pgflip.dev/version".into(), member.major.to_string());
+    pod_labels.insert(VERSION_LABEL.into(), member.major.to_string());
     let args: Vec<String> = SERVER_SETTINGS
         .iter()
         .flat_map(|(k, v)| ["-c".to_string(), format!("{k}={}", v.trim_matches('\''))])
@@ -232,6 +265,174 @@ pub fn admin_secret(owner: &BlueGreenDatabase, desired: &Desired, password: &str
     }
 }
 
+/// The endpoint's stored configuration. A restarted endpoint pod reads it (through its
+/// environment) and so points where the last switch left it.
+pub fn endpoint_config(
+    owner: &BlueGreenDatabase,
+    desired: &Desired,
+    config_json: String,
+) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(
+            owner,
+            endpoint_config_name(&desired.name),
+            endpoint_labels(&desired.name),
+        ),
+        data: Some(BTreeMap::from([(
+            ENDPOINT_CONFIG_KEY.to_string(),
+            config_json,
+        )])),
+        ..Default::default()
+    }
+}
+
+fn env_from(name: &str, source: EnvVarSource) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(source),
+        ..Default::default()
+    }
+}
+
+/// The endpoint: one PgBouncer pod run by `pgflip endpoint` (pgflip's image carries
+/// PgBouncer), which renders PgBouncer's configuration and takes a new target from the
+/// controller on its control port. One replica, replaced with `Recreate`: two PgBouncers
+/// behind the Service during a switch could send clients to both colors.
+pub fn endpoint_deployment(
+    owner: &BlueGreenDatabase,
+    desired: &Desired,
+    image: &str,
+) -> Deployment {
+    let name = endpoint_name(&desired.name);
+    let selector = endpoint_labels(&desired.name);
+    let env = vec![
+        env_from(
+            "PGFLIP_ENDPOINT_CONFIG",
+            EnvVarSource {
+                config_map_key_ref: Some(ConfigMapKeySelector {
+                    name: endpoint_config_name(&desired.name),
+                    key: ENDPOINT_CONFIG_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            },
+        ),
+        env_from(
+            "PGFLIP_ADMIN_PASSWORD",
+            EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: admin_secret_name(&desired.name),
+                    key: PASSWORD_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            },
+        ),
+        env_from(
+            "POD_IP",
+            EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ),
+    ];
+    let port = |name: &str, port: i32| ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        ..Default::default()
+    };
+    let container = Container {
+        name: "pgbouncer".into(),
+        image: Some(image.into()),
+        command: Some(vec!["pgflip".into(), "endpoint".into()]),
+        env: Some(env),
+        ports: Some(vec![port("postgres", PORT), port("control", CONTROL_PORT)]),
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(PORT),
+                ..Default::default()
+            }),
+            period_seconds: Some(2),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: meta(owner, name, selector.clone()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(selector),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    automount_service_account_token: Some(false),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The Service clients connect to: `<database>:<spec.endpoint.port>`.
+pub fn endpoint_service(owner: &BlueGreenDatabase, desired: &Desired) -> Service {
+    let mut metadata = meta(
+        owner,
+        endpoint_name(&desired.name),
+        endpoint_labels(&desired.name),
+    );
+    metadata.owner_references = owner_reference(owner);
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            selector: Some(endpoint_labels(&desired.name)),
+            ports: Some(vec![ServicePort {
+                name: Some("postgres".into()),
+                port: i32::from(desired.endpoint_port),
+                target_port: Some(IntOrString::Int(PORT)),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The engine's record, stored beside the object. Not owned by it: the record must
+/// outlive a pruned object as long as the data it describes.
+pub fn state_config_map(namespace: &str, db: &str, record_json: String) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(state_name(db)),
+            namespace: Some(namespace.to_string()),
+            labels: Some(labels(db, None)),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("record.json".to_string(), record_json)])),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,5 +544,68 @@ spec:
         assert_eq!(secret.metadata.name.as_deref(), Some("orders-pgflip-admin"));
         assert!(secret.metadata.owner_references.is_none());
         assert_eq!(secret.string_data.unwrap()[PASSWORD_KEY], "s3cret");
+    }
+
+    #[test]
+    fn endpoint_is_one_pgbouncer_replaced_not_rolled() {
+        let (obj, d) = fixture();
+        let deployment = endpoint_deployment(&obj, &d, "registry.example/pgflip:1");
+        assert_eq!(deployment.metadata.name.as_deref(), Some("orders"));
+        assert!(deployment.metadata.owner_references.is_none());
+        let spec = deployment.spec.unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(
+            spec.strategy.unwrap().type_.as_deref(),
+            Some("Recreate"),
+            "two PgBouncers must never serve at once"
+        );
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let c = &pod.containers[0];
+        assert_eq!(c.command.as_deref().unwrap(), ["pgflip", "endpoint"]);
+        let env = c.env.as_ref().unwrap();
+        let source = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value_from.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            source("PGFLIP_ENDPOINT_CONFIG")
+                .config_map_key_ref
+                .unwrap()
+                .name,
+            "orders-pgflip-endpoint"
+        );
+        assert_eq!(
+            source("PGFLIP_ADMIN_PASSWORD").secret_key_ref.unwrap().name,
+            "orders-pgflip-admin"
+        );
+        assert_eq!(
+            source("POD_IP").field_ref.unwrap().field_path,
+            "status.podIP"
+        );
+        assert!(env.iter().all(|e| e.value.is_none()), "no literal values");
+        let selector = spec.selector.match_labels.unwrap();
+        assert_eq!(selector["app.kubernetes.io/component"], "endpoint");
+        assert_eq!(spec.template.metadata.unwrap().labels.unwrap(), selector);
+
+        let service = endpoint_service(&obj, &d);
+        assert_eq!(service.metadata.name.as_deref(), Some("orders"));
+        let port = &service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+        assert_eq!(port.port, i32::from(d.endpoint_port));
+        assert_eq!(port.target_port, Some(IntOrString::Int(PORT)));
+        assert_eq!(
+            service.spec.unwrap().selector.unwrap()["app.kubernetes.io/component"],
+            "endpoint"
+        );
+    }
+
+    #[test]
+    fn the_record_outlives_the_object() {
+        let cm = state_config_map("shop", "orders", "{}".into());
+        assert_eq!(cm.metadata.name.as_deref(), Some("orders-pgflip-state"));
+        assert!(cm.metadata.owner_references.is_none());
+        assert_eq!(cm.data.unwrap()["record.json"], "{}");
     }
 }
