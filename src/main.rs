@@ -63,7 +63,7 @@ enum Command {
     /// Print the BlueGreenDatabase CustomResourceDefinition (as in manifests/crd.yaml).
     Crd,
     /// Kubernetes mode: reconcile every BlueGreenDatabase in the cluster (leader-elected).
-    Controller(ControllerPlaceholder),
+    Controller(pgflip::k8s::controller::ControllerOptions),
     /// The process of a database's endpoint pod: runs PgBouncer and takes new targets
     /// from the controller (started by the endpoint Deployment, not by hand).
     Endpoint,
@@ -194,10 +194,7 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", pgflip::k8s::crd::crd_yaml());
                 Ok(())
             }
-            Command::Controller(opts) => {
-                let _ = opts;
-                anyhow::bail!("not yet")
-            }
+            Command::Controller(opts) => pgflip::k8s::controller::run(opts, stop_signal()).await,
             Command::Endpoint => pgflip::k8s::endpoint::run_pod(stop_signal()).await,
         }
     })
@@ -255,6 +252,3 @@ fn render_status(r: &Record) -> String {
     }
     out
 }
-
-#[derive(clap::Args)]
-struct ControllerPlaceholder {}

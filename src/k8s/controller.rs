@@ -64,6 +64,9 @@ pub struct ControllerOptions {
     /// This replica's name in the Lease.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// How long a lease lasts unrenewed: how soon a replica takes over from a dead leader.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
 }
 
 /// How long one reconcile runs engine steps before it lets go (other objects, status).
@@ -129,6 +132,7 @@ pub async fn run(
         &options.lease_namespace,
         "pgflip-controller",
         &identity,
+        options.lease_duration,
     );
     tracing::info!(%identity, "waiting for the leader lease");
     let leader = tokio::select! {

@@ -5,11 +5,13 @@
 //! the same engine local mode runs.
 
 pub mod api;
-// (enabled once leader.rs and metrics.rs exist) pub mod controller;
+pub mod controller;
 pub mod crd;
 pub mod endpoint;
 pub mod flux;
 pub mod instances;
 pub mod journal;
+pub mod leader;
+pub mod metrics;
 pub mod objects;
 pub mod status;

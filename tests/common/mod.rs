@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod forge;
+pub mod kube;
+pub mod node_agent;
 
 use pgflip::adapters::git_notes::GitNotes;
 use pgflip::adapters::git_source::testing as git;

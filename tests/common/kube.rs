@@ -1,0 +1,322 @@
+//! A real Kubernetes control plane on loopback for the Kubernetes-mode tests: etcd,
+//! kube-apiserver and kube-controller-manager (for the StatefulSet, Deployment, garbage
+//! collector and volume-claim protection controllers), built by `scripts/setup-kube.sh`
+//! from the Go module proxy. Certificates and a token are generated per cluster; every
+//! port comes from the OS; the whole cluster lives in one temp dir and dies on Drop.
+//! Our CRD and Flux's CRDs are installed and Established before `start` returns.
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use pgflip::adapters::run_as::free_port;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    processes: Vec<(String, Child)>,
+    kubeconfig: PathBuf,
+    client: kube::Client,
+}
+
+fn bin_dir() -> PathBuf {
+    let cache = std::env::var("PGFLIP_KUBE_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/pgflip/kube")
+    });
+    let bin = cache.join("bin");
+    for b in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+        assert!(
+            bin.join(b).is_file(),
+            "{} is missing: run scripts/setup-kube.sh",
+            bin.join(b).display()
+        );
+    }
+    bin
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        let started = Instant::now();
+        let bin = bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("pgflip-kube-")
+            .tempdir()
+            .unwrap();
+        let path = |name: &str| dir.path().join(name);
+
+        // A CA, the API server's serving certificate, the service-account signing key.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pgflip-test-ca");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let serving_key = rcgen::KeyPair::generate().unwrap();
+        let serving = rcgen::CertificateParams::new(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "kubernetes.default.svc".to_string(),
+        ])
+        .unwrap()
+        .signed_by(&serving_key, &ca)
+        .unwrap();
+        let sa_key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(path("ca.crt"), ca.pem()).unwrap();
+        std::fs::write(path("apiserver.crt"), serving.pem()).unwrap();
+        std::fs::write(path("apiserver.key"), serving_key.serialize_pem()).unwrap();
+        std::fs::write(path("sa.key"), sa_key.serialize_pem()).unwrap();
+        std::fs::write(path("sa.pub"), sa_key.public_key_pem()).unwrap();
+        let token = pgflip::state::random_token(32);
+        std::fs::write(
+            path("tokens.csv"),
+            format!("{token},admin,admin-uid,\"system:masters\"\n"),
+        )
+        .unwrap();
+
+        let mut cluster_processes: Vec<(String, Child)> = Vec::new();
+        let spawn = |name: &str, cmd: &mut Command| -> (String, Child) {
+            let log = std::fs::File::create(path(&format!("{name}.log"))).unwrap();
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+            (name.to_string(), child)
+        };
+
+        let (client_port, peer_port) = (free_port().unwrap(), free_port().unwrap());
+        let etcd_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        cluster_processes.push(spawn(
+            "etcd",
+            Command::new(bin.join("etcd"))
+                .arg("--data-dir")
+                .arg(path("etcd"))
+                .args(["--name", "default"])
+                .args(["--listen-client-urls", &etcd_url])
+                .args(["--advertise-client-urls", &etcd_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .arg(format!("--initial-cluster=default={peer_url}"))
+                .args(["--unsafe-no-fsync", "--log-level", "warn"]),
+        ));
+
+        let api_port = free_port().unwrap();
+        cluster_processes.push(spawn(
+            "kube-apiserver",
+            Command::new(bin.join("kube-apiserver"))
+                .arg(format!("--etcd-servers={etcd_url}"))
+                .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+                .arg(format!("--secure-port={api_port}"))
+                .arg(format!("--cert-dir={}", path("certs").display()))
+                .arg(format!("--tls-cert-file={}", path("apiserver.crt").display()))
+                .arg(format!("--tls-private-key-file={}", path("apiserver.key").display()))
+                .arg(format!("--client-ca-file={}", path("ca.crt").display()))
+                .arg(format!("--token-auth-file={}", path("tokens.csv").display()))
+                .arg("--authorization-mode=RBAC")
+                .arg("--service-account-issuer=https://kubernetes.default.svc")
+                .arg(format!("--service-account-key-file={}", path("sa.pub").display()))
+                .arg(format!(
+                    "--service-account-signing-key-file={}",
+                    path("sa.key").display()
+                ))
+                .arg("--service-cluster-ip-range=10.96.0.0/16")
+                .arg("--endpoint-reconciler-type=none")
+                .arg("--enable-priority-and-fairness=false")
+                .arg("--profiling=false")
+                .arg("--v=1"),
+        ));
+
+        let kubeconfig = path("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{api_port}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
+                ca = path("ca.crt").display()
+            ),
+        )
+        .unwrap();
+
+        let mut cluster = Cluster {
+            processes: cluster_processes,
+            kubeconfig: kubeconfig.clone(),
+            client: Cluster::connect(&kubeconfig).await,
+            dir,
+        };
+        cluster.wait_ready(api_port).await;
+
+        let processes = &mut cluster.processes;
+        let dir_path = cluster.dir.path().to_path_buf();
+        let log = std::fs::File::create(dir_path.join("kube-controller-manager.log")).unwrap();
+        let kcm = Command::new(bin.join("kube-controller-manager"))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg("--controllers=statefulset,deployment,replicaset,garbagecollector,serviceaccount,serviceaccount-token,pvc-protection")
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                dir_path.join("sa.key").display()
+            ))
+            .arg(format!("--root-ca-file={}", dir_path.join("ca.crt").display()))
+            .args(["--leader-elect=false", "--secure-port=0", "--bind-address=127.0.0.1"])
+            .arg("--use-service-account-credentials=false")
+            .arg("--v=1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting kube-controller-manager");
+        processes.push(("kube-controller-manager".into(), kcm));
+
+        cluster.install_crds().await;
+        eprintln!(
+            "cluster up in {:.1}s at {}",
+            started.elapsed().as_secs_f64(),
+            cluster.dir.path().display()
+        );
+        cluster
+    }
+
+    async fn connect(kubeconfig: &Path) -> kube::Client {
+        let config = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+        let config =
+            kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
+                .await
+                .unwrap();
+        kube::Client::try_from(config).unwrap()
+    }
+
+    async fn wait_ready(&mut self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            // Ready once it serves and its bootstrap has made the default namespace.
+            let namespaces: Api<Namespace> = Api::all(self.client.clone());
+            if let Ok(Some(_)) = namespaces.get_opt("default").await {
+                return;
+            }
+            for (name, child) in &mut self.processes {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "{name} exited ({status}):\n{}",
+                        tail(&self.dir.path().join(format!("{name}.log")))
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "kube-apiserver on port {port} not ready:\n{}",
+                    tail(&self.dir.path().join("kube-apiserver.log"))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn install_crds(&self) {
+        let flux = std::env::var("PGFLIP_FLUX_CRDS").map(PathBuf::from).unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/flux-crds")
+        });
+        assert!(
+            flux.is_dir(),
+            "Flux's CRDs are not at {} (set PGFLIP_FLUX_CRDS)",
+            flux.display()
+        );
+        let mut files = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/crd.yaml")];
+        for entry in std::fs::read_dir(&flux).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(p);
+            }
+        }
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let mut names = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+                if value.get("kind").and_then(|k| k.as_str()) != Some("CustomResourceDefinition")
+                {
+                    continue;
+                }
+                let crd: CustomResourceDefinition = serde_yaml::from_value(value).unwrap();
+                let name = crd.metadata.name.clone().unwrap();
+                api.patch(&name, &PatchParams::apply("pgflip-test").force(), &Patch::Apply(&crd))
+                    .await
+                    .unwrap_or_else(|e| panic!("installing {name}: {e}"));
+                names.push(name);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for name in names {
+            loop {
+                let crd = api.get(&name).await.unwrap();
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                if established {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "CRD {name} not Established");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub async fn create_namespace(&self, name: &str) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        match api.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("creating namespace {name}: {e}"),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        // The controller manager first, etcd last.
+        for (_, child) in self.processes.iter_mut().rev() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            for name in ["kube-apiserver", "kube-controller-manager"] {
+                eprintln!(
+                    "--- {name} ---\n{}",
+                    tail(&self.dir.path().join(format!("{name}.log")))
+                );
+            }
+        }
+    }
+}

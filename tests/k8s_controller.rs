@@ -1,0 +1,443 @@
+//! Kubernetes mode end to end, against a real kube-apiserver, kube-controller-manager and
+//! etcd (tests/common/kube.rs), with a node agent standing in for the kubelet that runs
+//! real PostgreSQL servers and the real endpoint process (tests/common/node_agent.rs).
+//! The test plays Flux: it applies the object as kustomize-controller would, then reports
+//! the revision on the Kustomization's status.
+//!
+//! There is no kube-proxy: the test reaches the endpoint Service at its pod's address.
+
+mod common;
+
+use common::kube::Cluster;
+use common::node_agent::NodeAgent;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+};
+use pgflip::engine::pg::{Addr, Credentials};
+use pgflip::k8s::crd::BlueGreenDatabase;
+use pgflip::load::{self, LoadConfig};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NS: &str = "shop";
+const DB: &str = "orders";
+
+fn sha(seed: u8) -> String {
+    format!("{:02x}", seed).repeat(20)
+}
+
+fn document(version: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "pgflip.dev/v1alpha1",
+        "kind": "BlueGreenDatabase",
+        "metadata": {
+            "name": DB,
+            "namespace": NS,
+            "labels": {
+                "kustomize.toolkit.fluxcd.io/name": "databases",
+                "kustomize.toolkit.fluxcd.io/namespace": "flux-system",
+            },
+        },
+        "spec": {
+            "version": version,
+            "databases": ["app"],
+            "verification": "full",
+            "retainPrevious": "1h",
+        },
+    })
+}
+
+struct Flux {
+    kustomizations: Api<DynamicObject>,
+    objects: Api<BlueGreenDatabase>,
+}
+
+impl Flux {
+    async fn new(client: &kube::Client) -> Flux {
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        for ns in ["flux-system", "pgflip-system"] {
+            let body: Namespace =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
+            let _ = namespaces.create(&PostParams::default(), &body).await;
+        }
+        let gvk = GroupVersionKind::gvk("kustomize.toolkit.fluxcd.io", "v1", "Kustomization");
+        let resource = ApiResource::from_gvk(&gvk);
+        let kustomizations = Api::namespaced_with(client.clone(), "flux-system", &resource);
+        let body: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kustomize.toolkit.fluxcd.io/v1",
+            "kind": "Kustomization",
+            "metadata": {"name": "databases", "namespace": "flux-system"},
+            "spec": {
+                "interval": "1m",
+                "path": "./databases",
+                "prune": true,
+                "wait": true,
+                "sourceRef": {"kind": "GitRepository", "name": "flux-system"},
+            },
+        }))
+        .unwrap();
+        kustomizations
+            .create(&PostParams::default(), &body)
+            .await
+            .unwrap();
+        Flux {
+            kustomizations,
+            objects: Api::namespaced(client.clone(), NS),
+        }
+    }
+
+    /// What kustomize-controller does for a commit: apply the object, then report the
+    /// revision (with `wait: true`: "running health checks" until the object is Ready).
+    async fn apply(&self, version: &str, commit: &str) {
+        let params = PatchParams::apply("kustomize-controller").force();
+        self.objects
+            .patch(DB, &params, &Patch::Apply(&document(version)))
+            .await
+            .unwrap();
+        let revision = format!("main@sha1:{commit}");
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let status = serde_json::json!({
+            "apiVersion": "kustomize.toolkit.fluxcd.io/v1",
+            "kind": "Kustomization",
+            "status": {
+                "lastAttemptedRevision": revision,
+                "conditions": [
+                    {"type": "Ready", "status": "Unknown", "reason": "Progressing",
+                     "message": format!("Running health checks for revision {revision} with a timeout of 10m0s"),
+                     "lastTransitionTime": now},
+                    {"type": "Healthy", "status": "Unknown", "reason": "Progressing",
+                     "message": format!("Running health checks for revision {revision} with a timeout of 10m0s"),
+                     "lastTransitionTime": now},
+                ],
+            },
+        });
+        self.kustomizations
+            .patch_status(
+                "databases",
+                &PatchParams::apply("kustomize-controller").force(),
+                &Patch::Apply(&status),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+struct Controller {
+    child: Child,
+}
+
+impl Controller {
+    fn start(cluster: &Cluster, name: &str, failpoint: Option<&str>) -> Controller {
+        let log = cluster.dir().join(format!("controller-{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let port = pgflip::adapters::run_as::free_port().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgflip"));
+        cmd.args(["controller", "--lease-namespace", "pgflip-system"])
+            .args(["--identity", name, "--lease-duration", "4s"])
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,pgflip=debug,kube=warn")
+            .env("RUST_BACKTRACE", "0")
+            .env_remove("PGFLIP_FAILPOINT")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        if let Some(f) = failpoint {
+            cmd.env("PGFLIP_FAILPOINT", f);
+        }
+        Controller {
+            child: cmd.spawn().unwrap(),
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    logs: &dyn Fn() -> String,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if started.elapsed() > timeout {
+            panic!(
+                "timed out waiting for {what}\n--- controller log ---\n{}",
+                logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn condition<'a>(
+    object: &'a BlueGreenDatabase,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    object
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+fn is_ready_at(object: &BlueGreenDatabase, version: &str) -> bool {
+    let status = object.status.clone().unwrap_or_default();
+    condition(object, "Ready").is_some_and(|c| c.status == "True")
+        && status.observed_generation == object.metadata.generation
+        && status.active_version.as_deref() == Some(version)
+}
+
+async fn endpoint(client: &kube::Client) -> Option<Addr> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=endpoint"))
+        .await
+        .ok()?;
+    list.items
+        .iter()
+        .find_map(pgflip::k8s::api::ready_pod_ip)
+        .map(|host| Addr { host, port: 5432 })
+}
+
+async fn admin(client: &kube::Client) -> Credentials {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = secrets.get("orders-pgflip-admin").await.unwrap();
+    let password = &secret.data.unwrap()["password"];
+    Credentials {
+        user: "pgflip".into(),
+        password: String::from_utf8(password.0.clone()).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flux_driven_switch_revert_takeover_and_bad_spec() {
+    let cluster = Cluster::start().await;
+    let client = cluster.client();
+    cluster.create_namespace(NS).await;
+    let _agent = NodeAgent::start(&cluster, NS).await;
+    let flux = Flux::new(&client).await;
+    let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
+
+    // Two replicas: the first leads; the second waits on the lease.
+    let mut first = Controller::start(&cluster, "first", Some("switchover:before-pause"));
+    let logs = || first_log(&cluster);
+
+    // Bootstrap at 15 (revision A).
+    flux.apply("15", &sha(0xa1)).await;
+    let object = wait_for(
+        "bootstrap at 15",
+        Duration::from_secs(180),
+        &logs,
+        async || {
+            let o = objects.get(DB).await.ok()?;
+            is_ready_at(&o, "15").then_some(o)
+        },
+    )
+    .await;
+    let status = object.status.clone().unwrap();
+    assert_eq!(status.revision.as_deref(), Some(sha(0xa1).as_str()));
+    assert_eq!(status.phase.as_deref(), Some("idle"));
+    let annotations = object.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations["pgflip.dev/active-color"],
+        status.active_color.clone().unwrap()
+    );
+    assert_eq!(annotations["pgflip.dev/revision"], sha(0xa1));
+    assert_eq!(annotations["pgflip.dev/phase"], "idle");
+    let creds = admin(&client).await;
+    let addr = endpoint(&client).await.expect("the endpoint pod is Ready");
+    load::prepare(&addr, &creds, "app").await.unwrap();
+
+    // Change to 16 (revision B) under a write load; the first controller kills itself
+    // just before the pause, and the second takes the lease over and finishes the switch.
+    let _second = Controller::start(&cluster, "second", None);
+    let writes = load::start(LoadConfig {
+        endpoint: addr.clone(),
+        creds: creds.clone(),
+        database: "app".into(),
+        clients: 4,
+        rate_per_sec: Some(200),
+    });
+    flux.apply("16", &sha(0xb2)).await;
+    let waited = first.child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        waited.signal(),
+        Some(9),
+        "the first controller died at its failpoint"
+    );
+    let object = wait_for(
+        "the switch to 16",
+        Duration::from_secs(240),
+        &logs,
+        async || {
+            let o = objects.get(DB).await.ok()?;
+            is_ready_at(&o, "16").then_some(o)
+        },
+    )
+    .await;
+    let report = writes.stop().await;
+    eprintln!(
+        "switch 15 → 16 with a takeover: {} commits, {} failed, pause {:?} ms, events {:?}",
+        report.committed,
+        report.failed,
+        object.status.as_ref().and_then(|s| s.last_switch.as_ref()).map(|l| l.pause_ms),
+        object.status.as_ref().map(|s| s.conditions.iter().map(|c| (c.type_.clone(), c.reason.clone())).collect::<Vec<_>>())
+    );
+    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+    assert!(report.committed > 100, "the load ran: {report:?}");
+    let now_serving = endpoint(&client).await.unwrap();
+    assert_eq!(
+        load::lost_commits(&report, &now_serving, &creds, "app")
+            .await
+            .unwrap(),
+        0,
+        "every acknowledged commit is on the new primary"
+    );
+    let status = object.status.clone().unwrap();
+    assert_eq!(status.revision.as_deref(), Some(sha(0xb2).as_str()));
+    let last = status.last_switch.clone().expect("the switch is recorded");
+    assert_eq!(
+        (last.from_version.as_str(), last.to_version.as_str()),
+        ("15", "16")
+    );
+    assert_eq!(last.revision, sha(0xb2));
+    assert!(last.pause_ms > 0.0 && last.pause_ms < 5000.0, "{last:?}");
+    let green = status.active_color.clone().unwrap();
+    let version_label = |sts: &StatefulSet| {
+        sts.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap()["pgflip.dev/version"]
+            .clone()
+    };
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let serving = statefulsets.get(&format!("{DB}-{green}")).await.unwrap();
+    assert_eq!(version_label(&serving), "16");
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(DB))
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in ["Preflight", "Verify", "Switched"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} event in {reasons:?}"
+        );
+    }
+
+    // Revert (revision C): back to 15 under load, nothing lost.
+    let writes = load::start(LoadConfig {
+        endpoint: now_serving.clone(),
+        creds: creds.clone(),
+        database: "app".into(),
+        clients: 4,
+        rate_per_sec: Some(200),
+    });
+    flux.apply("15", &sha(0xc3)).await;
+    let object = wait_for(
+        "the switch back to 15",
+        Duration::from_secs(240),
+        &logs,
+        async || {
+            let o = objects.get(DB).await.ok()?;
+            is_ready_at(&o, "15").then_some(o)
+        },
+    )
+    .await;
+    let report = writes.stop().await;
+    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+    let serving_addr = endpoint(&client).await.unwrap();
+    assert_eq!(
+        load::lost_commits(&report, &serving_addr, &creds, "app")
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(object.status.clone().unwrap().revision, Some(sha(0xc3)));
+
+    // A bad spec (revision D): Stalled with the reason; nothing is touched.
+    let before: Vec<_> = statefulsets
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|s| (s.metadata.name.clone(), s.metadata.generation))
+        .collect();
+    flux.apply("13", &sha(0xd4)).await;
+    let object = wait_for(
+        "Stalled on a bad spec",
+        Duration::from_secs(60),
+        &logs,
+        async || {
+            let o = objects.get(DB).await.ok()?;
+            condition(&o, "Stalled")
+                .is_some_and(|c| c.status == "True")
+                .then_some(o)
+        },
+    )
+    .await;
+    let stalled = condition(&object, "Stalled").unwrap();
+    assert_eq!(stalled.reason, "InvalidSpec");
+    assert!(stalled.message.contains("13"), "{}", stalled.message);
+    assert_eq!(condition(&object, "Ready").unwrap().status, "False");
+    let status = object.status.clone().unwrap();
+    assert_eq!(status.active_version.as_deref(), Some("15"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after: Vec<_> = statefulsets
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|s| (s.metadata.name.clone(), s.metadata.generation))
+        .collect();
+    assert_eq!(before, after, "a bad spec changes no StatefulSet");
+    let still = pgflip::engine::pg::connect(&serving_addr, &creds, "app")
+        .await
+        .expect("blue keeps serving");
+    still.simple_query("SELECT 1").await.unwrap();
+}
+
+fn first_log(cluster: &Cluster) -> String {
+    ["first", "second"]
+        .iter()
+        .map(|n| {
+            let text = std::fs::read_to_string(cluster.dir().join(format!("controller-{n}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!(
+                "[{n}]\n{}",
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
