@@ -127,6 +127,7 @@ impl Flux {
 
 struct Controller {
     child: Child,
+    metrics_port: u16,
 }
 
 impl Controller {
@@ -151,6 +152,7 @@ impl Controller {
         }
         Controller {
             child: cmd.spawn().unwrap(),
+            metrics_port: port,
         }
     }
 }
@@ -265,7 +267,7 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
 
     // Change to 16 (revision B) under a write load; the first controller kills itself
     // just before the pause, and the second takes the lease over and finishes the switch.
-    let _second = Controller::start(&cluster, "second", None);
+    let second = Controller::start(&cluster, "second", None);
     let writes = load::start(LoadConfig {
         endpoint: addr.clone(),
         creds: creds.clone(),
@@ -296,8 +298,16 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         "switch 15 → 16 with a takeover: {} commits, {} failed, pause {:?} ms, events {:?}",
         report.committed,
         report.failed,
-        object.status.as_ref().and_then(|s| s.last_switch.as_ref()).map(|l| l.pause_ms),
-        object.status.as_ref().map(|s| s.conditions.iter().map(|c| (c.type_.clone(), c.reason.clone())).collect::<Vec<_>>())
+        object
+            .status
+            .as_ref()
+            .and_then(|s| s.last_switch.as_ref())
+            .map(|l| l.pause_ms),
+        object.status.as_ref().map(|s| s
+            .conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.reason.clone()))
+            .collect::<Vec<_>>())
     );
     assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
     assert!(report.committed > 100, "the load ran: {report:?}");

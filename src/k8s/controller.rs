@@ -21,7 +21,7 @@ use super::leader::LeaderElection;
 use super::metrics::Metrics;
 use super::objects::{self, PASSWORD_KEY, admin_secret_name};
 use super::status;
-use crate::adapters::{Observed, StatusSink};
+use crate::adapters::{Instances, Observed, StatusSink};
 use crate::core::plan::{Record, Wanted};
 use crate::core::report::{State, Update};
 use crate::core::spec::{self, Desired};
@@ -273,7 +273,7 @@ async fn reconcile(
         None => {
             // Invalid before anything was ever created: only the status says why.
             let record = Record::default();
-            publish_status(&context, &api, &object, &record, None, false).await?;
+            publish_status(&api, &object, &record, false).await?;
             return Ok(Action::await_change());
         }
     };
@@ -323,17 +323,9 @@ async fn reconcile(
         let started = Instant::now();
         while started.elapsed() < STEPS_PER_RECONCILE {
             let progress = database.engine.reconcile(&mut record, &wanted).await;
-            let switches = record.history.len();
-            publish_status(
-                &context,
-                &api,
-                &object,
-                &record,
-                Some(&desired),
-                waiting_for_flux,
-            )
-            .await?;
-            observe_metrics(&context.metrics, &namespace, &name, &record, switches);
+            publish_status(&api, &object, &record, waiting_for_flux).await?;
+            let phase = record.attempt.as_ref().map_or("idle", |a| a.phase.as_str());
+            context.metrics.set_phase(&namespace, &name, phase);
             match progress {
                 Ok(Progress::Busy) => busy = true,
                 Ok(Progress::Idle) => {
@@ -347,19 +339,16 @@ async fn reconcile(
             }
         }
     }
-    publish_status(
-        &context,
-        &api,
-        &object,
-        &record,
-        record
-            .desired
-            .as_ref()
-            .and_then(|d| spec::parse(&d.document).ok())
-            .as_ref(),
-        waiting_for_flux,
-    )
-    .await?;
+    let taken = record
+        .desired
+        .as_ref()
+        .and_then(|d| spec::parse(&d.document).ok());
+    if let Some(desired) = &taken
+        && let Some(lag) = replication_lag(&database, &record, desired).await
+    {
+        context.metrics.set_lag(&namespace, &name, lag);
+    }
+    publish_status(&api, &object, &record, waiting_for_flux).await?;
     Ok(if busy {
         Action::requeue(Duration::from_millis(10))
     } else if waiting_for_flux {
@@ -369,18 +358,43 @@ async fn reconcile(
     })
 }
 
-fn observe_metrics(metrics: &Metrics, namespace: &str, name: &str, record: &Record, _: usize) {
-    let phase = record.attempt.as_ref().map_or("idle", |a| a.phase.as_str());
-    metrics.set_phase(namespace, name, phase);
+/// The replication lag that matters now: the running attempt's link once data flows,
+/// else the reverse link that keeps the standby ready for a revert.
+async fn replication_lag(database: &Database, record: &Record, desired: &Desired) -> Option<i64> {
+    use crate::core::plan::Phase;
+    let serving = record.serving?;
+    let (from, to) = match (&record.attempt, &record.standby) {
+        (Some(a), _)
+            if Phase::ALL.iter().position(|p| *p == a.phase)
+                >= Phase::ALL.iter().position(|p| *p == Phase::InitialSync)
+                && a.phase != Phase::Done =>
+        {
+            (a.from, a.to)
+        }
+        (None, Some(s)) => (serving, s.member),
+        _ => return None,
+    };
+    let engine = &database.engine;
+    let source = engine.instances.addr(&from).await.ok()??;
+    let mut worst = None;
+    for db in &desired.databases {
+        let client = crate::engine::pg::connect(&source, &engine.admin, db)
+            .await
+            .ok()?;
+        let slot = crate::engine::replication::link_name(from.color, to.color, db);
+        let lag = crate::engine::replication::lag_bytes(&client, &slot)
+            .await
+            .ok()??;
+        worst = Some(worst.unwrap_or(0).max(lag));
+    }
+    worst
 }
 
 /// Writes the status (and the annotations mirroring it) when it changed.
 async fn publish_status(
-    context: &Context_,
     api: &Api<BlueGreenDatabase>,
     object: &BlueGreenDatabase,
     record: &Record,
-    _taken: Option<&Desired>,
     waiting_for_flux: bool,
 ) -> anyhow::Result<()> {
     let live = object.desired();
@@ -431,7 +445,6 @@ async fn publish_status(
             .await
             .context("writing the annotations")?;
     }
-    let _ = context;
     Ok(())
 }
 

@@ -32,9 +32,8 @@ pub fn decide(lease: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
         None | Some("") => Decision::Acquire,
         Some(holder) if holder == me => Decision::Renew,
         Some(_) => {
-            let duration = SignedDuration::from_secs(i64::from(
-                spec.lease_duration_seconds.unwrap_or(15),
-            ));
+            let duration =
+                SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
             match &spec.renew_time {
                 Some(MicroTime(renewed)) if *renewed + duration > now => Decision::Wait,
                 _ => Decision::Acquire,
@@ -210,9 +209,18 @@ mod tests {
         let secs = |s: i64| t0 + SignedDuration::from_secs(s);
         assert_eq!(decide(None, "a", t0), Decision::Acquire);
         assert_eq!(decide(Some(&held_by("", t0)), "a", t0), Decision::Acquire);
-        assert_eq!(decide(Some(&held_by("a", t0)), "a", secs(60)), Decision::Renew);
-        assert_eq!(decide(Some(&held_by("b", t0)), "a", secs(14)), Decision::Wait);
-        assert_eq!(decide(Some(&held_by("b", t0)), "a", secs(16)), Decision::Acquire);
+        assert_eq!(
+            decide(Some(&held_by("a", t0)), "a", secs(60)),
+            Decision::Renew
+        );
+        assert_eq!(
+            decide(Some(&held_by("b", t0)), "a", secs(14)),
+            Decision::Wait
+        );
+        assert_eq!(
+            decide(Some(&held_by("b", t0)), "a", secs(16)),
+            Decision::Acquire
+        );
         let never_renewed = LeaseSpec {
             holder_identity: Some("b".into()),
             ..Default::default()

@@ -75,9 +75,17 @@ impl Default for Metrics {
             lag.clone(),
         );
         let errors = Family::<ErrorKind, Counter>::default();
-        registry.register("reconcile_errors", "Failed reconciles and steps", errors.clone());
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles and steps",
+            errors.clone(),
+        );
         let leader = Gauge::default();
-        registry.register("leader", "1 while this replica holds the lease", leader.clone());
+        registry.register(
+            "leader",
+            "1 while this replica holds the lease",
+            leader.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
             switches,
@@ -223,7 +231,10 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
-        assert!(!text.contains(r#"phase="verify""#), "the old phase is gone:\n{text}");
+        assert!(
+            !text.contains(r#"phase="verify""#),
+            "the old phase is gone:\n{text}"
+        );
     }
 
     #[tokio::test]
