@@ -5,8 +5,8 @@
 //! port comes from the OS; the whole cluster lives in one temp dir and dies on Drop.
 //! Our CRD and Flux's CRDs are installed and Established before `start` returns.
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use pgflip::adapters::run_as::free_port;
 use std::path::{Path, PathBuf};
@@ -21,9 +21,11 @@ pub struct Cluster {
 }
 
 fn bin_dir() -> PathBuf {
-    let cache = std::env::var("PGFLIP_KUBE_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/pgflip/kube")
-    });
+    let cache = std::env::var("PGFLIP_KUBE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/pgflip/kube")
+        });
     let bin = cache.join("bin");
     for b in ["etcd", "kube-apiserver", "kube-controller-manager"] {
         assert!(
@@ -118,13 +120,25 @@ impl Cluster {
                 .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
                 .arg(format!("--secure-port={api_port}"))
                 .arg(format!("--cert-dir={}", path("certs").display()))
-                .arg(format!("--tls-cert-file={}", path("apiserver.crt").display()))
-                .arg(format!("--tls-private-key-file={}", path("apiserver.key").display()))
+                .arg(format!(
+                    "--tls-cert-file={}",
+                    path("apiserver.crt").display()
+                ))
+                .arg(format!(
+                    "--tls-private-key-file={}",
+                    path("apiserver.key").display()
+                ))
                 .arg(format!("--client-ca-file={}", path("ca.crt").display()))
-                .arg(format!("--token-auth-file={}", path("tokens.csv").display()))
+                .arg(format!(
+                    "--token-auth-file={}",
+                    path("tokens.csv").display()
+                ))
                 .arg("--authorization-mode=RBAC")
                 .arg("--service-account-issuer=https://kubernetes.default.svc")
-                .arg(format!("--service-account-key-file={}", path("sa.pub").display()))
+                .arg(format!(
+                    "--service-account-key-file={}",
+                    path("sa.pub").display()
+                ))
                 .arg(format!(
                     "--service-account-signing-key-file={}",
                     path("sa.key").display()
@@ -186,10 +200,12 @@ impl Cluster {
 
     async fn connect(kubeconfig: &Path) -> kube::Client {
         let config = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-        let config =
-            kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
-                .await
-                .unwrap();
+        let config = kube::Config::from_custom_kubeconfig(
+            config,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
         kube::Client::try_from(config).unwrap()
     }
 
@@ -220,9 +236,9 @@ impl Cluster {
     }
 
     async fn install_crds(&self) {
-        let flux = std::env::var("PGFLIP_FLUX_CRDS").map(PathBuf::from).unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/flux-crds")
-        });
+        let flux = std::env::var("PGFLIP_FLUX_CRDS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/flux-crds"));
         assert!(
             flux.is_dir(),
             "Flux's CRDs are not at {} (set PGFLIP_FLUX_CRDS)",
@@ -241,15 +257,18 @@ impl Cluster {
             let text = std::fs::read_to_string(&file).unwrap();
             for doc in serde_yaml::Deserializer::from_str(&text) {
                 let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
-                if value.get("kind").and_then(|k| k.as_str()) != Some("CustomResourceDefinition")
-                {
+                if value.get("kind").and_then(|k| k.as_str()) != Some("CustomResourceDefinition") {
                     continue;
                 }
                 let crd: CustomResourceDefinition = serde_yaml::from_value(value).unwrap();
                 let name = crd.metadata.name.clone().unwrap();
-                api.patch(&name, &PatchParams::apply("pgflip-test").force(), &Patch::Apply(&crd))
-                    .await
-                    .unwrap_or_else(|e| panic!("installing {name}: {e}"));
+                api.patch(
+                    &name,
+                    &PatchParams::apply("pgflip-test").force(),
+                    &Patch::Apply(&crd),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("installing {name}: {e}"));
                 names.push(name);
             }
         }

@@ -109,7 +109,12 @@ impl NodeAgent {
 
     /// The pod's address while its process runs.
     pub fn pod_ip(&self, pod: &str) -> Option<String> {
-        self.pods.lock().unwrap().running.get(pod).map(|r| r.ip.clone())
+        self.pods
+            .lock()
+            .unwrap()
+            .running
+            .get(pod)
+            .map(|r| r.ip.clone())
     }
 
     /// Kills a pod's process abruptly (SIGKILL); the agent restarts it, like a crashed container.
@@ -200,7 +205,12 @@ impl Agent {
                     .await;
                 continue;
             }
-            if pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none() {
+            if pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_none()
+            {
                 let binding = serde_json::json!({
                     "apiVersion": "v1", "kind": "Binding",
                     "metadata": {"name": name},
@@ -360,8 +370,16 @@ impl Agent {
             .map(|p| p.container_port as u16)
             .collect();
         let (mut cmd, stop_signal) = if let Some(major) = postgres_major(&image) {
-            (self.postgres(pod, container, &env, &ip, major, &pod_dir).await?, nix::sys::signal::Signal::SIGINT)
-        } else if container.command.as_ref().and_then(|c| c.first()).map(String::as_str)
+            (
+                self.postgres(pod, container, &env, &ip, major, &pod_dir)
+                    .await?,
+                nix::sys::signal::Signal::SIGINT,
+            )
+        } else if container
+            .command
+            .as_ref()
+            .and_then(|c| c.first())
+            .map(String::as_str)
             == Some("pgflip")
         {
             let mut cmd = self.run_as.command(Path::new(env!("CARGO_BIN_EXE_pgflip")));
@@ -381,10 +399,7 @@ impl Agent {
         } else {
             anyhow::bail!("no way to run image {image:?}");
         };
-        let child = cmd
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = cmd.stdout(log.try_clone()?).stderr(log).spawn()?;
         Ok(Running {
             uid: pod.metadata.uid.clone().unwrap_or_default(),
             ip,
