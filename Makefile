@@ -5,7 +5,7 @@ CARGO ?= cargo
 DEMO_JSON ?=
 export PGFLIP_TOOLCHAIN := $(CURDIR)/.toolchain
 
-.PHONY: setup build demo test test-unit lint bench clean
+.PHONY: setup setup-kube build demo test test-k8s test-unit lint bench clean
 
 setup:
 	@bash scripts/setup-rust.sh
@@ -17,10 +17,21 @@ build: setup
 demo: build
 	./target/release/pgflip demo $(if $(DEMO_JSON),--json $(DEMO_JSON),)
 
+# The Kubernetes control plane for the Kubernetes-mode tests: etcd, kube-apiserver and
+# kube-controller-manager built from the Go module proxy into ~/.cache/pgflip/kube
+# (idempotent; about 10 minutes the first time on 2 cores).
+setup-kube:
+	@bash scripts/setup-kube.sh
+
 # All tests: unit tests of the pure core, and integration tests against real PostgreSQL
-# 15/16/17, a real PgBouncer and real Git repositories.
-test: setup
+# 15/16/17/18, a real PgBouncer, real Git repositories and a real kube-apiserver.
+test: setup setup-kube
 	$(CARGO) test -- --test-threads=2
+
+# The Kubernetes-mode tests only (tests/k8s_*.rs).
+K8S_TESTS := $(foreach t,$(basename $(notdir $(wildcard tests/k8s_*.rs))),--test $(t))
+test-k8s: setup setup-kube
+	$(CARGO) test $(K8S_TESTS) -- --test-threads=2
 
 # The benchmark: pgflip against dump/restore and pg_upgrade --link, 100 MB and 1 GB at
 # 1000 tx/s (BENCH_ARGS="--sizes 100MB,1GB,5GB" for more). Results in bench/results/.

@@ -361,6 +361,22 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
             "no {reason} event in {reasons:?}"
         );
     }
+    // The new leader's metrics count the switch it finished.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", second.metrics_port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "pgflip_leader 1",
+        r#"pgflip_switches_total{namespace="shop",name="orders",direction="upgrade"} 1"#,
+        "pgflip_switch_pause_seconds_count 1",
+        r#"pgflip_phase{namespace="shop",name="orders",phase="idle"} 1"#,
+        r#"pgflip_replication_lag_bytes{namespace="shop",name="orders"}"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing in\n{metrics}");
+    }
 
     // Revert (revision C): back to 15 under load, nothing lost.
     let writes = load::start(LoadConfig {
@@ -450,4 +466,59 @@ fn first_log(cluster: &Cluster) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// An object no Kustomization manages: every generation is its own revision, and the
+/// status names none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_without_flux_switches_on_each_generation() {
+    let cluster = Cluster::start().await;
+    let client = cluster.client();
+    cluster.create_namespace(NS).await;
+    cluster.create_namespace("pgflip-system").await;
+    let _agent = NodeAgent::start(&cluster, NS).await;
+    let _controller = Controller::start(&cluster, "first", None);
+    let logs = || first_log(&cluster);
+    let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
+    let apply = async |version: &str| {
+        let mut doc = document(version);
+        doc["metadata"].as_object_mut().unwrap().remove("labels");
+        objects
+            .patch(
+                DB,
+                &PatchParams::apply("kubectl").force(),
+                &Patch::Apply(&doc),
+            )
+            .await
+            .unwrap();
+    };
+    apply("16").await;
+    wait_for(
+        "bootstrap at 16",
+        Duration::from_secs(180),
+        &logs,
+        async || {
+            let o = objects.get(DB).await.ok()?;
+            is_ready_at(&o, "16").then_some(o)
+        },
+    )
+    .await;
+    apply("17").await;
+    let object = wait_for(
+        "the switch to 17",
+        Duration::from_secs(240),
+        &logs,
+        async || {
+            let o = objects.get(DB).await.ok()?;
+            is_ready_at(&o, "17").then_some(o)
+        },
+    )
+    .await;
+    let status = object.status.unwrap();
+    assert_eq!(status.revision, None, "no Git revision to report");
+    let last = status.last_switch.unwrap();
+    assert_eq!(
+        (last.from_version.as_str(), last.to_version.as_str()),
+        ("16", "17")
+    );
 }

@@ -233,15 +233,54 @@ async fn origin(client: &kube::Client, object: &BlueGreenDatabase) -> anyhow::Re
         .transpose()
         .context("reading the Kustomization's status")?
         .unwrap_or_default();
-    Ok(match status.applied_revision() {
-        None => Origin::NotYetApplied,
-        Some(r) => Origin::Applied {
-            revision: r.to_string(),
-            commit: Revision::parse(r)
-                .ok()
-                .and_then(|r| r.commit().map(str::to_string)),
-        },
-    })
+    Ok(Origin::from_status(&status))
+}
+
+impl Origin {
+    fn from_status(status: &KustomizationStatus) -> Origin {
+        match status.applied_revision() {
+            None => Origin::NotYetApplied,
+            Some(r) => Origin::Applied {
+                revision: r.to_string(),
+                commit: Revision::parse(r)
+                    .ok()
+                    .and_then(|r| r.commit().map(str::to_string)),
+            },
+        }
+    }
+
+    /// The revision the object's current spec stands for, if one is known yet. A Git
+    /// revision is named by its commit: that is where progress is reported.
+    fn observe(&self, generation: Option<i64>, document: &str) -> Option<Observed> {
+        let revision = match self {
+            Origin::Unmanaged => format!("generation-{}", generation.unwrap_or(0)),
+            Origin::Applied { revision, commit } => {
+                commit.clone().unwrap_or_else(|| revision.clone())
+            }
+            Origin::NotYetApplied => return None,
+        };
+        Some(Observed {
+            revision,
+            document: Ok(document.to_string()),
+        })
+    }
+}
+
+/// Whether the object holds a (valid) spec that Flux has not reported applied yet: the
+/// revision it reports was taken already, with another document.
+fn waiting_for_flux(origin: &Origin, spec_valid: bool, record: &Record, document: &str) -> bool {
+    match origin {
+        Origin::NotYetApplied => true,
+        Origin::Unmanaged => false,
+        Origin::Applied { .. } => {
+            spec_valid
+                && record
+                    .desired
+                    .as_ref()
+                    .is_some_and(|d| d.document != document)
+                && record.observed_revision == origin.observe(None, document).map(|o| o.revision)
+        }
+    }
 }
 
 /// The object as the document local mode would read from Git.
@@ -279,17 +318,7 @@ async fn reconcile(
     };
     let mut record = database.record.lock().await;
     let document = document_text(&object);
-    let observed = match &origin {
-        Origin::Unmanaged => Some(Observed {
-            revision: format!("generation-{}", object.metadata.generation.unwrap_or(0)),
-            document: Ok(document.clone()),
-        }),
-        Origin::Applied { revision, commit } => Some(Observed {
-            revision: commit.clone().unwrap_or_else(|| revision.clone()),
-            document: Ok(document.clone()),
-        }),
-        Origin::NotYetApplied => None,
-    };
+    let observed = origin.observe(object.metadata.generation, &document);
     if let Some(observed) = &observed {
         intake::take_revision(
             observed,
@@ -299,14 +328,7 @@ async fn reconcile(
         )
         .await?;
     }
-    // Flux has not reported the revision of the spec the object now has.
-    let waiting_for_flux = origin == Origin::NotYetApplied
-        || (live.is_ok()
-            && record
-                .desired
-                .as_ref()
-                .is_some_and(|d| d.document != document)
-            && record.observed_revision == observed.as_ref().map(|o| o.revision.clone()));
+    let waiting_for_flux = waiting_for_flux(&origin, live.is_ok(), &record, &document);
 
     let mut busy = false;
     if let Some(taken) = record.desired.clone() {
@@ -600,5 +622,59 @@ impl StatusSink for KubeEvents {
             )
             .await
             .context("publishing an event")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::plan::DesiredDocument;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    fn flux(revision: &str) -> KustomizationStatus {
+        serde_json::from_value(serde_json::json!({
+            "lastAppliedRevision": revision,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "ReconciliationSucceeded", "message": ""}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_flux_revision_is_named_by_its_commit() {
+        let origin = Origin::from_status(&flux(&format!("main@sha1:{SHA}")));
+        let observed = origin.observe(Some(4), "doc").unwrap();
+        assert_eq!(observed.revision, SHA);
+        assert_eq!(observed.document.as_deref(), Ok("doc"));
+        assert_eq!(
+            Origin::from_status(&KustomizationStatus::default()),
+            Origin::NotYetApplied
+        );
+        assert!(Origin::NotYetApplied.observe(Some(4), "doc").is_none());
+        assert_eq!(
+            Origin::Unmanaged.observe(Some(4), "doc").unwrap().revision,
+            "generation-4"
+        );
+    }
+
+    #[test]
+    fn a_spec_ahead_of_flux_waits_for_its_revision() {
+        let origin = Origin::from_status(&flux(&format!("main@sha1:{SHA}")));
+        let taken = Record {
+            observed_revision: Some(SHA.into()),
+            desired: Some(DesiredDocument {
+                revision: SHA.into(),
+                document: "version 15".into(),
+            }),
+            ..Default::default()
+        };
+        // Flux applied the object at a new commit but still reports the old one.
+        assert!(waiting_for_flux(&origin, true, &taken, "version 16"));
+        // The object is what that revision carried.
+        assert!(!waiting_for_flux(&origin, true, &taken, "version 15"));
+        // An invalid spec is Stalled, not waiting.
+        assert!(!waiting_for_flux(&origin, false, &taken, "version 13"));
+        assert!(waiting_for_flux(&Origin::NotYetApplied, true, &taken, "x"));
+        assert!(!waiting_for_flux(&Origin::Unmanaged, true, &taken, "x"));
     }
 }
