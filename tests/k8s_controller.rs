@@ -140,7 +140,8 @@ impl Controller {
             .args(["--identity", name, "--lease-duration", "4s"])
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{port}"))
-            .env("KUBECONFIG", cluster.kubeconfig())
+            // As its ServiceAccount: manifests/rbac.yaml must allow all it does.
+            .env("KUBECONFIG", cluster.controller_kubeconfig())
             .env("RUST_LOG", "info,pgflip=debug,kube=warn")
             .env("RUST_BACKTRACE", "0")
             .env_remove("PGFLIP_FAILPOINT")
@@ -233,6 +234,7 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
     cluster.create_namespace(NS).await;
     let _agent = NodeAgent::start(&cluster, NS).await;
     let flux = Flux::new(&client).await;
+    cluster.install_controller_rbac().await;
     let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
 
     // Two replicas: the first leads; the second waits on the lease.
@@ -261,6 +263,22 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
     );
     assert_eq!(annotations["pgflip.dev/revision"], sha(0xa1));
     assert_eq!(annotations["pgflip.dev/phase"], "idle");
+    // The controller ran as its ServiceAccount under manifests/rbac.yaml, which is
+    // enforced: it may not, say, delete the admin Secret.
+    let as_controller = {
+        let config = kube::config::Kubeconfig::read_from(cluster.controller_kubeconfig()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(config).unwrap()
+    };
+    let denied = Api::<Secret>::namespaced(as_controller, NS)
+        .delete("orders-pgflip-admin", &Default::default())
+        .await;
+    assert!(
+        matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403),
+        "{denied:?}"
+    );
     let creds = admin(&client).await;
     let addr = endpoint(&client).await.expect("the endpoint pod is Ready");
     load::prepare(&addr, &creds, "app").await.unwrap();
@@ -475,7 +493,7 @@ async fn an_object_without_flux_switches_on_each_generation() {
     let cluster = Cluster::start().await;
     let client = cluster.client();
     cluster.create_namespace(NS).await;
-    cluster.create_namespace("pgflip-system").await;
+    cluster.install_controller_rbac().await;
     let _agent = NodeAgent::start(&cluster, NS).await;
     let _controller = Controller::start(&cluster, "first", None);
     let logs = || first_log(&cluster);

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The user name of the controller's ServiceAccount `pgflip-system/pgflip-controller`.
+const CONTROLLER_USER: &str = "system:serviceaccount:pgflip-system:pgflip-controller";
+
 pub struct Cluster {
     dir: tempfile::TempDir,
     processes: Vec<(String, Child)>,
@@ -77,9 +80,14 @@ impl Cluster {
         std::fs::write(path("sa.key"), sa_key.serialize_pem()).unwrap();
         std::fs::write(path("sa.pub"), sa_key.public_key_pem()).unwrap();
         let token = pgflip::state::random_token(32);
+        // The controller's own identity: the user name a token of its ServiceAccount
+        // carries, so manifests/rbac.yaml is what authorizes it in the tests.
+        let controller_token = pgflip::state::random_token(32);
         std::fs::write(
             path("tokens.csv"),
-            format!("{token},admin,admin-uid,\"system:masters\"\n"),
+            format!(
+                "{token},admin,admin-uid,\"system:masters\"\n{controller_token},{CONTROLLER_USER},controller-uid\n"
+            ),
         )
         .unwrap();
 
@@ -150,13 +158,17 @@ impl Cluster {
                 .arg("--v=1"),
         ));
 
-        let kubeconfig = path("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
+        let kubeconfig_for = |token: &str| {
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{api_port}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
                 ca = path("ca.crt").display()
-            ),
+            )
+        };
+        let kubeconfig = path("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_for(&token)).unwrap();
+        std::fs::write(
+            path("controller.kubeconfig"),
+            kubeconfig_for(&controller_token),
         )
         .unwrap();
 
@@ -297,6 +309,53 @@ impl Cluster {
 
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// A kubeconfig that authenticates as the controller's ServiceAccount: it may do only
+    /// what [`Cluster::install_controller_rbac`] grants.
+    pub fn controller_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("controller.kubeconfig")
+    }
+
+    /// Applies `manifests/serviceaccount.yaml` and `manifests/rbac.yaml` as they are.
+    pub async fn install_controller_rbac(&self) {
+        self.create_namespace("pgflip-system").await;
+        for file in ["serviceaccount.yaml", "rbac.yaml"] {
+            let text = std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("manifests")
+                    .join(file),
+            )
+            .unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+                let object: kube::api::DynamicObject = serde_yaml::from_value(value).unwrap();
+                let types = object.types.clone().unwrap();
+                let (group, version) = types
+                    .api_version
+                    .split_once('/')
+                    .unwrap_or(("", types.api_version.as_str()));
+                let gvk = kube::api::GroupVersionKind::gvk(group, version, &types.kind);
+                let (resource, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
+                    .await
+                    .unwrap();
+                let api: Api<kube::api::DynamicObject> =
+                    match (caps.scope, object.metadata.namespace.as_deref()) {
+                        (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                            Api::namespaced_with(self.client.clone(), ns, &resource)
+                        }
+                        _ => Api::all_with(self.client.clone(), &resource),
+                    };
+                let name = object.metadata.name.clone().unwrap();
+                api.patch(
+                    &name,
+                    &PatchParams::apply("pgflip-test").force(),
+                    &Patch::Apply(&object),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
+            }
+        }
     }
 
     pub fn dir(&self) -> &Path {
