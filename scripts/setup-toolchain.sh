@@ -19,7 +19,7 @@ command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
 # `kubectl kustomize` renders manifests/ in tests/manifests_render.rs.
-command -v kubectl >/dev/null 2>&1 || need_apt+=(kubectl)
+command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
 # The benchmark's plots draw their text with DejaVu Sans.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 if [ ${#need_apt[@]} -gt 0 ]; then
