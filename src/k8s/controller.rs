@@ -83,7 +83,8 @@ struct Database {
     adopted: AtomicBool,
 }
 
-struct Context_ {
+/// What every reconcile shares: the client, options, metrics, and the databases seen.
+struct Shared {
     client: kube::Client,
     options: ControllerOptions,
     reporter: Reporter,
@@ -143,7 +144,7 @@ pub async fn run(
     metrics.set_leader(true);
     let _ = ready_tx.send(true);
 
-    let context = Arc::new(Context_ {
+    let context = Arc::new(Shared {
         client: client.clone(),
         reporter: Reporter {
             controller: "pgflip".into(),
@@ -188,7 +189,7 @@ pub async fn run(
 fn error_policy(
     object: Arc<BlueGreenDatabase>,
     error: &ReconcileError,
-    context: Arc<Context_>,
+    context: Arc<Shared>,
 ) -> Action {
     tracing::warn!(object = %object.name_any(), error = %format!("{:#}", error.0), "reconcile failed; retrying");
     context.metrics.error("reconcile");
@@ -296,7 +297,7 @@ fn document_text(object: &BlueGreenDatabase) -> String {
 
 async fn reconcile(
     object: Arc<BlueGreenDatabase>,
-    context: Arc<Context_>,
+    context: Arc<Shared>,
 ) -> Result<Action, ReconcileError> {
     let namespace = object.namespace().context("the object has no namespace")?;
     let name = object.name_any();
@@ -470,7 +471,7 @@ async fn publish_status(
     Ok(())
 }
 
-impl Context_ {
+impl Shared {
     /// The database's engine, made on first sight (its admin Secret created if absent).
     /// None while the object has never been valid: nothing is created for it.
     async fn database(
