@@ -396,6 +396,43 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         assert!(metrics.contains(line), "{line} missing in\n{metrics}");
     }
 
+    // A restarted endpoint pod comes back pointing at the active color (its stored
+    // configuration), not at the color it started with.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let endpoint_pod = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=endpoint"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    pods.delete(&endpoint_pod.metadata.name.unwrap(), &Default::default())
+        .await
+        .unwrap();
+    let now_serving = wait_for(
+        "a new endpoint pod",
+        Duration::from_secs(60),
+        &logs,
+        async || endpoint(&client).await.filter(|a| *a != now_serving),
+    )
+    .await;
+    let through = pgflip::engine::pg::connect(&now_serving, &creds, "app")
+        .await
+        .unwrap();
+    let version = through
+        .simple_query("SHOW server_version_num")
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        version.starts_with("16"),
+        "the restarted endpoint serves {version}"
+    );
+
     // Revert (revision C): back to 15 under load, nothing lost.
     let writes = load::start(LoadConfig {
         endpoint: now_serving.clone(),

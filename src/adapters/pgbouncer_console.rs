@@ -69,6 +69,15 @@ impl AdminConsole {
         self.addr.lock().unwrap().clone()
     }
 
+    /// Whether a cached session is open (a console that went away closes it).
+    pub async fn is_connected(&self) -> bool {
+        self.session
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|s| !s.client.is_closed())
+    }
+
     /// Drops the cached session.
     pub async fn forget(&self) {
         *self.session.lock().await = None;

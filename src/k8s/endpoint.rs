@@ -122,6 +122,16 @@ impl KubeEndpoint {
         }
     }
 
+    /// Finds the Ready endpoint pod and opens its console.
+    async fn locate(&self, timeout: Duration) -> anyhow::Result<()> {
+        let ip = self.pod_ip(timeout).await?;
+        self.console.set_addr(Addr {
+            host: ip,
+            port: PORT as u16,
+        });
+        self.console.wait_ready(Duration::from_secs(30)).await
+    }
+
     /// Tells the pod its new target; it answers once PgBouncer has reloaded.
     async fn push(&self, target: &Addr) -> anyhow::Result<()> {
         let url = format!("http://{}:{CONTROL_PORT}/target", self.console.addr().host);
@@ -170,12 +180,7 @@ impl Router for KubeEndpoint {
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         apply(&services, &service).await?;
         apply(&deployments, &deployment).await?;
-        let ip = self.pod_ip(READY_TIMEOUT).await?;
-        self.console.set_addr(Addr {
-            host: ip,
-            port: PORT as u16,
-        });
-        self.console.wait_ready(Duration::from_secs(30)).await?;
+        self.locate(READY_TIMEOUT).await?;
         // Always: a controller killed between storing a target and pushing it left the
         // pod on the older one. Pushing the same target again changes nothing.
         self.push(&target).await
@@ -186,6 +191,10 @@ impl Router for KubeEndpoint {
     }
 
     async fn pause(&self, timeout: Duration) -> Result<()> {
+        // A restarted endpoint pod has a new address (and closed the cached session).
+        if !self.console.is_connected().await {
+            self.locate(Duration::from_secs(30)).await?;
+        }
         self.console.pause(timeout).await
     }
 
