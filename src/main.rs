@@ -1,8 +1,7 @@
 //! The one binary: `local`, `demo`, `bench`, `status`, `stop`, `crd`.
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pgflip::adapters::forge_status::{ForgeConfig, ForgeStatus, Provider};
+use pgflip::adapters::forge_status::ForgeArgs;
 use pgflip::core::plan::Record;
 use pgflip::state::StateDir;
 use std::path::PathBuf;
@@ -82,53 +81,6 @@ fn stop_signal() -> tokio::sync::watch::Receiver<bool> {
         let _ = tx.send(true);
     });
     rx
-}
-
-/// Commit statuses on the forge, besides git notes.
-#[derive(clap::Args)]
-struct ForgeArgs {
-    /// Also post a commit status for every update to this forge.
-    #[arg(long, value_enum, requires = "forge_repository")]
-    forge: Option<Provider>,
-    /// The forge's API root (defaults: https://api.github.com, https://gitlab.com/api/v4;
-    /// Gitea: required, e.g. https://gitea.example/api/v1).
-    #[arg(long)]
-    forge_api: Option<String>,
-    /// The repository: owner/name (GitLab: the project's path or id).
-    #[arg(long)]
-    forge_repository: Option<String>,
-    /// A file holding the API token; without it, $PGFLIP_FORGE_TOKEN.
-    #[arg(long)]
-    forge_token_file: Option<PathBuf>,
-}
-
-impl ForgeArgs {
-    fn sink(self) -> anyhow::Result<Option<ForgeStatus>> {
-        let Some(provider) = self.forge else {
-            return Ok(None);
-        };
-        let api = match self.forge_api.or(provider.default_api().map(String::from)) {
-            Some(api) => api,
-            None => anyhow::bail!("--forge-api is required for {provider:?}"),
-        };
-        let token = match &self.forge_token_file {
-            Some(path) => std::fs::read_to_string(path)
-                .with_context(|| format!("reading the forge token from {}", path.display()))?,
-            None => std::env::var("PGFLIP_FORGE_TOKEN").map_err(|_| {
-                anyhow::anyhow!(
-                    "give the forge token with --forge-token-file or $PGFLIP_FORGE_TOKEN"
-                )
-            })?,
-        };
-        ForgeStatus::new(ForgeConfig {
-            provider,
-            api,
-            repository: self.forge_repository.unwrap_or_default(),
-            token: token.trim().to_string(),
-            context: "pgflip".into(),
-        })
-        .map(Some)
-    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -132,6 +132,15 @@ struct Controller {
 
 impl Controller {
     fn start(cluster: &Cluster, name: &str, failpoint: Option<&str>) -> Controller {
+        Controller::start_with(cluster, name, failpoint, &[])
+    }
+
+    fn start_with(
+        cluster: &Cluster,
+        name: &str,
+        failpoint: Option<&str>,
+        extra: &[&str],
+    ) -> Controller {
         let log = cluster.dir().join(format!("controller-{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let port = pgflip::adapters::run_as::free_port().unwrap();
@@ -144,6 +153,8 @@ impl Controller {
             .env("KUBECONFIG", cluster.controller_kubeconfig())
             .env("RUST_LOG", "info,pgflip=debug,kube=warn")
             .env("RUST_BACKTRACE", "0")
+            .args(extra)
+            .env("PGFLIP_FORGE_TOKEN", "forge-t0ken")
             .env_remove("PGFLIP_FAILPOINT")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -237,8 +248,23 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
     cluster.install_controller_rbac().await;
     let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
 
+    // Commit statuses go to a stand-in GitHub API on loopback.
+    let forge = common::forge::FakeForge::start().await;
+    let forge_args = [
+        "--forge",
+        "github",
+        "--forge-api",
+        &forge.url,
+        "--forge-repository",
+        "shop/db",
+    ];
     // Two replicas: the first leads; the second waits on the lease.
-    let mut first = Controller::start(&cluster, "first", Some("switchover:before-pause"));
+    let mut first = Controller::start_with(
+        &cluster,
+        "first",
+        Some("switchover:before-pause"),
+        &forge_args,
+    );
     let logs = || first_log(&cluster);
 
     // Bootstrap at 15 (revision A).
@@ -285,7 +311,7 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
 
     // Change to 16 (revision B) under a write load; the first controller kills itself
     // just before the pause, and the second takes the lease over and finishes the switch.
-    let second = Controller::start(&cluster, "second", None);
+    let second = Controller::start_with(&cluster, "second", None, &forge_args);
     let writes = load::start(LoadConfig {
         endpoint: addr.clone(),
         creds: creds.clone(),
@@ -505,6 +531,50 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         .await
         .expect("blue keeps serving");
     still.simple_query("SELECT 1").await.unwrap();
+
+    // Every commit got its story on the forge, under one context, and the token is
+    // never logged.
+    let statuses: Vec<(String, String)> = forge
+        .requests()
+        .iter()
+        .map(|r| {
+            assert_eq!(r.method, "POST");
+            assert_eq!(r.headers["authorization"], "Bearer forge-t0ken");
+            assert_eq!(r.body["context"], "pgflip/shop/orders");
+            let sha = r.path.rsplit('/').next().unwrap().to_string();
+            assert!(r.path.starts_with("/repos/shop/db/statuses/"), "{}", r.path);
+            (sha, r.body["state"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let on = |sha: &str| -> Vec<&str> {
+        statuses
+            .iter()
+            .filter(|s| s.0 == sha)
+            .map(|s| s.1.as_str())
+            .collect()
+    };
+    for commit in [sha(0xb2), sha(0xc3)] {
+        let states = on(&commit);
+        assert_eq!(states.first(), Some(&"pending"), "{commit}: {statuses:?}");
+        assert_eq!(states.last(), Some(&"success"), "{commit}: {statuses:?}");
+    }
+    assert_eq!(
+        on(&sha(0xd4)),
+        ["failure"],
+        "the bad spec's commit: {statuses:?}"
+    );
+    let logs: String = ["first", "second"]
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(cluster.dir().join(format!("controller-{n}.log"))).unwrap()
+        })
+        .collect();
+    assert!(logs.contains("leading"), "the logs were read");
+    assert!(!logs.contains("forge-t0ken"), "the token is not logged");
+    assert!(
+        !logs.contains(&creds.password),
+        "the admin password is not logged"
+    );
 }
 
 fn first_log(cluster: &Cluster) -> String {

@@ -194,6 +194,18 @@ impl Env {
         if let Some(lib) = crate::toolchain::lib_dir(bin.parent().unwrap_or(Path::new("/"))) {
             cmd.env("LD_LIBRARY_PATH", lib);
         }
+        // A shell without job control starts background jobs with SIGINT ignored, and an
+        // ignored signal survives exec: pgbench, stopped with SIGINT, would run on forever.
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only sigaction, which is async-signal-safe, runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                use nix::sys::signal::{SigHandler, Signal, signal};
+                signal(Signal::SIGINT, SigHandler::SigDfl)
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
         Ok(cmd)
     }
 

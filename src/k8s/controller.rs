@@ -21,6 +21,7 @@ use super::leader::LeaderElection;
 use super::metrics::Metrics;
 use super::objects::{self, PASSWORD_KEY, admin_secret_name};
 use super::status;
+use crate::adapters::forge_status::{ForgeArgs, ForgeStatus};
 use crate::adapters::{Instances, Observed, StatusSink};
 use crate::core::plan::{Record, Wanted};
 use crate::core::report::{State, Update};
@@ -67,12 +68,16 @@ pub struct ControllerOptions {
     /// How long a lease lasts unrenewed: how soon a replica takes over from a dead leader.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
+    /// Commit statuses on a forge (context `pgflip/<namespace>/<name>`), for objects
+    /// applied by Flux from a Git commit.
+    #[command(flatten)]
+    pub forge: ForgeArgs,
 }
 
 /// How long one reconcile runs engine steps before it lets go (other objects, status).
 const STEPS_PER_RECONCILE: Duration = Duration::from_secs(2);
 
-type KubeEngine = Engine<KubeInstances, KubeEndpoint, KubeEvents, ConfigMapJournal>;
+type KubeEngine = Engine<KubeInstances, KubeEndpoint, KubeSinks, ConfigMapJournal>;
 
 /// One database's engine and record, kept between reconciles: the endpoint's console
 /// session stays open, so a pause costs one round trip.
@@ -90,6 +95,7 @@ struct Shared {
     reporter: Reporter,
     metrics: Metrics,
     toolchain: Toolchain,
+    forge: Option<ForgeStatus>,
     databases: tokio::sync::Mutex<HashMap<(String, String), Arc<Database>>>,
 }
 
@@ -101,6 +107,7 @@ pub async fn run(
     options: ControllerOptions,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let forge = options.forge.clone().sink()?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
@@ -153,6 +160,7 @@ pub async fn run(
         options,
         metrics: metrics.clone(),
         toolchain: Toolchain::discover(),
+        forge,
         databases: Default::default(),
     });
     let objects: Api<BlueGreenDatabase> = Api::all(client.clone());
@@ -508,12 +516,18 @@ impl Shared {
             &self.options.endpoint_image,
             admin.clone(),
         )?;
-        let events = KubeEvents {
-            recorder: Recorder::new(self.client.clone(), self.reporter.clone()),
-            reference: object.object_ref(&()),
-            metrics: self.metrics.clone(),
-            namespace: namespace.clone(),
-            name: name.clone(),
+        let events = KubeSinks {
+            events: KubeEvents {
+                recorder: Recorder::new(self.client.clone(), self.reporter.clone()),
+                reference: object.object_ref(&()),
+                metrics: self.metrics.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+            },
+            forge: self
+                .forge
+                .as_ref()
+                .map(|f| f.with_context(format!("pgflip/{namespace}/{name}"))),
         };
         let database = Arc::new(Database {
             engine: Engine::new(
@@ -565,6 +579,24 @@ impl Shared {
             user: ADMIN_USER.into(),
             password,
         })
+    }
+}
+
+/// Where progress goes: Events on the object, and the commit's status on the forge when
+/// the revision is a Git commit (an object no Kustomization manages has none).
+pub struct KubeSinks {
+    events: KubeEvents,
+    forge: Option<ForgeStatus>,
+}
+
+impl StatusSink for KubeSinks {
+    async fn publish(&self, revision: &str, update: &Update) -> anyhow::Result<()> {
+        let events = self.events.publish(revision, update).await;
+        let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
+        if let Some(forge) = self.forge.as_ref().filter(|_| is_commit) {
+            forge.publish(revision, update).await?;
+        }
+        events
     }
 }
 
