@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod forge;
+pub mod git_http;
 pub mod kube;
 pub mod node_agent;
 
