@@ -448,16 +448,7 @@ async fn publish_status(
         waiting_for_flux,
     };
     let next = status::compute(&observed, &previous, k8s_openapi::jiff::Timestamp::now());
-    if next != previous {
-        let body = serde_json::json!({
-            "apiVersion": BlueGreenDatabase::api_version(&()),
-            "kind": BlueGreenDatabase::kind(&()),
-            "status": next,
-        });
-        api.patch_status(&object.name_any(), &apply_params(), &Patch::Apply(&body))
-            .await
-            .context("writing the status")?;
-    }
+    // The annotations first: whoever sees the new status finds them already there.
     let annotations: serde_json::Map<String, serde_json::Value> = status::annotations(&next)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into()))
@@ -475,6 +466,16 @@ async fn publish_status(
         api.patch(&object.name_any(), &apply_params(), &Patch::Apply(&body))
             .await
             .context("writing the annotations")?;
+    }
+    if next != previous {
+        let body = serde_json::json!({
+            "apiVersion": BlueGreenDatabase::api_version(&()),
+            "kind": BlueGreenDatabase::kind(&()),
+            "status": next,
+        });
+        api.patch_status(&object.name_any(), &apply_params(), &Patch::Apply(&body))
+            .await
+            .context("writing the status")?;
     }
     Ok(())
 }

@@ -40,6 +40,21 @@ fn bin_dir() -> PathBuf {
     bin
 }
 
+/// Flux's CRDs (Kustomization, GitRepository): `$PGFLIP_FLUX_CRDS`, else `../shared/flux-crds`
+/// beside the repository.
+fn flux_crd_dir() -> PathBuf {
+    let flux = std::env::var_os("PGFLIP_FLUX_CRDS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/flux-crds"));
+    assert!(
+        flux.is_dir(),
+        "Flux's CRDs are not at {}: put Flux's CRD YAML files (kustomize-controller's \
+         Kustomization, source-controller's GitRepository) there or set PGFLIP_FLUX_CRDS",
+        flux.display()
+    );
+    flux
+}
+
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -50,6 +65,7 @@ impl Cluster {
     pub async fn start() -> Cluster {
         let started = Instant::now();
         let bin = bin_dir();
+        let flux = flux_crd_dir();
         let dir = tempfile::Builder::new()
             .prefix("pgflip-kube-")
             .tempdir()
@@ -74,22 +90,31 @@ impl Cluster {
         .signed_by(&serving_key, &ca)
         .unwrap();
         let sa_key = rcgen::KeyPair::generate().unwrap();
-        std::fs::write(path("ca.crt"), ca.pem()).unwrap();
-        std::fs::write(path("apiserver.crt"), serving.pem()).unwrap();
-        std::fs::write(path("apiserver.key"), serving_key.serialize_pem()).unwrap();
-        std::fs::write(path("sa.key"), sa_key.serialize_pem()).unwrap();
-        std::fs::write(path("sa.pub"), sa_key.public_key_pem()).unwrap();
+        // The kubeconfig and the CA are read by processes of the unprivileged user (the
+        // node agent's pgflip pods): the directory is searchable, they are readable; the
+        // keys and tokens are the owner's only.
+        use std::os::unix::fs::PermissionsExt;
+        let write = |name: &str, text: &str, mode: u32| {
+            std::fs::write(path(name), text).unwrap();
+            std::fs::set_permissions(path(name), std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        write("ca.crt", &ca.pem(), 0o644);
+        write("apiserver.crt", &serving.pem(), 0o644);
+        write("apiserver.key", &serving_key.serialize_pem(), 0o600);
+        write("sa.key", &sa_key.serialize_pem(), 0o600);
+        write("sa.pub", &sa_key.public_key_pem(), 0o644);
         let token = pgflip::state::random_token(32);
         // The controller's own identity: the user name a token of its ServiceAccount
         // carries, so manifests/rbac.yaml is what authorizes it in the tests.
         let controller_token = pgflip::state::random_token(32);
-        std::fs::write(
-            path("tokens.csv"),
-            format!(
+        write(
+            "tokens.csv",
+            &format!(
                 "{token},admin,admin-uid,\"system:masters\"\n{controller_token},{CONTROLLER_USER},controller-uid\n"
             ),
-        )
-        .unwrap();
+            0o600,
+        );
 
         let mut cluster_processes: Vec<(String, Child)> = Vec::new();
         let spawn = |name: &str, cmd: &mut Command| -> (String, Child) {
@@ -165,12 +190,12 @@ impl Cluster {
             )
         };
         let kubeconfig = path("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_for(&token)).unwrap();
-        std::fs::write(
-            path("controller.kubeconfig"),
-            kubeconfig_for(&controller_token),
-        )
-        .unwrap();
+        write("kubeconfig", &kubeconfig_for(&token), 0o644);
+        write(
+            "controller.kubeconfig",
+            &kubeconfig_for(&controller_token),
+            0o644,
+        );
 
         let mut cluster = Cluster {
             processes: cluster_processes,
@@ -178,7 +203,10 @@ impl Cluster {
             client: Cluster::connect(&kubeconfig).await,
             dir,
         };
-        cluster.wait_ready(api_port).await;
+        cluster
+            .wait_ready(api_port, &token, ca.pem().as_bytes())
+            .await;
+        let api_ready = started.elapsed();
 
         let processes = &mut cluster.processes;
         let dir_path = cluster.dir.path().to_path_buf();
@@ -201,10 +229,11 @@ impl Cluster {
             .expect("starting kube-controller-manager");
         processes.push(("kube-controller-manager".into(), kcm));
 
-        cluster.install_crds().await;
+        cluster.install_crds(&flux).await;
         eprintln!(
-            "cluster up in {:.1}s at {}",
+            "cluster up in {:.1}s (API server ready after {:.1}s) at {}",
             started.elapsed().as_secs_f64(),
+            api_ready.as_secs_f64(),
             cluster.dir.path().display()
         );
         cluster
@@ -221,12 +250,23 @@ impl Cluster {
         kube::Client::try_from(config).unwrap()
     }
 
-    async fn wait_ready(&mut self, port: u16) {
+    async fn wait_ready(&mut self, port: u16, token: &str, ca: &[u8]) {
         let deadline = Instant::now() + Duration::from_secs(90);
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca).unwrap())
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let readyz = format!("https://127.0.0.1:{port}/readyz");
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
         loop {
-            // Ready once it serves and its bootstrap has made the default namespace.
-            let namespaces: Api<Namespace> = Api::all(self.client.clone());
-            if let Ok(Some(_)) = namespaces.get_opt("default").await {
+            // Ready once /readyz says so (etcd, every post-start hook: RBAC bootstrap
+            // roles, CRD informers...) and its bootstrap has made the default namespace.
+            let ready = match http.get(&readyz).bearer_auth(token).send().await {
+                Ok(r) => r.status().is_success(),
+                Err(_) => false,
+            };
+            if ready && matches!(namespaces.get_opt("default").await, Ok(Some(_))) {
                 return;
             }
             for (name, child) in &mut self.processes {
@@ -247,17 +287,9 @@ impl Cluster {
         }
     }
 
-    async fn install_crds(&self) {
-        let flux = std::env::var("PGFLIP_FLUX_CRDS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/flux-crds"));
-        assert!(
-            flux.is_dir(),
-            "Flux's CRDs are not at {} (set PGFLIP_FLUX_CRDS)",
-            flux.display()
-        );
+    async fn install_crds(&self, flux: &Path) {
         let mut files = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/crd.yaml")];
-        for entry in std::fs::read_dir(&flux).unwrap() {
+        for entry in std::fs::read_dir(flux).unwrap() {
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
                 files.push(p);
@@ -389,7 +421,7 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            for name in ["kube-apiserver", "kube-controller-manager"] {
+            for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
                 eprintln!(
                     "--- {name} ---\n{}",
                     tail(&self.dir.path().join(format!("{name}.log")))

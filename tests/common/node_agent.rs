@@ -1,52 +1,126 @@
-//! A node agent standing in for the kubelet in the Kubernetes-mode tests. For each pod of
-//! its namespace it binds the pod to its Node (there is no scheduler), starts the real
-//! process the pod's container stands for, on the pod's own loopback address, and reports
-//! the pod's status; it restarts a process that exits, and on a pod's deletion stops the
-//! process and removes the pod as the kubelet does.
+//! A node agent standing in for the kubelet in the Kubernetes-mode tests. It registers a
+//! Ready Node, binds every unscheduled pod of its namespace to it (there is no scheduler),
+//! starts the real process the pod's container stands for, on the pod's own loopback
+//! address, and reports the pod's status (phase, IPs, conditions, container status); it
+//! restarts a process that exits (restartPolicy Always: same pod, same address, restart
+//! count bumped), and on a pod's deletion stops the process (the pod's grace period, then
+//! SIGKILL) and removes the pod as the kubelet does.
 //!
-//! Containers it knows:
-//! - `…/postgres:<major>…`: PostgreSQL of that major from the toolchain; its data lives
-//!   per volume claim (by the claim's UID, so a recreated claim starts empty), initialised
-//!   like the official image does from `POSTGRES_USER` / `POSTGRES_PASSWORD`.
-//! - command `pgflip …`: this crate's binary (the endpoint pod), with the container's
-//!   environment resolved (values, Secret and ConfigMap keys, the pod's IP and name).
+//! Containers it knows (the pod's first container):
+//! - image `…/postgres:<major>…`: PostgreSQL of that major from the toolchain, run as the
+//!   unprivileged user. Its data lives per volume claim (by the claim's UID: a restarted pod
+//!   of a StatefulSet keeps it, a recreated claim starts empty), initialised like the official
+//!   image does from `POSTGRES_USER` / `POSTGRES_PASSWORD` / `POSTGRES_DB`; the container's
+//!   `args` (`-c key=value`) are passed on. Ready once it accepts connections on 5432
+//!   (as `pg_isready` decides: not while starting up or recovering).
+//! - command `pgflip …`: this crate's binary (the endpoint pod), run as the unprivileged
+//!   user, with the container's environment resolved (values, Secret and ConfigMap keys,
+//!   the pod's IP, name and namespace) plus `KUBECONFIG` (standing in for the service
+//!   account mount), `PGFLIP_TOOLCHAIN` (the image's filesystem), `TMPDIR`, `RUST_LOG`.
+//!   Ready once every declared container port accepts TCP.
 //!
-//! Each pod gets a random 127.X.Y.Z, so parallel tests never collide on a port. Not
-//! emulated: images, probes (Ready = the container port accepts TCP), resource limits,
-//! volumes other than claims, init containers, networking across pods (loopback).
+//! Anything else stays Pending (said once on stderr).
+//!
+//! Each pod gets a random 127.X.Y.Z (X in 64..=127), checked free, so parallel tests never
+//! collide on a port. A pod's process runs in its own process group, and the group is what
+//! dies (like a container's PID namespace) on a crash, a kill or a stop.
+//!
+//! Not emulated: images, probes other than the above, resource limits, volumes other than
+//! claims (no mounts: Secrets and ConfigMaps reach a container through its env only), init
+//! and sidecar containers, more than one container, networking across pods (loopback),
+//! Services (no kube-proxy), crash-loop back-off, node heartbeats.
 
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, PersistentVolumeClaim, Pod, Secret};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
 use pgflip::adapters::run_as::RunAs;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const POLL: Duration = Duration::from_millis(150);
+/// How often a Ready container is probed again (a not-Ready one: every poll).
+const PROBE_READY: Duration = Duration::from_secs(1);
+const POSTGRES_PORT: u16 = 5432;
+
+/// How the agent runs what it runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The binary for containers whose command is `pgflip`: `$PGFLIP_BIN`, else the test
+    /// crate's own build of it.
+    pub pgflip_bin: PathBuf,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            pgflip_bin: std::env::var_os("PGFLIP_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pgflip"))),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Postgres,
+    Pgflip,
+}
 
 struct Running {
     uid: String,
     ip: String,
     child: Child,
-    /// SIGINT for PostgreSQL (fast shutdown), SIGTERM otherwise.
-    stop_signal: nix::sys::signal::Signal,
+    kind: Kind,
+    /// PostgreSQL's superuser (for the readiness check's startup packet).
+    user: String,
     ports: Vec<u16>,
     restarts: i32,
     ready: bool,
+    probed: Option<Instant>,
     started_at: String,
+    /// Exit code and time of the previous run, for `lastState`.
+    last_exit: Option<(i32, String)>,
+    /// Stopping for the pod's deletion: SIGKILL at this instant.
+    kill_at: Option<Instant>,
+    /// When this run started, to tell a crash loop.
+    since: Instant,
+    /// The process has exited (and its group is gone): restart at this instant.
+    restart_at: Option<Instant>,
     image: String,
     container: String,
+}
+
+impl Running {
+    /// Signals the main process while it runs (once reaped, its PID may be anyone's).
+    fn signal(&mut self, signal: Signal) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+        }
+    }
+
+    fn stop_signal(&self) -> Signal {
+        // PostgreSQL: SIGINT is the fast shutdown (SIGTERM would wait for clients).
+        match self.kind {
+            Kind::Postgres => Signal::SIGINT,
+            Kind::Pgflip => Signal::SIGTERM,
+        }
+    }
 }
 
 #[derive(Default)]
 struct Pods {
     running: HashMap<String, Running>,
+    /// Why a pod cannot run, by pod UID, so it is said once.
+    complaints: HashMap<String, String>,
 }
 
 pub struct NodeAgent {
+    node: String,
     stop: Arc<AtomicBool>,
     pods: Arc<Mutex<Pods>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -59,19 +133,25 @@ struct Agent {
     node: String,
     dir: PathBuf,
     run_as: RunAs,
+    options: Options,
+    kubeconfig: PathBuf,
     pods: Arc<Mutex<Pods>>,
 }
 
 impl NodeAgent {
+    /// An agent for the pods of `namespace`, with [`Options::default`].
     pub async fn start(cluster: &super::kube::Cluster, namespace: &str) -> NodeAgent {
+        NodeAgent::start_with(cluster, namespace, Options::default()).await
+    }
+
+    pub async fn start_with(
+        cluster: &super::kube::Cluster,
+        namespace: &str,
+        options: Options,
+    ) -> NodeAgent {
         let client = cluster.client();
         let node = format!("node-{}", pgflip::state::random_token(6).to_lowercase());
-        let nodes: Api<Node> = Api::all(client.clone());
-        let body: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": node},
-        }))
-        .unwrap();
-        nodes.create(&PostParams::default(), &body).await.unwrap();
+        register_node(&client, &node).await;
         let dir = tempfile::Builder::new()
             .prefix("pgflip-node-")
             .tempdir()
@@ -85,21 +165,24 @@ impl NodeAgent {
         let agent = Agent {
             client,
             namespace: namespace.to_string(),
-            node,
+            node: node.clone(),
             dir: dir.path().to_path_buf(),
             run_as,
+            options,
+            kubeconfig: cluster.kubeconfig().to_path_buf(),
             pods: pods.clone(),
         };
         let stopping = stop.clone();
         let task = tokio::spawn(async move {
             while !stopping.load(Ordering::Relaxed) {
                 if let Err(e) = agent.sync().await {
-                    eprintln!("node agent: {e:#}");
+                    eprintln!("node agent {}: {e:#}", agent.node);
                 }
                 tokio::time::sleep(POLL).await;
             }
         });
         NodeAgent {
+            node,
             stop,
             pods,
             task: Some(task),
@@ -107,7 +190,12 @@ impl NodeAgent {
         }
     }
 
-    /// The pod's address while its process runs.
+    /// The name of the agent's Node.
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    /// The pod's address while the agent runs its process.
     pub fn pod_ip(&self, pod: &str) -> Option<String> {
         self.pods
             .lock()
@@ -117,10 +205,17 @@ impl NodeAgent {
             .map(|r| r.ip.clone())
     }
 
-    /// Kills a pod's process abruptly (SIGKILL); the agent restarts it, like a crashed container.
+    /// Kills a pod's processes abruptly (SIGKILL to the whole group), like a crashed
+    /// container; the agent restarts it in the same pod, on the same address.
     pub fn kill_process(&self, pod: &str) {
-        if let Some(r) = self.pods.lock().unwrap().running.get_mut(pod) {
-            let _ = r.child.kill();
+        if let Some(r) = self.pods.lock().unwrap().running.get_mut(pod)
+            && matches!(r.child.try_wait(), Ok(None))
+        {
+            let pid = r.child.id();
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            // Reaped by the agent's next poll, which restarts it; the group is gone first,
+            // so the restarted server finds no leftover of the old one.
+            wait_group_gone(pid, Duration::from_secs(5));
         }
     }
 }
@@ -138,19 +233,87 @@ impl Drop for NodeAgent {
     }
 }
 
-fn stop_process(r: &mut Running, grace: Duration) {
-    let pid = nix::unistd::Pid::from_raw(r.child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, r.stop_signal);
-    let deadline = std::time::Instant::now() + grace;
-    while matches!(r.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = r.child.kill();
-    let _ = r.child.wait();
+async fn register_node(client: &kube::Client, node: &str) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let body: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": node, "labels": {"kubernetes.io/hostname": node}},
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &body).await.unwrap();
+    let t = now();
+    let status = serde_json::json!({"status": {
+        "conditions": [{
+            "type": "Ready", "status": "True", "reason": "KubeletReady",
+            "message": "pgflip test node agent", "lastHeartbeatTime": t, "lastTransitionTime": t,
+        }],
+        "addresses": [
+            {"type": "InternalIP", "address": "127.0.0.1"},
+            {"type": "Hostname", "address": node},
+        ],
+        "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
+        "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
+    }});
+    nodes
+        .patch_status(node, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
 }
 
-/// A loopback address no other pod (of any test) listens on.
-fn fresh_ip() -> String {
+/// Stops a process as the kubelet stops a container: its stop signal, up to `grace`, then
+/// SIGKILL to the whole group. Blocking.
+fn stop_process(r: &mut Running, grace: Duration) {
+    r.signal(r.stop_signal());
+    let deadline = Instant::now() + grace;
+    while matches!(r.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    finish(r);
+}
+
+/// The main process has exited or must go now: SIGKILL to its group, reap it, and wait
+/// until nothing of the group is left. Returns the exit code (128 + signal if killed).
+fn finish(r: &mut Running) -> i32 {
+    if matches!(r.child.try_wait(), Ok(None)) {
+        let _ = killpg(Pid::from_raw(r.child.id() as i32), Signal::SIGKILL);
+    }
+    let status = r.child.wait().ok();
+    wait_group_gone(r.child.id(), Duration::from_secs(5));
+    status.map_or(-1, |s| {
+        use std::os::unix::process::ExitStatusExt;
+        s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+    })
+}
+
+/// Waits until no live (non-zombie) process is in process group `pgid`, killing what is
+/// left. (A process group's ID is not reused while the group has members, so this never
+/// signals a stranger.)
+fn wait_group_gone(pgid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while group_alive(pgid) && Instant::now() < deadline {
+        let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn group_alive(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        // pid (comm) state ppid pgrp …; comm may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return false;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields.len() > 2 && fields[0] != "Z" && fields[2] == pgid.to_string()
+    })
+}
+
+/// A loopback address on which every port in `ports` is free.
+fn fresh_ip(ports: &[u16]) -> String {
     use rand::Rng;
     let mut rng = rand::thread_rng();
     loop {
@@ -160,10 +323,10 @@ fn fresh_ip() -> String {
             rng.gen_range(1..=254),
             rng.gen_range(1..=254)
         );
-        let free = [5432u16, 8432]
+        if ports
             .iter()
-            .all(|p| std::net::TcpListener::bind((ip.as_str(), *p)).is_ok());
-        if free {
+            .all(|p| std::net::TcpListener::bind((ip.as_str(), *p)).is_ok())
+        {
             return ip;
         }
     }
@@ -173,6 +336,15 @@ fn now() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
 
+fn container_kind(container: &Container) -> Option<(Kind, Option<u32>)> {
+    let image = container.image.as_deref().unwrap_or_default();
+    if let Some(major) = postgres_major(image) {
+        return Some((Kind::Postgres, Some(major)));
+    }
+    let command = container.command.as_ref().and_then(|c| c.first());
+    (command.map(String::as_str) == Some("pgflip")).then_some((Kind::Pgflip, None))
+}
+
 impl Agent {
     async fn sync(&self) -> anyhow::Result<()> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
@@ -180,76 +352,23 @@ impl Agent {
         let mut seen = Vec::new();
         for pod in list.items {
             let name = pod.metadata.name.clone().unwrap_or_default();
-            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+            if node.is_some_and(|n| n != self.node) {
+                continue; // another node's
+            }
             seen.push(name.clone());
-            if pod.metadata.deletion_timestamp.is_some() {
-                let taken = self.pods.lock().unwrap().running.remove(&name);
-                if let Some(mut r) = taken {
-                    let grace = Duration::from_secs(
-                        pod.spec
-                            .as_ref()
-                            .and_then(|s| s.termination_grace_period_seconds)
-                            .unwrap_or(30)
-                            .clamp(0, 30) as u64,
-                    );
-                    tokio::task::spawn_blocking(move || stop_process(&mut r, grace)).await?;
-                }
-                let _ = api
-                    .delete(
-                        &name,
-                        &DeleteParams {
-                            grace_period_seconds: Some(0),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                continue;
-            }
-            if pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.as_ref())
-                .is_none()
-            {
-                let binding = serde_json::json!({
-                    "apiVersion": "v1", "kind": "Binding",
-                    "metadata": {"name": name},
-                    "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
-                });
-                api.create_subresource::<_, serde_json::Value>(
-                    "binding",
-                    &name,
-                    &PostParams::default(),
-                    &binding,
-                )
-                .await?;
-                continue;
-            }
-            let known = {
-                let pods = self.pods.lock().unwrap();
-                pods.running.get(&name).map(|r| r.uid == uid)
+            let result = if pod.metadata.deletion_timestamp.is_some() {
+                self.terminate(&api, &pod).await
+            } else if node.is_none() {
+                self.bind(&api, &name).await
+            } else {
+                self.run(&api, &pod).await
             };
-            match known {
-                Some(true) => self.check(&api, &pod).await?,
-                Some(false) | None => {
-                    // A pod of the same name but a new UID: its predecessor's process goes.
-                    let stale = self.pods.lock().unwrap().running.remove(&name);
-                    if let Some(mut r) = stale {
-                        tokio::task::spawn_blocking(move || {
-                            stop_process(&mut r, Duration::from_secs(10))
-                        })
-                        .await?;
-                    }
-                    match self.start(&pod, None, 0).await {
-                        Ok(r) => {
-                            self.pods.lock().unwrap().running.insert(name.clone(), r);
-                            self.report(&api, &name).await?;
-                        }
-                        Err(e) => eprintln!("node agent: cannot run pod {name}: {e:#}"),
-                    }
-                }
+            if let Err(e) = result {
+                eprintln!("node agent {}: pod {name}: {e:#}", self.node);
             }
         }
+        // Pods gone without the agent seeing their deletion (deleted with grace 0).
         let gone: Vec<Running> = {
             let mut pods = self.pods.lock().unwrap();
             let names: Vec<String> = pods
@@ -270,40 +389,211 @@ impl Agent {
         Ok(())
     }
 
-    /// Restarts an exited process; reports a change of readiness.
+    async fn bind(&self, api: &Api<Pod>, name: &str) -> anyhow::Result<()> {
+        let binding = serde_json::json!({
+            "apiVersion": "v1", "kind": "Binding",
+            "metadata": {"name": name},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
+        });
+        api.create_subresource::<_, serde_json::Value>(
+            "binding",
+            name,
+            &PostParams::default(),
+            &binding,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A pod being deleted: its stop signal once, SIGKILL after the grace period, and
+    /// once the process is gone the pod itself (grace 0, this very pod only).
+    async fn terminate(&self, api: &Api<Pod>, pod: &Pod) -> anyhow::Result<()> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let taken = {
+            let mut pods = self.pods.lock().unwrap();
+            pods.complaints.remove(&uid);
+            match pods.running.get_mut(&name) {
+                Some(r) if r.uid == uid => {
+                    if r.kill_at.is_none() {
+                        let grace = pod
+                            .metadata
+                            .deletion_grace_period_seconds
+                            .or(pod
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.termination_grace_period_seconds))
+                            .unwrap_or(30)
+                            .clamp(0, 60) as u64;
+                        r.signal(r.stop_signal());
+                        r.kill_at = Some(Instant::now() + Duration::from_secs(grace));
+                    }
+                    let exited = !matches!(r.child.try_wait(), Ok(None));
+                    if !exited && Instant::now() < r.kill_at.unwrap() {
+                        return Ok(()); // still stopping
+                    }
+                    pods.running.remove(&name)
+                }
+                // A predecessor of the same name: not this pod's process.
+                Some(_) => pods.running.remove(&name),
+                None => None,
+            }
+        };
+        if let Some(mut r) = taken {
+            tokio::task::spawn_blocking(move || finish(&mut r)).await?;
+        }
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&name, &params).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A pod bound to this node: start its process, or watch the one running.
+    async fn run(&self, api: &Api<Pod>, pod: &Pod) -> anyhow::Result<()> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let known = {
+            let pods = self.pods.lock().unwrap();
+            pods.running.get(&name).map(|r| r.uid == uid)
+        };
+        if known == Some(true) {
+            return self.check(api, pod).await;
+        }
+        // A pod of the same name but a new UID: its predecessor's process goes first.
+        let stale = self.pods.lock().unwrap().running.remove(&name);
+        if let Some(mut r) = stale {
+            tokio::task::spawn_blocking(move || stop_process(&mut r, Duration::from_secs(10)))
+                .await?;
+        }
+        match self.start(pod, None, 0, None).await {
+            Ok(r) => {
+                let mut pods = self.pods.lock().unwrap();
+                pods.complaints.remove(&uid);
+                pods.running.insert(name.clone(), r);
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                let mut pods = self.pods.lock().unwrap();
+                if pods.complaints.get(&uid) != Some(&message) {
+                    eprintln!(
+                        "node agent {}: pod {name} stays Pending: {message}",
+                        self.node
+                    );
+                    pods.complaints.insert(uid, message);
+                }
+                return Ok(());
+            }
+        }
+        self.report(api, &name).await
+    }
+
+    /// Restarts an exited process; probes readiness and reports a change.
     async fn check(&self, api: &Api<Pod>, pod: &Pod) -> anyhow::Result<()> {
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let (exited, ip, restarts) = {
+        let (exited, restart_at) = {
             let mut pods = self.pods.lock().unwrap();
             let r = pods.running.get_mut(&name).unwrap();
-            (
-                !matches!(r.child.try_wait(), Ok(None)),
-                r.ip.clone(),
-                r.restarts,
-            )
+            (!matches!(r.child.try_wait(), Ok(None)), r.restart_at)
         };
-        if exited {
-            let r = self.start(pod, Some(ip), restarts + 1).await?;
+        if let Some(at) = restart_at {
+            if Instant::now() < at {
+                return Ok(()); // backing off
+            }
+            let old = self.pods.lock().unwrap().running.remove(&name).unwrap();
+            let r = self
+                .start(
+                    pod,
+                    Some(old.ip.clone()),
+                    old.restarts + 1,
+                    old.last_exit.clone(),
+                )
+                .await;
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    // Tried again on a later poll, on the same address.
+                    self.pods.lock().unwrap().running.insert(name.clone(), old);
+                    return Err(e);
+                }
+            };
             self.pods.lock().unwrap().running.insert(name.clone(), r);
             return self.report(api, &name).await;
         }
-        let (ip, ports, was) = {
+        if exited {
+            // The container died: all of it goes; a restart follows at once the first
+            // time, after a doubling back-off (up to 5 s) while it keeps dying quickly.
+            let old = self.pods.lock().unwrap().running.remove(&name).unwrap();
+            let (mut old, code) = tokio::task::spawn_blocking(move || {
+                let mut old = old;
+                let code = finish(&mut old);
+                (old, code)
+            })
+            .await?;
+            let quick = old.since.elapsed() < Duration::from_secs(5);
+            let delay = match (quick, old.restarts) {
+                (true, n) if n > 0 => Duration::from_millis(500 << (n - 1).min(4)),
+                _ => Duration::ZERO,
+            }
+            .min(Duration::from_secs(5));
+            eprintln!(
+                "node agent {}: pod {name}: container exited ({code}), restarting in {delay:?}",
+                self.node
+            );
+            old.last_exit = Some((code, now()));
+            old.ready = false;
+            old.restart_at = Some(Instant::now() + delay);
+            self.pods.lock().unwrap().running.insert(name.clone(), old);
+            if delay.is_zero() {
+                return Ok(()); // restarted on the next poll
+            }
+            return self.report(api, &name).await;
+        }
+        let probe = {
             let pods = self.pods.lock().unwrap();
             let r = &pods.running[&name];
-            (r.ip.clone(), r.ports.clone(), r.ready)
+            let due = !r.ready || r.probed.is_none_or(|t| t.elapsed() >= PROBE_READY);
+            due.then(|| {
+                (
+                    r.ip.clone(),
+                    r.ports.clone(),
+                    r.kind,
+                    r.user.clone(),
+                    r.ready,
+                )
+            })
+        };
+        let Some((ip, ports, kind, user, was)) = probe else {
+            return Ok(());
         };
         let mut ready = true;
         for port in ports {
-            let connect = tokio::net::TcpStream::connect((ip.as_str(), port));
-            ready &= matches!(
-                tokio::time::timeout(Duration::from_millis(200), connect).await,
-                Ok(Ok(_))
-            );
+            ready &= if kind == Kind::Postgres && port == POSTGRES_PORT {
+                postgres_accepts(&ip, port, &user).await
+            } else {
+                tcp_accepts(&ip, port).await
+            };
         }
-        if ready != was {
-            if let Some(r) = self.pods.lock().unwrap().running.get_mut(&name) {
-                r.ready = ready;
+        let changed = {
+            let mut pods = self.pods.lock().unwrap();
+            match pods.running.get_mut(&name) {
+                Some(r) => {
+                    r.probed = Some(Instant::now());
+                    r.ready = ready;
+                    ready != was
+                }
+                None => false,
             }
+        };
+        if changed {
             self.report(api, &name).await?;
         }
         Ok(())
@@ -317,10 +607,32 @@ impl Agent {
             };
             let flag = |b: bool| if b { "True" } else { "False" };
             let t = now();
+            let mut container = serde_json::json!({
+                "name": r.container,
+                "image": r.image,
+                "imageID": "",
+                "containerID": format!("pgflip-node://{}", r.child.id()),
+                "ready": r.ready,
+                "started": true,
+                "restartCount": r.restarts,
+                "state": {"running": {"startedAt": r.started_at}},
+            });
+            if r.restart_at.is_some() {
+                container["state"] = serde_json::json!({"waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": "back-off restarting the failed container",
+                }});
+            }
+            if let Some((code, at)) = &r.last_exit {
+                container["lastState"] = serde_json::json!({"terminated": {
+                    "exitCode": code, "reason": "Error", "finishedAt": at,
+                }});
+            }
             serde_json::json!({
                 "status": {
                     "phase": "Running",
                     "hostIP": "127.0.0.1",
+                    "hostIPs": [{"ip": "127.0.0.1"}],
                     "podIP": r.ip,
                     "podIPs": [{"ip": r.ip}],
                     "startTime": r.started_at,
@@ -330,15 +642,7 @@ impl Agent {
                         {"type": "ContainersReady", "status": flag(r.ready), "lastTransitionTime": t},
                         {"type": "Ready", "status": flag(r.ready), "lastTransitionTime": t},
                     ],
-                    "containerStatuses": [{
-                        "name": r.container,
-                        "image": r.image,
-                        "imageID": "",
-                        "ready": r.ready,
-                        "started": true,
-                        "restartCount": r.restarts,
-                        "state": {"running": {"startedAt": r.started_at}},
-                    }],
+                    "containerStatuses": [container],
                 }
             })
         };
@@ -347,68 +651,97 @@ impl Agent {
         Ok(())
     }
 
-    async fn start(&self, pod: &Pod, ip: Option<String>, restarts: i32) -> anyhow::Result<Running> {
+    async fn start(
+        &self,
+        pod: &Pod,
+        ip: Option<String>,
+        restarts: i32,
+        last_exit: Option<(i32, String)>,
+    ) -> anyhow::Result<Running> {
         let spec = pod.spec.as_ref().unwrap();
         let container = &spec.containers[0];
         let name = pod.metadata.name.clone().unwrap();
-        let ip = ip.unwrap_or_else(fresh_ip);
-        let pod_dir = self.dir.join("pods").join(&name);
-        std::fs::create_dir_all(&pod_dir)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&pod_dir, std::fs::Permissions::from_mode(0o700))?;
-        self.run_as.own(&pod_dir)?;
-        let env = self.environment(pod, container, &ip).await?;
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
         let image = container.image.clone().unwrap_or_default();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(pod_dir.join("container.log"))?;
-        let ports: Vec<u16> = container
+        let Some((kind, major)) = container_kind(container) else {
+            anyhow::bail!(
+                "the node agent runs only postgres:<major> images and pgflip commands, not {image:?}"
+            );
+        };
+        let mut ports: Vec<u16> = container
             .ports
             .iter()
             .flatten()
             .map(|p| p.container_port as u16)
             .collect();
-        let (mut cmd, stop_signal) = if let Some(major) = postgres_major(&image) {
-            (
-                self.postgres(pod, container, &env, &ip, major, &pod_dir)
-                    .await?,
-                nix::sys::signal::Signal::SIGINT,
-            )
-        } else if container
-            .command
-            .as_ref()
-            .and_then(|c| c.first())
-            .map(String::as_str)
-            == Some("pgflip")
-        {
-            let mut cmd = self.run_as.command(Path::new(env!("CARGO_BIN_EXE_pgflip")));
-            cmd.args(&container.command.as_ref().unwrap()[1..])
-                .args(container.args.iter().flatten())
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env(
-                    "PGFLIP_TOOLCHAIN",
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join(".toolchain"),
-                )
-                .env("TMPDIR", &pod_dir)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                );
-            (cmd, nix::sys::signal::Signal::SIGTERM)
-        } else {
-            anyhow::bail!("no way to run image {image:?}");
+        if kind == Kind::Postgres && !ports.contains(&POSTGRES_PORT) {
+            ports.push(POSTGRES_PORT);
+        }
+        let ip = ip.unwrap_or_else(|| {
+            let mut probe = ports.clone();
+            probe.push(POSTGRES_PORT);
+            fresh_ip(&probe)
+        });
+        // One directory per pod object: its socket, TMPDIR and log.
+        let pod_dir = self
+            .dir
+            .join("pods")
+            .join(format!("{name}-{}", &uid[..uid.len().min(8)]));
+        std::fs::create_dir_all(&pod_dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pod_dir, std::fs::Permissions::from_mode(0o700))?;
+        self.run_as.own(&pod_dir)?;
+        let env = self.environment(pod, container, &ip).await?;
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
         };
+        let user = get("POSTGRES_USER").unwrap_or_else(|| "postgres".into());
+        let mut cmd = match kind {
+            Kind::Postgres => {
+                self.postgres(pod, container, &env, &ip, major.unwrap(), &pod_dir)
+                    .await?
+            }
+            Kind::Pgflip => {
+                let mut cmd = self.run_as.command(&self.options.pgflip_bin);
+                cmd.args(&container.command.as_ref().unwrap()[1..])
+                    .args(container.args.iter().flatten())
+                    .envs(env.iter().map(|(k, v)| (k, v)))
+                    .env("KUBECONFIG", &self.kubeconfig)
+                    .env(
+                        "PGFLIP_TOOLCHAIN",
+                        Path::new(env!("CARGO_MANIFEST_DIR")).join(".toolchain"),
+                    )
+                    .env("TMPDIR", &pod_dir)
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                    );
+                cmd
+            }
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(pod_dir.join("container.log"))?;
         let child = cmd.stdout(log.try_clone()?).stderr(log).spawn()?;
         Ok(Running {
-            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            uid,
             ip,
             child,
-            stop_signal,
+            kind,
+            user,
             ports,
             restarts,
             ready: false,
+            probed: None,
             started_at: now(),
+            last_exit,
+            kill_at: None,
+            since: Instant::now(),
+            restart_at: None,
             image,
             container: container.name.clone(),
         })
@@ -446,8 +779,11 @@ impl Agent {
                 } else if let Some(f) = &from.field_ref {
                     match f.field_path.as_str() {
                         "status.podIP" => ip.to_string(),
+                        "status.hostIP" => "127.0.0.1".to_string(),
                         "metadata.name" => pod.metadata.name.clone().unwrap_or_default(),
                         "metadata.namespace" => self.namespace.clone(),
+                        "metadata.uid" => pod.metadata.uid.clone().unwrap_or_default(),
+                        "spec.nodeName" => self.node.clone(),
                         other => anyhow::bail!("fieldRef {other} is not emulated"),
                     }
                 } else {
@@ -491,38 +827,10 @@ impl Agent {
         let volume = self.dir.join("volumes").join(claim_uid);
         let data = volume.join("pgdata");
         let bin = pgflip::toolchain::Toolchain::discover().server_bin(major)?;
-        let get = |k: &str| {
-            env.iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
         if !data.join("PG_VERSION").is_file() {
-            std::fs::create_dir_all(&volume)?;
-            self.run_as.own(&volume)?;
-            let pwfile = volume.join("pwfile");
-            std::fs::write(&pwfile, get("POSTGRES_PASSWORD"))?;
-            self.run_as.own(&pwfile)?;
-            let user = match get("POSTGRES_USER") {
-                u if u.is_empty() => "postgres".to_string(),
-                u => u,
-            };
-            pgflip::adapters::run_as::run(
-                self.run_as
-                    .command(&bin.join("initdb"))
-                    .arg("-D")
-                    .arg(&data)
-                    .arg("-U")
-                    .arg(&user)
-                    .arg(format!("--pwfile={}", pwfile.display()))
-                    .args(["-A", "scram-sha-256", "--auth-local=trust", "-E", "UTF8"])
-                    .args(["--no-locale", "--no-sync"]),
-            )?;
-            let _ = std::fs::remove_file(&pwfile);
-            std::fs::write(
-                data.join("pg_hba.conf"),
-                "local all all trust\nhost all all 127.0.0.0/8 scram-sha-256\nhost replication all 127.0.0.0/8 scram-sha-256\n",
-            )?;
+            // initdb takes a second or so: off the runtime's threads.
+            let (run_as, bin, volume, env) = (self.run_as, bin.clone(), volume, env.to_vec());
+            tokio::task::spawn_blocking(move || initdb(run_as, &bin, &volume, &env)).await??;
         }
         let mut cmd = self.run_as.command(&bin.join("postgres"));
         cmd.arg("-D")
@@ -530,11 +838,138 @@ impl Agent {
             .args(container.args.iter().flatten())
             .arg("-c")
             .arg(format!("listen_addresses={ip}"))
-            .args(["-c", "port=5432"])
+            .arg("-c")
+            .arg(format!("port={POSTGRES_PORT}"))
             .arg("-c")
             .arg(format!("unix_socket_directories={}", pod_dir.display()));
         Ok(cmd)
     }
+}
+
+/// What the official image's entrypoint does on an empty volume: initdb with the
+/// superuser and password from the environment, password logins from anywhere (here:
+/// loopback), and the database `POSTGRES_DB` (default: the user's name).
+fn initdb(
+    run_as: RunAs,
+    bin: &Path,
+    volume: &Path,
+    env: &[(String, String)],
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let get = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    };
+    let password = get("POSTGRES_PASSWORD")
+        .context("POSTGRES_PASSWORD is not set (the official image refuses to start)")?;
+    let user = get("POSTGRES_USER").unwrap_or_else(|| "postgres".into());
+    let db = get("POSTGRES_DB").unwrap_or_else(|| user.clone());
+    // A half-made volume from an interrupted init is made again.
+    if volume.exists() {
+        std::fs::remove_dir_all(volume)?;
+    }
+    std::fs::create_dir_all(volume)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(volume, std::fs::Permissions::from_mode(0o700))?;
+    run_as.own(volume)?;
+    let data = volume.join("pgdata");
+    let pwfile = volume.join("pwfile");
+    pgflip::state::write_atomic(&pwfile, password.as_bytes(), 0o600)?;
+    run_as.own(&pwfile)?;
+    let result = pgflip::adapters::run_as::run(
+        run_as
+            .command(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-U")
+            .arg(&user)
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args(["--auth=scram-sha-256", "--auth-local=trust", "-E", "UTF8"])
+            .args(["--no-locale", "--no-sync"]),
+    );
+    let _ = std::fs::remove_file(&pwfile);
+    result.context("initdb")?;
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all trust\n\
+         host all all 127.0.0.0/8 scram-sha-256\n\
+         host replication all 127.0.0.0/8 scram-sha-256\n",
+    )?;
+    if db != "postgres" {
+        // Single-user mode: no server, no port.
+        let mut child = run_as
+            .command(&bin.join("postgres"))
+            .arg("--single")
+            .arg("-D")
+            .arg(&data)
+            .arg("postgres")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            writeln!(stdin, "CREATE DATABASE {}", pgflip::engine::pg::ident(&db))?;
+        }
+        let out = child.wait_with_output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        anyhow::ensure!(
+            out.status.success() && !text.contains("ERROR"),
+            "creating database {db}: {text}"
+        );
+    }
+    Ok(())
+}
+
+async fn tcp_accepts(ip: &str, port: u16) -> bool {
+    let connect = tokio::net::TcpStream::connect((ip, port));
+    matches!(
+        tokio::time::timeout(Duration::from_millis(300), connect).await,
+        Ok(Ok(_))
+    )
+}
+
+/// What `pg_isready` decides: the server answers a startup packet with an authentication
+/// request (or any error but "the database system is starting up / shutting down / in
+/// recovery", SQLSTATE 57P03).
+async fn postgres_accepts(ip: &str, port: u16, user: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect((ip, port)).await?;
+        let mut body = Vec::new();
+        body.extend_from_slice(&196608u32.to_be_bytes()); // protocol 3.0
+        for (k, v) in [("user", user), ("database", "postgres")] {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        stream.write_all(&packet).await?;
+        let mut head = [0u8; 5];
+        stream.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len.saturating_sub(4).min(8192)];
+        stream.read_exact(&mut payload).await?;
+        Ok::<bool, std::io::Error>(match head[0] {
+            b'R' => true,
+            b'E' => !payload.split(|b| *b == 0).any(|field| field == b"C57P03"),
+            _ => false,
+        })
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), attempt).await,
+        Ok(Ok(true))
+    )
 }
 
 /// `postgres:16`, `registry.example/postgres:16-alpine` → 16.
