@@ -121,7 +121,10 @@ impl LeaderElection {
     /// Waits until this replica holds the lease, then keeps renewing it.
     pub async fn acquire(self) -> anyhow::Result<LeaderGuard> {
         let retry = (self.lease_duration / 4).max(Duration::from_millis(250));
+        // When the successful write began: the renewTime it wrote is no earlier.
+        let mut confirmed;
         loop {
+            confirmed = tokio::time::Instant::now();
             match self.try_hold().await {
                 Ok(true) => break,
                 Ok(false) => {}
@@ -136,17 +139,24 @@ impl LeaderElection {
             let every = renewing.lease_duration / 3;
             // Give up before anyone else may take over.
             let give_up = renewing.lease_duration.saturating_sub(every);
-            let mut confirmed = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(every).await;
-                match renewing.try_hold().await {
-                    Ok(true) => confirmed = tokio::time::Instant::now(),
-                    Ok(false) => break,
-                    Err(e) => {
+                let started = tokio::time::Instant::now();
+                // A request to an API server that hangs must not keep a stale leader
+                // acting: the renewal is bounded by what is left before giving up.
+                let left = give_up.saturating_sub(confirmed.elapsed());
+                match tokio::time::timeout(left, renewing.try_hold()).await {
+                    Ok(Ok(true)) => confirmed = started,
+                    Ok(Ok(false)) => break,
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %format!("{e:#}"), "renewing the lease");
                         if confirmed.elapsed() >= give_up {
                             break;
                         }
+                    }
+                    Err(_) => {
+                        tracing::warn!("renewing the lease timed out");
+                        break;
                     }
                 }
             }
