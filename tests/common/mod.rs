@@ -181,6 +181,25 @@ impl Harness {
     }
 
     /// Waits for a note on `revision` in a final state (success or failure).
+    /// Waits for a note of this state on the commit (one that already has an earlier
+    /// final note, say a failure before a retry that succeeds).
+    pub async fn wait_note(&self, revision: &str, state: State, timeout: Duration) -> Update {
+        let started = Instant::now();
+        loop {
+            if let Some(u) = self.notes(revision).into_iter().find(|u| u.state == state) {
+                return u;
+            }
+            if started.elapsed() > timeout {
+                panic!(
+                    "no {state:?} note on {revision}; notes: {:#?}\nlog:\n{}",
+                    self.notes(revision),
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn wait_final_note(&self, revision: &str, timeout: Duration) -> Update {
         let started = Instant::now();
         loop {
