@@ -5,7 +5,7 @@ CARGO ?= cargo
 DEMO_JSON ?=
 export PGFLIP_TOOLCHAIN := $(CURDIR)/.toolchain
 
-.PHONY: setup setup-kube build demo test test-k8s test-unit lint bench clean
+.PHONY: setup setup-kube setup-flux build demo test test-k8s test-flux test-unit lint bench clean
 
 setup:
 	@bash scripts/setup-rust.sh
@@ -23,15 +23,25 @@ demo: build
 setup-kube:
 	@bash scripts/setup-kube.sh
 
+# Flux's source-controller and kustomize-controller (and all their CRDs), built from their
+# Go modules into the same cache, for the GitOps end-to-end (about 2 minutes the first time).
+setup-flux:
+	@bash scripts/setup-flux.sh
+
 # All tests: unit tests of the pure core, and integration tests against real PostgreSQL
-# 15/16/17/18, a real PgBouncer, real Git repositories and a real kube-apiserver.
-test: setup setup-kube
+# 15/16/17/18, a real PgBouncer, real Git repositories, a real kube-apiserver and real Flux.
+test: setup setup-kube setup-flux
 	$(CARGO) test -- --test-threads=2
 
 # The Kubernetes-mode tests only: every tests/k8s_*.rs (cargo expands the quoted glob, so a
 # new file is picked up by itself), one test at a time (each starts its own control plane).
 test-k8s: setup setup-kube
 	$(CARGO) test --test 'k8s_*' -- --test-threads=1
+
+# The GitOps loop end to end with real Flux (tests/flux_gitops.rs): push a version bump,
+# a revert, a bad commit; Flux applies; pgflip switches; the commit gets its statuses.
+test-flux: setup setup-kube setup-flux
+	$(CARGO) test --test flux_gitops -- --test-threads=1
 
 # The benchmark: pgflip against dump/restore and pg_upgrade --link, 100 MB and 1 GB at
 # 1000 tx/s (BENCH_ARGS="--sizes 100MB,1GB,5GB" for more). Results in bench/results/.

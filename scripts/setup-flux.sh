@@ -2,6 +2,8 @@
 # Builds Flux's source-controller and kustomize-controller from their Go modules,
 # idempotently, beside the control plane of scripts/setup-kube.sh:
 #   ${PGFLIP_KUBE_CACHE:-$HOME/.cache/pgflip/kube}/bin/{source-controller,kustomize-controller}
+# and their CRDs (all of them: source-controller will not start without the CRDs of every
+# kind it reconciles) into .../flux-crds/.
 #
 # Like k8s.io/kubernetes, they cannot simply be `go install`ed: their go.mod files carry
 # `replace` lines (a pinned go-digest, kustomize's api/kyaml, yaml.v3, and each one's own
@@ -21,6 +23,7 @@ cache=${PGFLIP_KUBE_CACHE:-$HOME/.cache/pgflip/kube}
 bin="$cache/bin"
 wrap="$cache/flux-wrapper"
 stamp="$cache/flux-stamp"
+crds="$cache/flux-crds"
 log() { printf '[flux] %s\n' "$*"; }
 PROXY_GAPS=(
   "github.com/fluxcd/pkg/artifact => github.com/fluxcd/pkg/artifact v0.18.0" # wanted v0.18.3
@@ -29,6 +32,7 @@ PROXY_GAPS=(
 want_stamp="source-controller=$FLUX_SOURCE_VERSION kustomize-controller=$FLUX_KUSTOMIZE_VERSION"
 if [ "${1:-}" != "--force" ] && [ -f "$stamp" ] \
    && [ -x "$bin/source-controller" ] && [ -x "$bin/kustomize-controller" ] \
+   && [ -f "$crds/source.toolkit.fluxcd.io_gitrepositories.yaml" ] \
    && grep -qxF "$want_stamp" <(head -1 "$stamp"); then
   log "up to date: $(head -1 "$stamp") ($bin)"
   exit 0
@@ -41,12 +45,12 @@ t0=$(date +%s)
 mkdir -p "$bin" "$wrap"
 cd "$wrap"
 
-gomod_of() { # module@version -> path of its go.mod in the module cache
+module_json() { # module@version field -> that field of `go mod download -json` (GoMod, Dir)
   # Outside the wrapper: its go.mod (maybe from another version) must not get in the way.
-  (cd / && "${NICE[@]}" go mod download -json "$1") | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p'
+  (cd / && "${NICE[@]}" go mod download -json "$1") | sed -n "s/^[[:space:]]*\"$2\": \"\(.*\)\",\$/\1/p"
 }
-src_mod=$(gomod_of "github.com/fluxcd/source-controller@$FLUX_SOURCE_VERSION")
-kus_mod=$(gomod_of "github.com/fluxcd/kustomize-controller@$FLUX_KUSTOMIZE_VERSION")
+src_mod=$(module_json "github.com/fluxcd/source-controller@$FLUX_SOURCE_VERSION" GoMod)
+kus_mod=$(module_json "github.com/fluxcd/kustomize-controller@$FLUX_KUSTOMIZE_VERSION" GoMod)
 [ -f "$src_mod" ] && [ -f "$kus_mod" ] || { log "could not download the controllers' go.mod"; exit 1; }
 gover=$(awk '$1=="go"{print $2; exit}' "$src_mod")
 
@@ -97,6 +101,14 @@ build() { # out pkg
 }
 build source-controller github.com/fluxcd/source-controller
 build kustomize-controller github.com/fluxcd/kustomize-controller
+rm -rf "$crds.tmp" && mkdir -p "$crds.tmp"
+for m in "source-controller@$FLUX_SOURCE_VERSION" "kustomize-controller@$FLUX_KUSTOMIZE_VERSION"; do
+  dir=$(module_json "github.com/fluxcd/$m" Dir)
+  cp "$dir"/config/crd/bases/*.yaml "$crds.tmp/"
+done
+chmod 644 "$crds.tmp"/*.yaml
+rm -rf "$crds" && mv "$crds.tmp" "$crds"
+log "CRDs: $(ls "$crds" | tr '\n' ' ')"
 {
   echo "$want_stamp"
   echo "go=$(go env GOVERSION)"

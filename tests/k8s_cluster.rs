@@ -395,3 +395,22 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         "the agent left its server running"
     );
 }
+
+#[test]
+fn container_args_expand_like_the_kubelet() {
+    use common::node_agent::expand;
+    let env = vec![
+        ("POD_IP".to_string(), "127.64.1.2".to_string()),
+        ("EMPTY".to_string(), String::new()),
+    ];
+    assert_eq!(
+        expand("--metrics-addr=$(POD_IP):8080", &env),
+        "--metrics-addr=127.64.1.2:8080"
+    );
+    assert_eq!(expand("$(EMPTY)x", &env), "x");
+    // Undefined references and escapes stay as the kubelet leaves them.
+    assert_eq!(
+        expand("$(NOPE) $$(POD_IP) $5", &env),
+        "$(NOPE) $(POD_IP) $5"
+    );
+}

@@ -56,8 +56,9 @@ pub struct ControllerOptions {
         default_value = "ghcr.io/pgflip/pgflip:0.1.0"
     )]
     pub endpoint_image: String,
-    /// Where /metrics, /healthz and /readyz are served.
-    #[arg(long, default_value = "0.0.0.0:8080")]
+    /// Where /metrics, /healthz and /readyz are served. An IPv6 address may come without
+    /// brackets (`fd00::7:8080`), as `$(POD_IP):8080` expands to in an IPv6 cluster.
+    #[arg(long, default_value = "0.0.0.0:8080", value_parser = parse_listen_addr)]
     pub metrics_addr: SocketAddr,
     /// The namespace of the leader-election Lease (the controller's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "pgflip-system")]
@@ -583,6 +584,18 @@ impl Shared {
     }
 }
 
+/// `host:port`, the host an IP address; an IPv6 one with or without brackets (the port is
+/// whatever follows the last colon).
+fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("{text:?} is not an address and port such as 0.0.0.0:8080");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let ip: std::net::IpAddr = host.parse().map_err(|_| bad())?;
+    Ok(SocketAddr::new(ip, port.parse().map_err(|_| bad())?))
+}
+
 /// Where progress goes: Events on the object, and the commit's status on the forge when
 /// the revision is a Git commit (an object no Kustomization manages has none).
 pub struct KubeSinks {
@@ -672,6 +685,24 @@ mod tests {
             "conditions": [{"type": "Ready", "status": "True", "reason": "ReconciliationSucceeded", "message": ""}],
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn listen_addresses_with_bare_ipv6() {
+        assert_eq!(
+            parse_listen_addr("10.1.2.3:8080").unwrap().to_string(),
+            "10.1.2.3:8080"
+        );
+        assert_eq!(
+            parse_listen_addr("fd00::7:8080").unwrap().to_string(),
+            "[fd00::7]:8080"
+        );
+        assert_eq!(
+            parse_listen_addr("[fd00::7]:8080").unwrap().to_string(),
+            "[fd00::7]:8080"
+        );
+        assert!(parse_listen_addr("pod:8080").is_err());
+        assert!(parse_listen_addr("10.1.2.3").is_err());
     }
 
     #[test]

@@ -11,6 +11,12 @@
 //! "Running health checks for revision <rev> …") with `lastAttemptedRevision = <rev>`; a
 //! failed check leaves `Ready=False` with reason `HealthCheckFailed`. In both states the
 //! attempted revision has been applied, so it is the one the spec came from.
+//!
+//! Before its health checks, a reconciliation (`Reconciling=True`: fetching, building,
+//! detecting drift, applying) names no revision the objects can be said to come from: they
+//! may be half applied, and those not yet touched may come from the last applied revision
+//! or from a failed attempt since (the real-Flux end-to-end caught a commit following a
+//! refused one being credited to the revision before both). pgflip then waits.
 
 use serde::Deserialize;
 
@@ -94,21 +100,34 @@ impl KustomizationStatus {
         self.conditions.iter().find(|c| c.type_ == type_)
     }
 
-    /// The revision whose objects Flux has applied to the cluster, if any (see the module
-    /// comment for why this is not simply `lastAppliedRevision`).
+    /// The revision whose objects Flux has applied to the cluster, if that can be told
+    /// (see the module comment for why this is not simply `lastAppliedRevision`).
     pub fn applied_revision(&self) -> Option<&str> {
-        if let Some(attempted) = self.last_attempted_revision.as_deref() {
-            let checking = self.condition("Healthy").is_some_and(|c| {
-                c.status == "Unknown"
-                    && c.reason == "Progressing"
-                    && c.message.contains(&format!("revision {attempted} "))
-            });
-            let check_failed = self
-                .condition("Ready")
-                .is_some_and(|c| c.status == "False" && c.reason == "HealthCheckFailed");
-            if checking || check_failed {
-                return Some(attempted);
-            }
+        let attempted = self.last_attempted_revision.as_deref();
+        let checks_attempted = |c: &FluxCondition| {
+            attempted.is_some_and(|a| {
+                c.message
+                    .starts_with(&format!("Running health checks for revision {a} "))
+            })
+        };
+        if let Some(reconciling) = self.condition("Reconciling").filter(|c| c.status == "True") {
+            // Under way, or failed and to be retried: once at its health checks, the
+            // attempted revision is applied; before, its objects may be half applied, and
+            // the others may be the last applied revision's or a failed attempt's since.
+            return if checks_attempted(reconciling) {
+                attempted
+            } else {
+                None
+            };
+        }
+        let checking = self
+            .condition("Healthy")
+            .is_some_and(|c| c.status == "Unknown" && checks_attempted(c));
+        let check_failed = self
+            .condition("Ready")
+            .is_some_and(|c| c.status == "False" && c.reason == "HealthCheckFailed");
+        if checking || check_failed {
+            return attempted;
         }
         self.last_applied_revision.as_deref()
     }
@@ -171,18 +190,34 @@ mod tests {
         assert_eq!(done.applied_revision(), Some("main@sha1:aaa"));
         assert!(done.is_ready());
 
-        // Building the new revision: nothing of it is applied yet.
-        let building = status(
-            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {type: Ready, status: Unknown, reason: Progressing, message: Reconciliation in progress}\n- {type: Reconciling, status: 'True', reason: Progressing, message: 'Building manifests for revision main@sha1:bbb with a timeout of 5m0s'}\n- {type: Healthy, status: 'True', reason: Succeeded, message: Health check passed}\n",
-        );
-        assert_eq!(building.applied_revision(), Some("main@sha1:aaa"));
-        assert!(!building.is_ready());
+        // Fetching, building, applying the new revision: the objects may be either
+        // revision's until the health checks start. Nothing can be named.
+        for stage in ["Fetching", "Building", "Detecting drift for"] {
+            let under_way = status(&format!(
+                "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {{type: Ready, status: Unknown, reason: Progressing, message: Reconciliation in progress}}\n- {{type: Reconciling, status: 'True', reason: Progressing, message: '{stage} manifests for revision main@sha1:bbb with a timeout of 5m0s'}}\n- {{type: Healthy, status: 'True', reason: Succeeded, message: Health check passed}}\n",
+            ));
+            assert_eq!(under_way.applied_revision(), None, "{stage}");
+            assert!(!under_way.is_ready());
+        }
 
         // Applied, waiting for health (our object among them): act on it.
         let checking = status(
-            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {type: Ready, status: Unknown, reason: Progressing, message: Reconciliation in progress}\n- {type: Healthy, status: Unknown, reason: Progressing, message: 'Running health checks for revision main@sha1:bbb with a timeout of 5m0s'}\n",
+            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {type: Ready, status: Unknown, reason: Progressing, message: Reconciliation in progress}\n- {type: Reconciling, status: 'True', reason: Progressing, message: 'Running health checks for revision main@sha1:bbb with a timeout of 5m0s'}\n- {type: Healthy, status: Unknown, reason: Progressing, message: 'Running health checks for revision main@sha1:bbb with a timeout of 5m0s'}\n",
         );
         assert_eq!(checking.applied_revision(), Some("main@sha1:bbb"));
+
+        // A failed health check, to be retried (as Flux leaves it): still applied.
+        let retrying = status(
+            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {type: Ready, status: 'False', reason: HealthCheckFailed, message: 'BlueGreenDatabase/shop/orders status: Failed'}\n- {type: Reconciling, status: 'True', reason: ProgressingWithRetry, message: 'Running health checks for revision main@sha1:bbb with a timeout of 5m0s'}\n- {type: Healthy, status: 'False', reason: HealthCheckFailed, message: 'BlueGreenDatabase/shop/orders status: Failed'}\n",
+        );
+        assert_eq!(retrying.applied_revision(), Some("main@sha1:bbb"));
+
+        // The next commit after that failure, being fetched: the objects are still the
+        // failed commit's, not the last applied one's. Nothing can be named yet.
+        let after_failure = status(
+            "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {type: Ready, status: Unknown, reason: Progressing, message: Reconciliation in progress}\n- {type: Reconciling, status: 'True', reason: Progressing, message: 'Fetching manifests for revision main@sha1:ccc with a timeout of 5m0s'}\n- {type: Healthy, status: 'False', reason: HealthCheckFailed, message: 'BlueGreenDatabase/shop/orders status: Failed'}\n",
+        );
+        assert_eq!(after_failure.applied_revision(), None);
 
         // A stale health-check message from an earlier revision does not count.
         let stale = status(

@@ -23,13 +23,17 @@ pub struct Cluster {
     client: kube::Client,
 }
 
-fn bin_dir() -> PathBuf {
-    let cache = std::env::var("PGFLIP_KUBE_CACHE")
+/// Where scripts/setup-kube.sh and scripts/setup-flux.sh put what they build.
+pub fn cache_dir() -> PathBuf {
+    std::env::var("PGFLIP_KUBE_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
             PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/pgflip/kube")
-        });
-    let bin = cache.join("bin");
+        })
+}
+
+fn bin_dir() -> PathBuf {
+    let bin = cache_dir().join("bin");
     for b in ["etcd", "kube-apiserver", "kube-controller-manager"] {
         assert!(
             bin.join(b).is_file(),
@@ -287,9 +291,11 @@ impl Cluster {
         }
     }
 
-    async fn install_crds(&self, flux: &Path) {
+    /// Installs (server-side applies) our CRD and every CRD in the YAML files of `dir`,
+    /// and waits until they are Established.
+    pub async fn install_crds(&self, dir: &Path) {
         let mut files = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/crd.yaml")];
-        for entry in std::fs::read_dir(flux).unwrap() {
+        for entry in std::fs::read_dir(dir).unwrap() {
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
                 files.push(p);

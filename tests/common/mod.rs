@@ -3,6 +3,7 @@
 //! server it started, whatever the outcome.
 #![allow(dead_code)]
 
+pub mod flux;
 pub mod forge;
 pub mod git_http;
 pub mod kube;

@@ -13,9 +13,11 @@
 //!   image does from `POSTGRES_USER` / `POSTGRES_PASSWORD` / `POSTGRES_DB`; the container's
 //!   `args` (`-c key=value`) are passed on. Ready once it accepts connections on 5432
 //!   (as `pg_isready` decides: not while starting up or recovering).
-//! - command `pgflip …`: this crate's binary (the endpoint pod), run as the unprivileged
-//!   user, with the container's environment resolved (values, Secret and ConfigMap keys,
-//!   the pod's IP, name and namespace) plus `KUBECONFIG` (standing in for the service
+//! - command `pgflip …` (the endpoint pod), or image `…/pgflip:<tag>` with `args` (its
+//!   entrypoint is pgflip: the controller pods): this crate's binary, run as the
+//!   unprivileged user, with the container's environment resolved (values, Secret and
+//!   ConfigMap keys, the pod's IP, name and namespace) and `$(VAR)` references in command
+//!   and args expanded as the kubelet does, plus `KUBECONFIG` (standing in for the service
 //!   account mount), `PGFLIP_TOOLCHAIN` (the image's filesystem), `TMPDIR`, `RUST_LOG`.
 //!   Ready once every declared container port accepts TCP.
 //!
@@ -53,6 +55,9 @@ pub struct Options {
     /// The binary for containers whose command is `pgflip`: `$PGFLIP_BIN`, else the test
     /// crate's own build of it.
     pub pgflip_bin: PathBuf,
+    /// The kubeconfig pgflip processes get, standing in for their ServiceAccount's token
+    /// (e.g. [`super::kube::Cluster::controller_kubeconfig`]); by default the admin's.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -61,6 +66,7 @@ impl Default for Options {
             pgflip_bin: std::env::var_os("PGFLIP_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pgflip"))),
+            kubeconfig: None,
         }
     }
 }
@@ -162,6 +168,10 @@ impl NodeAgent {
         run_as.check_reachable(dir.path()).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let pods = Arc::new(Mutex::new(Pods::default()));
+        let kubeconfig = options
+            .kubeconfig
+            .clone()
+            .unwrap_or_else(|| cluster.kubeconfig().to_path_buf());
         let agent = Agent {
             client,
             namespace: namespace.to_string(),
@@ -169,7 +179,7 @@ impl NodeAgent {
             dir: dir.path().to_path_buf(),
             run_as,
             options,
-            kubeconfig: cluster.kubeconfig().to_path_buf(),
+            kubeconfig,
             pods: pods.clone(),
         };
         let stopping = stop.clone();
@@ -203,6 +213,26 @@ impl NodeAgent {
             .running
             .get(pod)
             .map(|r| r.ip.clone())
+    }
+
+    /// The last `lines` lines of each container log this agent has written (pods that are
+    /// gone included), for a failing test to show.
+    pub fn logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let Ok(entries) = std::fs::read_dir(self._dir.path().join("pods")) else {
+            return out;
+        };
+        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let text = std::fs::read_to_string(dir.join("container.log")).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            out.push_str(&format!("--- pod {name} ---\n"));
+            out.push_str(&all[all.len().saturating_sub(lines)..].join("\n"));
+            out.push('\n');
+        }
+        out
     }
 
     /// Kills a pod's processes abruptly (SIGKILL to the whole group), like a crashed
@@ -341,8 +371,53 @@ fn container_kind(container: &Container) -> Option<(Kind, Option<u32>)> {
     if let Some(major) = postgres_major(image) {
         return Some((Kind::Postgres, Some(major)));
     }
-    let command = container.command.as_ref().and_then(|c| c.first());
-    (command.map(String::as_str) == Some("pgflip")).then_some((Kind::Pgflip, None))
+    (pgflip_argv(container).is_some()).then_some((Kind::Pgflip, None))
+}
+
+/// The arguments of a pgflip container: after `pgflip` in its command, or its args alone
+/// when it has no command and runs pgflip's image (whose entrypoint is pgflip).
+fn pgflip_argv(container: &Container) -> Option<Vec<String>> {
+    let args = container.args.iter().flatten().cloned();
+    match container.command.as_deref() {
+        Some([first, rest @ ..]) if first == "pgflip" => {
+            Some(rest.iter().cloned().chain(args).collect())
+        }
+        None if image_name(container.image.as_deref().unwrap_or_default()) == "pgflip" => {
+            Some(args.collect())
+        }
+        _ => None,
+    }
+}
+
+/// `ghcr.io/pgflip/pgflip:0.1.0` → `pgflip`.
+fn image_name(image: &str) -> &str {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    last.split([':', '@']).next().unwrap_or(last)
+}
+
+/// `$(NAME)` replaced by the variable's value when it is defined, `$$` by `$`, as the
+/// kubelet expands a container's command and args.
+pub fn expand(text: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some((name, after)) = rest.strip_prefix("$(").and_then(|r| r.split_once(')'))
+            && let Some((_, value)) = env.iter().rev().find(|(n, _)| n == name)
+        {
+            out.push_str(value);
+            rest = after;
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl Agent {
@@ -706,19 +781,23 @@ impl Agent {
             }
             Kind::Pgflip => {
                 let mut cmd = self.run_as.command(&self.options.pgflip_bin);
-                cmd.args(&container.command.as_ref().unwrap()[1..])
-                    .args(container.args.iter().flatten())
-                    .envs(env.iter().map(|(k, v)| (k, v)))
-                    .env("KUBECONFIG", &self.kubeconfig)
-                    .env(
-                        "PGFLIP_TOOLCHAIN",
-                        Path::new(env!("CARGO_MANIFEST_DIR")).join(".toolchain"),
-                    )
-                    .env("TMPDIR", &pod_dir)
-                    .env(
-                        "RUST_LOG",
-                        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                    );
+                cmd.args(
+                    pgflip_argv(container)
+                        .unwrap()
+                        .iter()
+                        .map(|a| expand(a, &env)),
+                )
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env("KUBECONFIG", &self.kubeconfig)
+                .env(
+                    "PGFLIP_TOOLCHAIN",
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join(".toolchain"),
+                )
+                .env("TMPDIR", &pod_dir)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                );
                 cmd
             }
         };

@@ -1,0 +1,548 @@
+//! The whole GitOps loop with real Flux: a Git repository holding this checkout's
+//! `manifests/` and `gitops/` is served over Git's smart HTTP on loopback;
+//! source-controller fetches it, kustomize-controller installs pgflip from `manifests/`
+//! (its controller pods run by the node agent, as pgflip's ServiceAccount) and applies
+//! `gitops/databases/`. The Flux objects are `gitops/flux/*.yaml` exactly, with only the
+//! Git and forge URLs replaced. Then, as a user would: push a version bump, a `git
+//! revert`, a bad commit and a good one, and watch the database, the Kustomization and the
+//! commit statuses on a stand-in GitHub API (the one third-party part).
+
+mod common;
+
+use common::flux::{self, Flux};
+use common::forge::FakeForge;
+use common::git_http::GitHttp;
+use common::kube::Cluster;
+use common::node_agent::{self, NodeAgent};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+};
+use pgflip::engine::pg::{Addr, Credentials};
+use pgflip::k8s::crd::BlueGreenDatabase;
+use pgflip::k8s::flux::KustomizationStatus;
+use pgflip::load::{self, LoadConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// What `gitops/` names: the database, its namespace, the forge repository.
+const NS: &str = "shop";
+const DB: &str = "orders";
+const FORGE_REPOSITORY: &str = "your-org/your-repo";
+const PLACEHOLDER_GIT_URL: &str = "https://github.com/your-org/your-repo.git";
+const PLACEHOLDER_FORGE_API: &str = "https://api.github.com";
+const FORGE_TOKEN: &str = "forge-t0ken";
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=dev", "-c", "user.email=dev@example.com"])
+        .args(["-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+/// The user's repository: a working copy, and the bare repository the server serves.
+struct Repo {
+    work: PathBuf,
+    served: PathBuf,
+}
+
+impl Repo {
+    fn new(root: &Path) -> Repo {
+        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let served = root.join("served");
+        std::fs::create_dir_all(&served).unwrap();
+        git(&served, &["init", "--bare", "-q", "app.git"]);
+        let work = root.join("work");
+        copy_dir(&here.join("manifests"), &work.join("manifests"));
+        copy_dir(&here.join("gitops"), &work.join("gitops"));
+        git(&work, &["init", "-q"]);
+        let repo = Repo {
+            work,
+            served: served.clone(),
+        };
+        repo.commit("pgflip and the orders database at PostgreSQL 15");
+        repo
+    }
+
+    fn database_file(&self) -> PathBuf {
+        self.work.join("gitops/databases/orders.yaml")
+    }
+
+    fn set_version(&self, version: &str) {
+        let text = std::fs::read_to_string(self.database_file()).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("version:"))
+            .unwrap();
+        let text = text.replace(line, &format!("  version: \"{version}\""));
+        std::fs::write(self.database_file(), text).unwrap();
+    }
+
+    /// Commits everything and pushes to the served repository; the new commit.
+    fn commit(&self, message: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", message]);
+        self.push()
+    }
+
+    fn push(&self) -> String {
+        let remote = self.served.join("app.git");
+        git(
+            &self.work,
+            &[
+                "push",
+                "-q",
+                remote.to_str().unwrap(),
+                "HEAD:refs/heads/main",
+            ],
+        );
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+}
+
+fn dynamic_api(
+    client: &kube::Client,
+    group: &str,
+    version: &str,
+    kind: &str,
+) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let resource = ApiResource::from_gvk(&gvk);
+    Api::namespaced_with(client.clone(), flux::NAMESPACE, &resource)
+}
+
+/// Applies one of `gitops/flux/*.yaml` as a person would with kubectl, URLs replaced.
+async fn apply_flux_object(client: &kube::Client, file: &str, git_url: &str, forge_api: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("gitops/flux")
+        .join(file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(PLACEHOLDER_GIT_URL, git_url)
+        .replace(PLACEHOLDER_FORGE_API, forge_api);
+    let object: DynamicObject = serde_yaml::from_str(&text).unwrap();
+    let types = object.types.clone().unwrap();
+    let (group, version) = types.api_version.split_once('/').unwrap();
+    let api = dynamic_api(client, group, version, &types.kind);
+    api.patch(
+        &object.metadata.name.clone().unwrap(),
+        &PatchParams::apply("kubectl").force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying {file}: {e}"));
+}
+
+/// What `flux reconcile source git pgflip` does: ask for a fetch now, not at the interval.
+async fn request_fetch(client: &kube::Client) {
+    let api = dynamic_api(client, "source.toolkit.fluxcd.io", "v1", "GitRepository");
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    api.patch(
+        "pgflip",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({
+            "metadata": {"annotations": {"reconcile.fluxcd.io/requestedAt": now}}
+        })),
+    )
+    .await
+    .unwrap();
+}
+
+async fn kustomization(client: &kube::Client, name: &str) -> Option<KustomizationStatus> {
+    let api = dynamic_api(client, "kustomize.toolkit.fluxcd.io", "v1", "Kustomization");
+    let object = api.get(name).await.ok()?;
+    serde_json::from_value(object.data.get("status")?.clone()).ok()
+}
+
+fn ready_at(status: &KustomizationStatus, commit: &str) -> bool {
+    status.is_ready()
+        && status.last_applied_revision.as_deref() == Some(&format!("main@sha1:{commit}"))
+}
+
+fn condition<'a>(
+    object: &'a BlueGreenDatabase,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    object
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+fn is_ready_at(object: &BlueGreenDatabase, version: &str, commit: &str) -> bool {
+    let status = object.status.clone().unwrap_or_default();
+    condition(object, "Ready").is_some_and(|c| c.status == "True")
+        && status.observed_generation == object.metadata.generation
+        && status.active_version.as_deref() == Some(version)
+        && status.revision.as_deref() == Some(commit)
+}
+
+async fn endpoint(client: &kube::Client) -> Option<Addr> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=endpoint"))
+        .await
+        .ok()?;
+    list.items
+        .iter()
+        .find_map(pgflip::k8s::api::ready_pod_ip)
+        .map(|host| Addr { host, port: 5432 })
+}
+
+async fn admin(client: &kube::Client) -> Credentials {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = secrets.get("orders-pgflip-admin").await.unwrap();
+    let password = &secret.data.unwrap()["password"];
+    Credentials {
+        user: "pgflip".into(),
+        password: String::from_utf8(password.0.clone()).unwrap(),
+    }
+}
+
+async fn server_version(addr: &Addr, creds: &Credentials) -> String {
+    let client = pgflip::engine::pg::connect(addr, creds, "app")
+        .await
+        .unwrap();
+    client
+        .simple_query("SHOW server_version_num")
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// The commit statuses posted for `commit`: (state, description), in order.
+fn statuses_on(forge: &FakeForge, commit: &str) -> Vec<(String, String)> {
+    forge
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == format!("/repos/{FORGE_REPOSITORY}/statuses/{commit}"))
+        .map(|r| {
+            assert_eq!(r.method, "POST");
+            assert_eq!(r.headers["authorization"], format!("Bearer {FORGE_TOKEN}"));
+            assert_eq!(r.body["context"], format!("pgflip/{NS}/{DB}"));
+            (
+                r.body["state"].as_str().unwrap().to_string(),
+                r.body["description"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+struct World {
+    cluster: Cluster,
+    flux: Flux,
+    controller_node: NodeAgent,
+    database_node: NodeAgent,
+    forge: FakeForge,
+}
+
+impl World {
+    /// Everything a failing wait shows: Flux's and pgflip's logs, the Kustomizations.
+    async fn diagnostics(&self) -> String {
+        let client = self.cluster.client();
+        format!(
+            "--- Kustomization pgflip ---\n{:#?}\n--- Kustomization databases ---\n{:#?}\n\
+             --- kustomize-controller ---\n{}\n--- source-controller ---\n{}\n\
+             --- controller pods ---\n{}\n--- database pods ---\n{}\n--- forge ---\n{:#?}",
+            kustomization(&client, "pgflip").await,
+            kustomization(&client, "databases").await,
+            self.flux.log_tail("kustomize-controller", 30),
+            self.flux.log_tail("source-controller", 15),
+            self.controller_node.logs(60),
+            self.database_node.logs(10),
+            self.forge
+                .requests()
+                .iter()
+                .map(|r| (r.path.clone(), r.body.clone()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl AsyncFnMut() -> Option<T>,
+    ) -> T {
+        let started = Instant::now();
+        loop {
+            if let Some(v) = probe().await {
+                eprintln!("{what}: after {:.1}s", started.elapsed().as_secs_f64());
+                return v;
+            }
+            if started.elapsed() > timeout {
+                panic!("timed out waiting for {what}\n{}", self.diagnostics().await);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until Flux reports `commit` Ready on the databases Kustomization, checking at
+    /// each look that Flux never calls it Ready before the object has switched to
+    /// `version` for that very commit.
+    async fn wait_switched(&self, version: &str, commit: &str) -> BlueGreenDatabase {
+        let client = self.cluster.client();
+        let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
+        let mut saw_progressing = false;
+        self.wait_for(
+            &format!("Flux Ready at {version} ({commit})"),
+            Duration::from_secs(300),
+            async || {
+                let status = kustomization(&client, "databases").await?;
+                // Read after Flux's status: the object cannot be older than what Flux saw.
+                let object = objects.get(DB).await.ok()?;
+                if ready_at(&status, commit) {
+                    assert!(
+                        is_ready_at(&object, version, commit),
+                        "Flux turned Ready at {commit} before the switch: {:?}",
+                        object.status
+                    );
+                    assert!(saw_progressing, "Flux was never seen checking {commit}");
+                    return Some(object);
+                }
+                saw_progressing |= status.last_attempted_revision.as_deref()
+                    == Some(&format!("main@sha1:{commit}"))
+                    && !status.is_ready();
+                None
+            },
+        )
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_bump_revert_and_bad_commit_through_real_flux() {
+    let cluster = Cluster::start().await;
+    let client = cluster.client();
+    let flux = Flux::start(&cluster).await;
+    let forge = FakeForge::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::new(dir.path());
+    let first = git(&repo.work, &["rev-parse", "HEAD"]);
+    let git_server = GitHttp::start(&repo.served).await;
+    let git_url = format!("{}/app.git", git_server.url);
+
+    // What a person does by hand, once, besides `flux install`: the forge token Secret.
+    cluster.create_namespace("pgflip-system").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "pgflip-system");
+    let token: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "pgflip-forge"},
+        "stringData": {"token": FORGE_TOKEN},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &token)
+        .await
+        .unwrap();
+
+    // The controller's pods run as its ServiceAccount: Flux's copy of manifests/rbac.yaml
+    // is all they may do.
+    let controller_node = NodeAgent::start_with(
+        &cluster,
+        "pgflip-system",
+        node_agent::Options {
+            kubeconfig: Some(cluster.controller_kubeconfig()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let database_node = NodeAgent::start(&cluster, NS).await;
+    let world = World {
+        cluster,
+        flux,
+        controller_node,
+        database_node,
+        forge,
+    };
+    for file in ["source.yaml", "pgflip.yaml", "databases.yaml"] {
+        apply_flux_object(&client, file, &git_url, &world.forge.url).await;
+    }
+
+    // Bootstrap: Flux installs pgflip, then the database at 15.
+    world.wait_switched("15", &first).await;
+    let deployment: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), "pgflip-system");
+    let controller = deployment.get("pgflip-controller").await.unwrap();
+    assert_eq!(
+        controller.status.and_then(|s| s.available_replicas),
+        Some(2),
+        "both controller replicas run"
+    );
+    let states = statuses_on(&world.forge, &first);
+    assert_eq!(
+        states.last().map(|s| s.0.as_str()),
+        Some("success"),
+        "{states:?}"
+    );
+    let creds = admin(&client).await;
+    let addr = endpoint(&client).await.expect("the endpoint pod is Ready");
+    load::prepare(&addr, &creds, "app").await.unwrap();
+
+    // A pull request bumps the version; it merges; Flux fetches and applies; pgflip
+    // switches under a write load.
+    let switch_under_load = async |version: &str, commit: &str| {
+        let addr = endpoint(&client).await.unwrap();
+        let writes = load::start(LoadConfig {
+            endpoint: addr.clone(),
+            creds: creds.clone(),
+            database: "app".into(),
+            clients: 4,
+            rate_per_sec: Some(200),
+        });
+        request_fetch(&client).await;
+        let object = world.wait_switched(version, commit).await;
+        let report = writes.stop().await;
+        eprintln!(
+            "switch to {version} through Flux: {} commits, {} failed, last switch {:?}",
+            report.committed,
+            report.failed,
+            object.status.as_ref().and_then(|s| s.last_switch.clone())
+        );
+        assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+        assert!(report.committed > 100, "the load ran: {report:?}");
+        let serving = endpoint(&client).await.unwrap();
+        assert_eq!(
+            load::lost_commits(&report, &serving, &creds, "app")
+                .await
+                .unwrap(),
+            0,
+            "every acknowledged commit is on the new primary"
+        );
+        assert!(server_version(&serving, &creds).await.starts_with(version));
+        let states = statuses_on(&world.forge, commit);
+        assert_eq!(
+            states.first().map(|s| s.0.as_str()),
+            Some("pending"),
+            "{states:?}"
+        );
+        assert_eq!(
+            states.last().map(|s| s.0.as_str()),
+            Some("success"),
+            "{states:?}"
+        );
+        assert!(
+            states
+                .iter()
+                .any(|(_, d)| d.contains(&format!("→ {version}"))),
+            "the pending statuses say where it is going: {states:?}"
+        );
+        object
+    };
+    repo.set_version("16");
+    let bump = repo.commit("orders: PostgreSQL 16");
+    let object = switch_under_load("16", &bump).await;
+    let last = object.status.unwrap().last_switch.unwrap();
+    assert_eq!(
+        (last.from_version.as_str(), last.to_version.as_str()),
+        ("15", "16")
+    );
+
+    // `git revert` of the bump: back to 15, nothing lost.
+    git(&repo.work, &["revert", "--no-edit", "HEAD"]);
+    let revert = repo.push();
+    switch_under_load("15", &revert).await;
+
+    // A commit pgflip refuses: a failure status on it saying why, Flux's health check
+    // fails, nothing changes, blue keeps serving.
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let generations = async || -> Vec<_> {
+        let mut list: Vec<_> = statefulsets
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|s| (s.metadata.name, s.metadata.generation))
+            .collect();
+        list.sort();
+        list
+    };
+    let before = generations().await;
+    repo.set_version("13");
+    let bad = repo.commit("orders: PostgreSQL 13");
+    request_fetch(&client).await;
+    let failure = world
+        .wait_for(
+            "a failure status on the bad commit",
+            Duration::from_secs(120),
+            async || {
+                statuses_on(&world.forge, &bad)
+                    .into_iter()
+                    .find(|(state, _)| state == "failure")
+            },
+        )
+        .await;
+    assert!(
+        failure.1.contains("13"),
+        "the failure says why: {failure:?}"
+    );
+    world
+        .wait_for(
+            "Flux's health check to fail",
+            Duration::from_secs(60),
+            async || {
+                let status = kustomization(&client, "databases").await?;
+                let failed = status.last_attempted_revision.as_deref()
+                    == Some(&format!("main@sha1:{bad}"))
+                    && !status.is_ready()
+                    && status
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.reason == "HealthCheckFailed");
+                failed.then_some(())
+            },
+        )
+        .await;
+    assert_eq!(
+        generations().await,
+        before,
+        "a refused commit changes no StatefulSet"
+    );
+    let serving = endpoint(&client).await.unwrap();
+    assert!(server_version(&serving, &creds).await.starts_with("15"));
+
+    // The next good commit proceeds.
+    repo.set_version("16");
+    let fixed = repo.commit("orders: PostgreSQL 16, again");
+    switch_under_load("16", &fixed).await;
+
+    // The forge token never reaches a log.
+    let logs = world.controller_node.logs(100_000);
+    assert!(logs.contains("pgflip"), "the controller logged");
+    assert!(!logs.contains(FORGE_TOKEN), "the forge token is in a log");
+    drop(git_server);
+}
