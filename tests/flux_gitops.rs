@@ -262,12 +262,13 @@ fn statuses_on(forge: &FakeForge, commit: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Dropped in field order: the pods' processes first, then Flux, the API server last.
 struct World {
-    cluster: Cluster,
-    flux: Flux,
     controller_node: NodeAgent,
     database_node: NodeAgent,
+    flux: Flux,
     forge: FakeForge,
+    cluster: Cluster,
 }
 
 impl World {
@@ -444,6 +445,7 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
         );
         assert!(server_version(&serving, &creds).await.starts_with(version));
         let states = statuses_on(&world.forge, commit);
+        eprintln!("commit statuses on {commit}: {states:#?}");
         assert_eq!(
             states.first().map(|s| s.0.as_str()),
             Some("pending"),
@@ -506,6 +508,7 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
             },
         )
         .await;
+    eprintln!("commit status on the refused commit: {failure:?}");
     assert!(
         failure.1.contains("13"),
         "the failure says why: {failure:?}"

@@ -61,32 +61,62 @@ async fn github_gets_each_update_exactly() {
 }
 
 #[tokio::test]
-async fn gitlab_and_gitea_shapes() {
+async fn gitlab_and_gitea_get_each_update_exactly() {
     let forge = FakeForge::start().await;
-    sink(&forge, Provider::Gitlab, "/api/v4")
-        .publish(SHA, &update(State::Pending))
-        .await
-        .unwrap();
-    sink(&forge, Provider::Gitea, "/api/v1")
-        .publish(SHA, &update(State::Failure))
-        .await
-        .unwrap();
+    let gitlab = sink(&forge, Provider::Gitlab, "/api/v4");
+    let gitea = sink(&forge, Provider::Gitea, "/api/v1");
+    for s in [State::Pending, State::Success, State::Failure] {
+        gitlab.publish(SHA, &update(s)).await.unwrap();
+        gitea.publish(SHA, &update(s)).await.unwrap();
+    }
     let reqs = forge.requests();
-    assert_eq!(
-        reqs[0].path,
-        format!("/api/v4/projects/shop%2Forders-db/statuses/{SHA}")
-    );
-    assert_eq!(reqs[0].headers["private-token"], TOKEN);
-    assert!(!reqs[0].headers.contains_key("authorization"));
-    assert_eq!(reqs[0].body["state"], "running");
-    assert_eq!(reqs[0].body["name"], "pgflip/orders");
-    assert_eq!(
-        reqs[1].path,
-        format!("/api/v1/repos/shop/orders-db/statuses/{SHA}")
-    );
-    assert_eq!(reqs[1].headers["authorization"], format!("token {TOKEN}"));
-    assert_eq!(reqs[1].body["state"], "failure");
-    assert_eq!(reqs[1].body["context"], "pgflip/orders");
+    assert_eq!(reqs.len(), 6);
+    let pending = "pgflip: pending [initial-sync] 15 → 16: initial sync 40%";
+    let success = "pgflip: success [initial-sync] 15 → 16: initial sync 40%";
+    let failure = "pgflip: failure [preflight]: preflight refused: unlogged tables";
+    for r in &reqs {
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert!(r.headers["user-agent"].starts_with("pgflip/"));
+        assert!(!r.headers.contains_key("x-github-api-version"));
+    }
+    // GitLab: the project path as one URL segment, its own token header, `name` for the
+    // context, and its own state words (its "pending" means queued: a switch under way
+    // is "running").
+    let gitlab_reqs: Vec<_> = reqs.iter().step_by(2).collect();
+    for (r, (state, description)) in gitlab_reqs.iter().zip([
+        ("running", pending),
+        ("success", success),
+        ("failed", failure),
+    ]) {
+        assert_eq!(
+            r.path,
+            format!("/api/v4/projects/shop%2Forders-db/statuses/{SHA}")
+        );
+        assert_eq!(r.headers["private-token"], TOKEN);
+        assert!(!r.headers.contains_key("authorization"));
+        assert_eq!(
+            r.body,
+            json!({"state": state, "name": "pgflip/orders", "description": description})
+        );
+    }
+    // Gitea (and Forgejo): GitHub's shape under /api/v1, with a `token` authorization.
+    let gitea_reqs: Vec<_> = reqs.iter().skip(1).step_by(2).collect();
+    for (r, (state, description)) in gitea_reqs.iter().zip([
+        ("pending", pending),
+        ("success", success),
+        ("failure", failure),
+    ]) {
+        assert_eq!(
+            r.path,
+            format!("/api/v1/repos/shop/orders-db/statuses/{SHA}")
+        );
+        assert_eq!(r.headers["authorization"], format!("token {TOKEN}"));
+        assert_eq!(
+            r.body,
+            json!({"state": state, "context": "pgflip/orders", "description": description})
+        );
+    }
 }
 
 #[tokio::test]

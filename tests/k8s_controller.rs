@@ -639,11 +639,61 @@ async fn an_object_without_flux_switches_on_each_generation() {
         },
     )
     .await;
+    let old_uid = object.metadata.uid.clone().unwrap();
     let status = object.status.unwrap();
     assert_eq!(status.revision, None, "no Git revision to report");
     let last = status.last_switch.unwrap();
     assert_eq!(
         (last.from_version.as_str(), last.to_version.as_str()),
         ("16", "17")
+    );
+
+    // Deleted and created again: the database outlives the object (it owns nothing but
+    // Services) and is taken up again; from then on everything refers to the new object.
+    objects.delete(DB, &Default::default()).await.unwrap();
+    wait_for(
+        "the object gone",
+        Duration::from_secs(30),
+        &logs,
+        async || matches!(objects.get_opt(DB).await, Ok(None)).then_some(()),
+    )
+    .await;
+    apply("17").await;
+    let again = wait_for(
+        "the new object Ready at 17",
+        Duration::from_secs(120),
+        &logs,
+        async || {
+            let o = objects.get(DB).await.ok()?;
+            is_ready_at(&o, "17").then_some(o)
+        },
+    )
+    .await;
+    let new_uid = again.metadata.uid.clone().unwrap();
+    assert_ne!(old_uid, new_uid);
+    apply("16").await;
+    wait_for(
+        "the new object's switch to 16",
+        Duration::from_secs(240),
+        &logs,
+        async || {
+            let o = objects.get(DB).await.ok()?;
+            is_ready_at(&o, "16").then_some(o)
+        },
+    )
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    let switched_about: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Switched"))
+        .filter_map(|e| e.regarding.and_then(|r| r.uid))
+        .collect();
+    assert!(
+        switched_about.contains(&new_uid),
+        "the new object's switch is an event about it: {switched_about:?} (new {new_uid})"
     );
 }

@@ -494,7 +494,12 @@ impl Shared {
         let key = (namespace.clone(), name.clone());
         let mut databases = self.databases.lock().await;
         if let Some(d) = databases.get(&key) {
-            return Ok(Some(d.clone()));
+            // An object deleted and created again under its name is new: its parts are
+            // rebuilt (its record read back from the journal) so that nothing, events
+            // included, still refers to the old one.
+            if d.current.read().unwrap().0.metadata.uid == object.metadata.uid {
+                return Ok(Some(d.clone()));
+            }
         }
         let journal = ConfigMapJournal::new(self.client.clone(), &namespace, &name);
         let record = journal.load().await?;

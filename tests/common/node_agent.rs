@@ -130,7 +130,7 @@ pub struct NodeAgent {
     stop: Arc<AtomicBool>,
     pods: Arc<Mutex<Pods>>,
     task: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 struct Agent {
@@ -196,7 +196,7 @@ impl NodeAgent {
             stop,
             pods,
             task: Some(task),
-            _dir: dir,
+            dir,
         }
     }
 
@@ -219,7 +219,7 @@ impl NodeAgent {
     /// gone included), for a failing test to show.
     pub fn logs(&self, lines: usize) -> String {
         let mut out = String::new();
-        let Ok(entries) = std::fs::read_dir(self._dir.path().join("pods")) else {
+        let Ok(entries) = std::fs::read_dir(self.dir.path().join("pods")) else {
             return out;
         };
         let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
@@ -371,7 +371,7 @@ fn container_kind(container: &Container) -> Option<(Kind, Option<u32>)> {
     if let Some(major) = postgres_major(image) {
         return Some((Kind::Postgres, Some(major)));
     }
-    (pgflip_argv(container).is_some()).then_some((Kind::Pgflip, None))
+    pgflip_argv(container).map(|_| (Kind::Pgflip, None))
 }
 
 /// The arguments of a pgflip container: after `pgflip` in its command, or its args alone
