@@ -24,7 +24,7 @@ setup-kube:
 	@bash scripts/setup-kube.sh
 
 # Flux's source-controller and kustomize-controller (and all their CRDs), built from their
-# Go modules into the same cache, for the GitOps end-to-end (about 2 minutes the first time).
+# Go modules into the same cache, for the GitOps end-to-end (about 4 minutes the first time).
 setup-flux:
 	@bash scripts/setup-flux.sh
 
