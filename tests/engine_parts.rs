@@ -751,3 +751,77 @@ async fn downgrade_refuses_a_schema_the_older_major_cannot_parse() {
     assert_eq!(user_object_count(&green).await, 0, "nothing is left behind");
     assert_eq!(schema::copied_fingerprint(&green).await.unwrap(), None);
 }
+
+/// The verification's write hold does not queue behind autovacuum: a real autovacuum
+/// worker, throttled so that it holds its lock on the table for minutes, is cancelled, and
+/// the hold is taken. `deadlock_timeout` is raised on the locking session so PostgreSQL's
+/// own cancellation (after 1 s by default) cannot be what frees the lock: without pgflip's
+/// cancellation the hold fails at its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_hold_cancels_an_autovacuum_in_its_way() {
+    let pair = Pair::start(16, 16).await;
+    let blue = pair.create_db(&pair.blue, "vac").await;
+    blue.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, pad text);
+         INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 100000) g;
+         ALTER TABLE t SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
+                            autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1,
+                            autovacuum_analyze_threshold = 1000000000);
+         DELETE FROM t WHERE id % 2 = 0;",
+    )
+    .await
+    .unwrap();
+    // One statement per call: ALTER SYSTEM refuses the implicit transaction of a batch.
+    for sql in [
+        "ALTER SYSTEM SET autovacuum_naptime = '1s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        blue.batch_execute(sql).await.unwrap();
+    }
+    let worker_on_t = "SELECT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+                       WHERE a.backend_type = 'autovacuum worker' AND l.relation = 't'::regclass";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let worker: i32 = loop {
+        if let Some(row) = blue.query_opt(worker_on_t, &[]).await.unwrap() {
+            break row.get(0);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no autovacuum worker started on t"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+
+    let locker = pg::connect(&pair.blue, &pair.creds, "vac").await.unwrap();
+    locker
+        .batch_execute("SET deadlock_timeout = '10min'")
+        .await
+        .unwrap();
+    verify::hold_writes(
+        &locker,
+        &[("public".into(), "t".into())],
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .expect("the hold is taken once the autovacuum is cancelled");
+    let held: String = locker
+        .query_one(
+            "SELECT mode FROM pg_locks WHERE pid = pg_backend_pid() AND relation = 't'::regclass \
+             AND granted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, "ExclusiveLock");
+    let still_there = blue
+        .query_opt(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND backend_type = 'autovacuum worker' \
+             AND query LIKE '%vac.public.t%'",
+            &[&worker],
+        )
+        .await
+        .unwrap();
+    assert!(still_there.is_none(), "the autovacuum of t was cancelled");
+    locker.batch_execute("COMMIT").await.unwrap();
+}

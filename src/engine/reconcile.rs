@@ -849,11 +849,6 @@ async fn consistent_cut(
     }
     let locker = connect(source, admin, db).await?;
     let marker = connect(source, admin, db).await?;
-    let list = tables
-        .iter()
-        .map(|(s, n)| super::pg::qualified(s, n))
-        .collect::<Vec<_>>()
-        .join(", ");
     // Catch up first, holding nothing: the wait under the lock then covers only what is
     // committed while it is being taken, not the lag the lag gate let through.
     repl::catch_up(
@@ -862,11 +857,7 @@ async fn consistent_cut(
         bound.max(Duration::from_secs(60)),
     )
     .await?;
-    locker
-        .batch_execute(&format!(
-            "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {list} IN EXCLUSIVE MODE",
-            bound.as_millis()
-        ))
+    verify::hold_writes(&locker, tables, bound)
         .await
         .context("holding writes for the verification snapshot")?;
     src.batch_execute(SNAPSHOT).await?;
