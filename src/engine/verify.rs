@@ -22,7 +22,7 @@ use crate::engine::preflight::QualifiedName;
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// One table's size and content digest at the snapshot.
@@ -264,56 +264,39 @@ impl RowSetDigest {
     }
 }
 
-/// How long one attempt at the verification's write hold may wait in the lock queue, and
-/// how many such attempts come before one that waits out the whole bound.
-const HOLD_ATTEMPT: Duration = Duration::from_millis(100);
-const HOLD_SHORT_ATTEMPTS: u32 = 5;
-
-/// Opens a transaction on `locker` holding `LOCK TABLE … IN EXCLUSIVE MODE` on `tables`.
+/// Opens a transaction on `locker` holding `LOCK TABLE … IN EXCLUSIVE MODE` on `tables`,
+/// waiting at most `bound` for it.
+///
 /// The lock conflicts with autovacuum, and PostgreSQL cancels an autovacuum worker that
-/// blocks a lock request only after `deadlock_timeout` (1 s by default) — with every
-/// writer queued behind the request meanwhile: the 5 GB benchmark's rollback, verifying
-/// against a server still vacuuming its freshly copied tables, stalled writes for 1,018 ms
-/// this way. So the lock is tried for a short while at a time, and between tries pgflip
-/// cancels the autovacuum workers on these tables itself (never an anti-wraparound one,
-/// which PostgreSQL does not cancel either); the last try waits out what is left of `bound`.
+/// blocks a lock request only after `deadlock_timeout` (1 s by default) — with every writer
+/// queued behind the request meanwhile: the 5 GB benchmark's rollback, verifying against a
+/// server still vacuuming its freshly copied tables, stalled writes for 1,018 ms this way.
+/// So the autovacuum workers on these tables are cancelled just before the lock is asked
+/// for (one that starts after it is granted skips a table it cannot lock at once). Short
+/// tries with cancellations between them were tried first: on a loaded machine a try could
+/// time out behind ordinary transactions and each one stalled the writers again.
 pub async fn hold_writes(
     locker: &Client,
     tables: &[(String, String)],
     bound: Duration,
 ) -> anyhow::Result<()> {
     let names: Vec<String> = tables.iter().map(|(s, n)| qualified(s, n)).collect();
-    let started = Instant::now();
-    for attempt in 1.. {
-        let last = attempt > HOLD_SHORT_ATTEMPTS;
-        let wait = if last {
-            bound.saturating_sub(started.elapsed()).max(HOLD_ATTEMPT)
-        } else {
-            HOLD_ATTEMPT
-        };
-        let lock = format!(
-            "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN EXCLUSIVE MODE",
-            wait.as_millis(),
-            names.join(", ")
-        );
-        match locker.batch_execute(&lock).await {
-            Ok(()) => return Ok(()),
-            Err(e)
-                if !last
-                    && e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
-            {
-                locker.batch_execute("ROLLBACK").await?;
-                cancel_autovacuum(locker, &names).await;
-            }
-            Err(e) => return Err(anyhow::anyhow!(super::replication::db_error_text(&e))),
-        }
-    }
-    unreachable!("the attempts end with the last one")
+    cancel_autovacuum(locker, &names).await;
+    let lock = format!(
+        "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN EXCLUSIVE MODE",
+        bound.as_millis(),
+        names.join(", ")
+    );
+    locker
+        .batch_execute(&lock)
+        .await
+        .map_err(|e| anyhow::anyhow!(super::replication::db_error_text(&e)))
 }
 
 /// Cancels the autovacuum workers holding a lock on one of `tables` (qualified names),
-/// except anti-wraparound ones. Best effort: without the right to signal them, the last
-/// lock attempt still gets PostgreSQL's own cancellation after `deadlock_timeout`.
+/// except anti-wraparound ones (PostgreSQL never cancels those either). Best effort:
+/// without the right to signal them, the lock still gets PostgreSQL's own cancellation
+/// after `deadlock_timeout`.
 async fn cancel_autovacuum(client: &Client, tables: &[String]) {
     const SQL: &str = "SELECT a.pid, pg_cancel_backend(a.pid) FROM pg_stat_activity a \
         WHERE a.backend_type = 'autovacuum worker' \
