@@ -340,14 +340,16 @@ impl<I: Instances, R: Router, S: StatusSink, J: Journal> Engine<I, R, S, J> {
                 record.failed_revision = None;
                 record.failed_reason = None;
                 self.journal.save(record).await.map_err(StepError::Retry)?;
-                let mut u = Update::new(State::Success, Phase::Done.as_str(), {
-                    let tables = attempt.verified_tables.unwrap_or(0);
-                    let plural = if tables == 1 { "" } else { "s" };
+                let tables = attempt.verified_tables.unwrap_or(0);
+                let plural = if tables == 1 { "" } else { "s" };
+                let mut u = Update::new(
+                    State::Success,
+                    Phase::Done.as_str(),
                     format!(
                         "{} now serves; pause {:.1} ms; {tables} table{plural} verified",
                         attempt.to, m.pause_ms,
-                    )
-                })
+                    ),
+                )
                 .between(attempt.from.major, attempt.to.major);
                 u.pause_ms = Some(m.pause_ms);
                 u.verified_tables = attempt.verified_tables;

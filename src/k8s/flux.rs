@@ -192,9 +192,13 @@ mod tests {
 
         // Fetching, building, applying the new revision: the objects may be either
         // revision's until the health checks start. Nothing can be named.
-        for stage in ["Fetching", "Building", "Detecting drift for"] {
+        for stage in [
+            "Fetching manifests for",
+            "Building manifests for",
+            "Detecting drift for",
+        ] {
             let under_way = status(&format!(
-                "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {{type: Ready, status: Unknown, reason: Progressing, message: Reconciliation in progress}}\n- {{type: Reconciling, status: 'True', reason: Progressing, message: '{stage} manifests for revision main@sha1:bbb with a timeout of 5m0s'}}\n- {{type: Healthy, status: 'True', reason: Succeeded, message: Health check passed}}\n",
+                "lastAppliedRevision: main@sha1:aaa\nlastAttemptedRevision: main@sha1:bbb\nconditions:\n- {{type: Ready, status: Unknown, reason: Progressing, message: Reconciliation in progress}}\n- {{type: Reconciling, status: 'True', reason: Progressing, message: '{stage} revision main@sha1:bbb with a timeout of 5m0s'}}\n- {{type: Healthy, status: 'True', reason: Succeeded, message: Health check passed}}\n",
             ));
             assert_eq!(under_way.applied_revision(), None, "{stage}");
             assert!(!under_way.is_ready());
