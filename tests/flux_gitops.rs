@@ -9,22 +9,21 @@
 
 mod common;
 
+use common::database::{admin, endpoint, is_ready_at, server_version};
 use common::flux::{self, Flux};
 use common::forge::FakeForge;
-use common::git_http::GitHttp;
+use common::git_http::{GitHttp, git};
 use common::kube::Cluster;
 use common::node_agent::{self, NodeAgent};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
-use pgflip::engine::pg::{Addr, Credentials};
 use pgflip::k8s::crd::BlueGreenDatabase;
 use pgflip::k8s::flux::KustomizationStatus;
 use pgflip::load::{self, LoadConfig};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// What `gitops/` names: the database, its namespace, the forge repository.
@@ -34,22 +33,6 @@ const FORGE_REPOSITORY: &str = "your-org/your-repo";
 const PLACEHOLDER_GIT_URL: &str = "https://github.com/your-org/your-repo.git";
 const PLACEHOLDER_FORGE_API: &str = "https://api.github.com";
 const FORGE_TOKEN: &str = "forge-t0ken";
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=dev", "-c", "user.email=dev@example.com"])
-        .args(["-c", "init.defaultBranch=main"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -136,7 +119,7 @@ fn dynamic_api(
 }
 
 /// Applies one of `gitops/flux/*.yaml` as a person would with kubectl, URLs replaced.
-async fn apply_flux_object(client: &kube::Client, file: &str, git_url: &str, forge_api: &str) {
+async fn apply_flux_object(cluster: &Cluster, file: &str, git_url: &str, forge_api: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("gitops/flux")
         .join(file);
@@ -144,17 +127,7 @@ async fn apply_flux_object(client: &kube::Client, file: &str, git_url: &str, for
         .unwrap()
         .replace(PLACEHOLDER_GIT_URL, git_url)
         .replace(PLACEHOLDER_FORGE_API, forge_api);
-    let object: DynamicObject = serde_yaml::from_str(&text).unwrap();
-    let types = object.types.clone().unwrap();
-    let (group, version) = types.api_version.split_once('/').unwrap();
-    let api = dynamic_api(client, group, version, &types.kind);
-    api.patch(
-        &object.metadata.name.clone().unwrap(),
-        &PatchParams::apply("kubectl").force(),
-        &Patch::Apply(&object),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("applying {file}: {e}"));
+    cluster.apply_yaml(&text, "kubectl").await;
 }
 
 /// What `flux reconcile source git pgflip` does: ask for a fetch now, not at the interval.
@@ -183,62 +156,10 @@ fn ready_at(status: &KustomizationStatus, commit: &str) -> bool {
         && status.last_applied_revision.as_deref() == Some(&format!("main@sha1:{commit}"))
 }
 
-fn condition<'a>(
-    object: &'a BlueGreenDatabase,
-    type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    object
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-}
-
-fn is_ready_at(object: &BlueGreenDatabase, version: &str, commit: &str) -> bool {
-    let status = object.status.clone().unwrap_or_default();
-    condition(object, "Ready").is_some_and(|c| c.status == "True")
-        && status.observed_generation == object.metadata.generation
-        && status.active_version.as_deref() == Some(version)
-        && status.revision.as_deref() == Some(commit)
-}
-
-async fn endpoint(client: &kube::Client) -> Option<Addr> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let list = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/component=endpoint"))
-        .await
-        .ok()?;
-    list.items
-        .iter()
-        .find_map(pgflip::k8s::api::ready_pod_ip)
-        .map(|host| Addr { host, port: 5432 })
-}
-
-async fn admin(client: &kube::Client) -> Credentials {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-    let secret = secrets.get("orders-pgflip-admin").await.unwrap();
-    let password = &secret.data.unwrap()["password"];
-    Credentials {
-        user: "pgflip".into(),
-        password: String::from_utf8(password.0.clone()).unwrap(),
-    }
-}
-
-async fn server_version(addr: &Addr, creds: &Credentials) -> String {
-    let client = pgflip::engine::pg::connect(addr, creds, "app")
-        .await
-        .unwrap();
-    client
-        .simple_query("SHOW server_version_num")
-        .await
-        .unwrap()
-        .into_iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap()
+/// Ready at `version`, switched for `commit`.
+fn is_ready_for(object: &BlueGreenDatabase, version: &str, commit: &str) -> bool {
+    is_ready_at(object, version)
+        && object.status.as_ref().and_then(|s| s.revision.as_deref()) == Some(commit)
 }
 
 /// The commit statuses posted for `commit`: (state, description), in order.
@@ -328,7 +249,7 @@ impl World {
                 let object = objects.get(DB).await.ok()?;
                 if ready_at(&status, commit) {
                     assert!(
-                        is_ready_at(&object, version, commit),
+                        is_ready_for(&object, version, commit),
                         "Flux turned Ready at {commit} before the switch: {:?}",
                         object.status
                     );
@@ -390,7 +311,7 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
         forge,
     };
     for file in ["source.yaml", "pgflip.yaml", "databases.yaml"] {
-        apply_flux_object(&client, file, &git_url, &world.forge.url).await;
+        apply_flux_object(&world.cluster, file, &git_url, &world.forge.url).await;
     }
 
     // Bootstrap: Flux installs pgflip, then the database at 15.
@@ -409,14 +330,16 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
         Some("success"),
         "{states:?}"
     );
-    let creds = admin(&client).await;
-    let addr = endpoint(&client).await.expect("the endpoint pod is Ready");
+    let creds = admin(&client, NS, DB).await;
+    let addr = endpoint(&client, NS)
+        .await
+        .expect("the endpoint pod is Ready");
     load::prepare(&addr, &creds, "app").await.unwrap();
 
     // A pull request bumps the version; it merges; Flux fetches and applies; pgflip
     // switches under a write load.
     let switch_under_load = async |version: &str, commit: &str| {
-        let addr = endpoint(&client).await.unwrap();
+        let addr = endpoint(&client, NS).await.unwrap();
         let writes = load::start(LoadConfig {
             endpoint: addr.clone(),
             creds: creds.clone(),
@@ -435,7 +358,7 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
         );
         assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
         assert!(report.committed > 100, "the load ran: {report:?}");
-        let serving = endpoint(&client).await.unwrap();
+        let serving = endpoint(&client, NS).await.unwrap();
         assert_eq!(
             load::lost_commits(&report, &serving, &creds, "app")
                 .await
@@ -443,7 +366,11 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
             0,
             "every acknowledged commit is on the new primary"
         );
-        assert!(server_version(&serving, &creds).await.starts_with(version));
+        assert!(
+            server_version(&serving, &creds, "app")
+                .await
+                .starts_with(version)
+        );
         let states = statuses_on(&world.forge, commit);
         eprintln!("commit statuses on {commit}: {states:#?}");
         assert_eq!(
@@ -535,8 +462,12 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
         before,
         "a refused commit changes no StatefulSet"
     );
-    let serving = endpoint(&client).await.unwrap();
-    assert!(server_version(&serving, &creds).await.starts_with("15"));
+    let serving = endpoint(&client, NS).await.unwrap();
+    assert!(
+        server_version(&serving, &creds, "app")
+            .await
+            .starts_with("15")
+    );
 
     // The next good commit proceeds.
     repo.set_version("16");

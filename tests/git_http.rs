@@ -3,30 +3,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@e",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
+use common::git_http::git;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_clones_and_fetches_over_smart_http() {
@@ -84,15 +61,10 @@ async fn a_client_clones_and_fetches_over_smart_http() {
     .await
     .unwrap();
     assert_eq!(fetched, head, "the fetch sees the pushed commit");
-    let advertised = tokio::task::spawn_blocking(move || {
-        let out = Command::new("git")
-            .args(["ls-remote", &url])
-            .output()
+    let advertised =
+        tokio::task::spawn_blocking(move || git(&std::env::temp_dir(), &["ls-remote", &url]))
+            .await
             .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    })
-    .await
-    .unwrap();
     assert!(
         advertised.contains(&format!("{head}\trefs/heads/main")),
         "{advertised}"

@@ -127,14 +127,10 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         "gitrepositories.source.toolkit.fluxcd.io",
         "bluegreendatabases.pgflip.dev",
     ] {
-        let crd = crds.get(name).await.unwrap();
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        assert!(established, "CRD {name} is not Established");
+        assert!(
+            common::kube::is_established(&crds.get(name).await.unwrap()),
+            "CRD {name} is not Established"
+        );
     }
 
     // The kubeconfig (and the CA it names) can be read by the unprivileged user that runs

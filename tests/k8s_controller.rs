@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::database::{admin, condition, endpoint, is_ready_at, server_version};
 use common::kube::Cluster;
 use common::node_agent::NodeAgent;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -16,7 +17,6 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
-use pgflip::engine::pg::{Addr, Credentials};
 use pgflip::k8s::crd::BlueGreenDatabase;
 use pgflip::load::{self, LoadConfig};
 use std::process::{Child, Command, Stdio};
@@ -176,6 +176,21 @@ impl Drop for Controller {
     }
 }
 
+/// Waits until the object is Ready with `version` serving, and returns it.
+async fn wait_ready_at(
+    objects: &Api<BlueGreenDatabase>,
+    version: &str,
+    what: &str,
+    timeout: Duration,
+    logs: &dyn Fn() -> String,
+) -> BlueGreenDatabase {
+    wait_for(what, timeout, logs, async || {
+        let o = objects.get(DB).await.ok()?;
+        is_ready_at(&o, version).then_some(o)
+    })
+    .await
+}
+
 async fn wait_for<T>(
     what: &str,
     timeout: Duration,
@@ -194,47 +209,6 @@ async fn wait_for<T>(
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn condition<'a>(
-    object: &'a BlueGreenDatabase,
-    type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    object
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-}
-
-fn is_ready_at(object: &BlueGreenDatabase, version: &str) -> bool {
-    let status = object.status.clone().unwrap_or_default();
-    condition(object, "Ready").is_some_and(|c| c.status == "True")
-        && status.observed_generation == object.metadata.generation
-        && status.active_version.as_deref() == Some(version)
-}
-
-async fn endpoint(client: &kube::Client) -> Option<Addr> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let list = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/component=endpoint"))
-        .await
-        .ok()?;
-    list.items
-        .iter()
-        .find_map(pgflip::k8s::api::ready_pod_ip)
-        .map(|host| Addr { host, port: 5432 })
-}
-
-async fn admin(client: &kube::Client) -> Credentials {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-    let secret = secrets.get("orders-pgflip-admin").await.unwrap();
-    let password = &secret.data.unwrap()["password"];
-    Credentials {
-        user: "pgflip".into(),
-        password: String::from_utf8(password.0.clone()).unwrap(),
     }
 }
 
@@ -269,14 +243,12 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
 
     // Bootstrap at 15 (revision A).
     flux.apply("15", &sha(0xa1)).await;
-    let object = wait_for(
+    let object = wait_ready_at(
+        &objects,
+        "15",
         "bootstrap at 15",
         Duration::from_secs(180),
         &logs,
-        async || {
-            let o = objects.get(DB).await.ok()?;
-            is_ready_at(&o, "15").then_some(o)
-        },
     )
     .await;
     let status = object.status.clone().unwrap();
@@ -291,13 +263,7 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
     assert_eq!(annotations["pgflip.dev/phase"], "idle");
     // The controller ran as its ServiceAccount under manifests/rbac.yaml, which is
     // enforced: it may not, say, delete the admin Secret.
-    let as_controller = {
-        let config = kube::config::Kubeconfig::read_from(cluster.controller_kubeconfig()).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
-            .await
-            .unwrap();
-        kube::Client::try_from(config).unwrap()
-    };
+    let as_controller = Cluster::connect(&cluster.controller_kubeconfig()).await;
     let denied = Api::<Secret>::namespaced(as_controller, NS)
         .delete("orders-pgflip-admin", &Default::default())
         .await;
@@ -305,8 +271,10 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403),
         "{denied:?}"
     );
-    let creds = admin(&client).await;
-    let addr = endpoint(&client).await.expect("the endpoint pod is Ready");
+    let creds = admin(&client, NS, DB).await;
+    let addr = endpoint(&client, NS)
+        .await
+        .expect("the endpoint pod is Ready");
     load::prepare(&addr, &creds, "app").await.unwrap();
 
     // Change to 16 (revision B) under a write load; the first controller kills itself
@@ -327,14 +295,12 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         Some(9),
         "the first controller died at its failpoint"
     );
-    let object = wait_for(
+    let object = wait_ready_at(
+        &objects,
+        "16",
         "the switch to 16",
         Duration::from_secs(240),
         &logs,
-        async || {
-            let o = objects.get(DB).await.ok()?;
-            is_ready_at(&o, "16").then_some(o)
-        },
     )
     .await;
     let report = writes.stop().await;
@@ -355,7 +321,7 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
     );
     assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
     assert!(report.committed > 100, "the load ran: {report:?}");
-    let now_serving = endpoint(&client).await.unwrap();
+    let now_serving = endpoint(&client, NS).await.unwrap();
     assert_eq!(
         load::lost_commits(&report, &now_serving, &creds, "app")
             .await
@@ -438,22 +404,10 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         "a new endpoint pod",
         Duration::from_secs(60),
         &logs,
-        async || endpoint(&client).await.filter(|a| *a != now_serving),
+        async || endpoint(&client, NS).await.filter(|a| *a != now_serving),
     )
     .await;
-    let through = pgflip::engine::pg::connect(&now_serving, &creds, "app")
-        .await
-        .unwrap();
-    let version = through
-        .simple_query("SHOW server_version_num")
-        .await
-        .unwrap()
-        .into_iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap();
+    let version = server_version(&now_serving, &creds, "app").await;
     assert!(
         version.starts_with("16"),
         "the restarted endpoint serves {version}"
@@ -468,19 +422,17 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         rate_per_sec: Some(200),
     });
     flux.apply("15", &sha(0xc3)).await;
-    let object = wait_for(
+    let object = wait_ready_at(
+        &objects,
+        "15",
         "the switch back to 15",
         Duration::from_secs(240),
         &logs,
-        async || {
-            let o = objects.get(DB).await.ok()?;
-            is_ready_at(&o, "15").then_some(o)
-        },
     )
     .await;
     let report = writes.stop().await;
     assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
-    let serving_addr = endpoint(&client).await.unwrap();
+    let serving_addr = endpoint(&client, NS).await.unwrap();
     assert_eq!(
         load::lost_commits(&report, &serving_addr, &creds, "app")
             .await
@@ -581,13 +533,8 @@ fn first_log(cluster: &Cluster) -> String {
     ["first", "second"]
         .iter()
         .map(|n| {
-            let text = std::fs::read_to_string(cluster.dir().join(format!("controller-{n}.log")))
-                .unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            format!(
-                "[{n}]\n{}",
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            )
+            let log = common::tail(&cluster.dir().join(format!("controller-{n}.log")), 30);
+            format!("[{n}]\n{log}")
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -618,25 +565,21 @@ async fn an_object_without_flux_switches_on_each_generation() {
             .unwrap();
     };
     apply("16").await;
-    wait_for(
+    wait_ready_at(
+        &objects,
+        "16",
         "bootstrap at 16",
         Duration::from_secs(180),
         &logs,
-        async || {
-            let o = objects.get(DB).await.ok()?;
-            is_ready_at(&o, "16").then_some(o)
-        },
     )
     .await;
     apply("17").await;
-    let object = wait_for(
+    let object = wait_ready_at(
+        &objects,
+        "17",
         "the switch to 17",
         Duration::from_secs(240),
         &logs,
-        async || {
-            let o = objects.get(DB).await.ok()?;
-            is_ready_at(&o, "17").then_some(o)
-        },
     )
     .await;
     let old_uid = object.metadata.uid.clone().unwrap();
@@ -659,27 +602,23 @@ async fn an_object_without_flux_switches_on_each_generation() {
     )
     .await;
     apply("17").await;
-    let again = wait_for(
+    let again = wait_ready_at(
+        &objects,
+        "17",
         "the new object Ready at 17",
         Duration::from_secs(120),
         &logs,
-        async || {
-            let o = objects.get(DB).await.ok()?;
-            is_ready_at(&o, "17").then_some(o)
-        },
     )
     .await;
     let new_uid = again.metadata.uid.clone().unwrap();
     assert_ne!(old_uid, new_uid);
     apply("16").await;
-    wait_for(
+    wait_ready_at(
+        &objects,
+        "16",
         "the new object's switch to 16",
         Duration::from_secs(240),
         &logs,
-        async || {
-            let o = objects.get(DB).await.ok()?;
-            is_ready_at(&o, "16").then_some(o)
-        },
     )
     .await;
     let events: Api<Event> = Api::namespaced(client.clone(), NS);

@@ -135,9 +135,7 @@ impl Flux {
 
     /// The last `lines` lines of a controller's log.
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        super::tail(&self.log_path(name), lines)
     }
 }
 

@@ -5,6 +5,7 @@
 //! port comes from the OS; the whole cluster lives in one temp dir and dies on Drop.
 //! Our CRD and Flux's CRDs are installed and Established before `start` returns.
 
+use super::tail;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -59,10 +60,15 @@ fn flux_crd_dir() -> PathBuf {
     flux
 }
 
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(25)..].join("\n")
+/// Whether the API server serves the CRD's kind.
+pub fn is_established(crd: &CustomResourceDefinition) -> bool {
+    crd.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        })
 }
 
 impl Cluster {
@@ -243,7 +249,8 @@ impl Cluster {
         cluster
     }
 
-    async fn connect(kubeconfig: &Path) -> kube::Client {
+    /// A client as whoever `kubeconfig` names.
+    pub async fn connect(kubeconfig: &Path) -> kube::Client {
         let config = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
         let config = kube::Config::from_custom_kubeconfig(
             config,
@@ -277,14 +284,14 @@ impl Cluster {
                 if let Ok(Some(status)) = child.try_wait() {
                     panic!(
                         "{name} exited ({status}):\n{}",
-                        tail(&self.dir.path().join(format!("{name}.log")))
+                        tail(&self.dir.path().join(format!("{name}.log")), 25)
                     );
                 }
             }
             if Instant::now() > deadline {
                 panic!(
                     "kube-apiserver on port {port} not ready:\n{}",
-                    tail(&self.dir.path().join("kube-apiserver.log"))
+                    tail(&self.dir.path().join("kube-apiserver.log"), 25)
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -325,14 +332,7 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         for name in names {
             loop {
-                let crd = api.get(&name).await.unwrap();
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                if established {
+                if is_established(&api.get(&name).await.unwrap()) {
                     break;
                 }
                 assert!(Instant::now() < deadline, "CRD {name} not Established");
@@ -365,34 +365,40 @@ impl Cluster {
                     .join(file),
             )
             .unwrap();
-            for doc in serde_yaml::Deserializer::from_str(&text) {
-                let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
-                let object: kube::api::DynamicObject = serde_yaml::from_value(value).unwrap();
-                let types = object.types.clone().unwrap();
-                let (group, version) = types
-                    .api_version
-                    .split_once('/')
-                    .unwrap_or(("", types.api_version.as_str()));
-                let gvk = kube::api::GroupVersionKind::gvk(group, version, &types.kind);
-                let (resource, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
-                    .await
-                    .unwrap();
-                let api: Api<kube::api::DynamicObject> =
-                    match (caps.scope, object.metadata.namespace.as_deref()) {
-                        (kube::discovery::Scope::Namespaced, Some(ns)) => {
-                            Api::namespaced_with(self.client.clone(), ns, &resource)
-                        }
-                        _ => Api::all_with(self.client.clone(), &resource),
-                    };
-                let name = object.metadata.name.clone().unwrap();
-                api.patch(
-                    &name,
-                    &PatchParams::apply("pgflip-test").force(),
-                    &Patch::Apply(&object),
-                )
+            self.apply_yaml(&text, "pgflip-test").await;
+        }
+    }
+
+    /// Server-side applies every document of `text` (kubectl's `apply --server-side`),
+    /// as the field manager `manager`.
+    pub async fn apply_yaml(&self, text: &str, manager: &str) {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+            let object: kube::api::DynamicObject = serde_yaml::from_value(value).unwrap();
+            let types = object.types.clone().unwrap();
+            let (group, version) = types
+                .api_version
+                .split_once('/')
+                .unwrap_or(("", types.api_version.as_str()));
+            let gvk = kube::api::GroupVersionKind::gvk(group, version, &types.kind);
+            let (resource, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
                 .await
-                .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
-            }
+                .unwrap();
+            let api: Api<kube::api::DynamicObject> =
+                match (caps.scope, object.metadata.namespace.as_deref()) {
+                    (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                        Api::namespaced_with(self.client.clone(), ns, &resource)
+                    }
+                    _ => Api::all_with(self.client.clone(), &resource),
+                };
+            let name = object.metadata.name.clone().unwrap();
+            api.patch(
+                &name,
+                &PatchParams::apply(manager).force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
         }
     }
 
@@ -430,7 +436,7 @@ impl Drop for Cluster {
             for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
                 eprintln!(
                     "--- {name} ---\n{}",
-                    tail(&self.dir.path().join(format!("{name}.log")))
+                    tail(&self.dir.path().join(format!("{name}.log")), 25)
                 );
             }
         }

@@ -3,6 +3,7 @@
 //! server it started, whatever the outcome.
 #![allow(dead_code)]
 
+pub mod database;
 pub mod flux;
 pub mod forge;
 pub mod git_http;
@@ -16,9 +17,16 @@ use pgflip::core::report::{State, Update};
 use pgflip::core::spec::{self, Major};
 use pgflip::engine::pg::{Addr, Credentials, connect};
 use pgflip::state::StateDir;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The last `lines` lines of a log file (empty if it cannot be read), for a failing test.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
 
 pub struct Harness {
     pub dir: tempfile::TempDir,
@@ -231,11 +239,8 @@ impl Harness {
     pub fn log_tail(&self) -> String {
         let mut out = String::new();
         for i in 1..=self.runs {
-            let text = std::fs::read_to_string(self.dir.path().join(format!("pgflip-{i}.log")))
-                .unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let from = lines.len().saturating_sub(60);
-            out.push_str(&format!("--- run {i} ---\n{}\n", lines[from..].join("\n")));
+            let log = tail(&self.dir.path().join(format!("pgflip-{i}.log")), 60);
+            out.push_str(&format!("--- run {i} ---\n{log}\n"));
         }
         out
     }

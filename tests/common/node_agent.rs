@@ -225,12 +225,9 @@ impl NodeAgent {
         let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         dirs.sort();
         for dir in dirs {
-            let text = std::fs::read_to_string(dir.join("container.log")).unwrap_or_default();
-            let all: Vec<&str> = text.lines().collect();
             let name = dir.file_name().unwrap_or_default().to_string_lossy();
-            out.push_str(&format!("--- pod {name} ---\n"));
-            out.push_str(&all[all.len().saturating_sub(lines)..].join("\n"));
-            out.push('\n');
+            let log = super::tail(&dir.join("container.log"), lines);
+            out.push_str(&format!("--- pod {name} ---\n{log}\n"));
         }
         out
     }
