@@ -22,6 +22,13 @@ use std::time::Duration;
 
 pub type Result<T> = anyhow::Result<T>;
 
+/// What an adapter waits for is not there yet (a pod starting, a claim going away): not a
+/// failure. Returned inside an `anyhow::Error`; the engine reports it as waiting and the
+/// caller comes back later instead of blocking.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotReady(pub String);
+
 pub trait Instances: Send + Sync {
     /// Creates the instance if it does not exist, starts it if it is stopped, adopts it if
     /// it runs; returns where it listens. Idempotent.
