@@ -8,8 +8,9 @@ use crate::adapters::git_notes::GitNotes;
 use crate::adapters::git_source::testing as git;
 use crate::core::plan::Record;
 use crate::core::spec::{self, Major};
-use crate::engine::pg::{Addr, Credentials, connect};
+use crate::engine::pg::connect;
 use crate::load::{self, LoadConfig};
+use crate::ports::{Addr, Credentials};
 use crate::state::StateDir;
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -141,7 +142,7 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
         let up = switch_result(&r, 0, failed_up, lost_up);
         tokio::time::sleep(Duration::from_secs(2)).await;
 
-        step(&format!("git revert {}", crate::core::plan::short(&upgrade_rev)));
+        step(&format!("git revert {}", &upgrade_rev[..12]));
         let revert_rev = git::revert(&repo, &upgrade_rev);
         let r = wait_for(&state, "rollback", Duration::from_secs(600), |r| r.history.len() == 2 && r.attempt.is_none(), Some((&repo, &revert_rev))).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;

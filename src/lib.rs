@@ -17,5 +17,6 @@ pub mod failpoint;
 pub mod k8s;
 pub mod load;
 pub mod local;
+pub mod ports;
 pub mod state;
 pub mod toolchain;

@@ -7,7 +7,8 @@
 //! simple query protocol is used: PgBouncer 1.18 cannot carry named prepared statements
 //! in transaction pooling.
 
-use crate::engine::pg::{self, Addr, Credentials};
+use crate::engine::pg;
+use crate::ports::{Addr, Credentials};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,17 +1,20 @@
 //! Local mode: watch a Git branch and reconcile this machine to its `BlueGreenDatabase`.
 //! Instances are local PostgreSQL processes, the endpoint a local PgBouncer, progress
 //! goes to git notes on the commit (and to the forge's commit status when configured).
+//! A thin loop around the shared [`Runner`]: look at the branch, take what it carries,
+//! step.
 
-use crate::adapters::Source;
 use crate::adapters::forge_status::{ForgeStatus, Sinks};
 use crate::adapters::git_notes::GitNotes;
 use crate::adapters::git_source::GitSource;
 use crate::adapters::local_instances::LocalInstances;
 use crate::adapters::pgbouncer::PgBouncer;
-use crate::core::plan::Wanted;
-use crate::core::spec::{self, Desired};
+use crate::core::spec::Desired;
+use crate::engine::driver::{Driver, Progress, system_clock};
 use crate::engine::intake;
-use crate::engine::reconcile::{Engine, Progress};
+use crate::engine::phases::Phases;
+use crate::engine::runner::Runner;
+use crate::ports::Source;
 use crate::state::StateDir;
 use crate::toolchain::Toolchain;
 use std::path::PathBuf;
@@ -32,19 +35,18 @@ pub struct LocalOptions {
 }
 
 pub type LocalSinks = Sinks<GitNotes, ForgeStatus>;
-pub type LocalEngine = Engine<LocalInstances, PgBouncer, LocalSinks, StateDir>;
+pub type LocalRunner = Runner<Phases<LocalInstances, PgBouncer>, StateDir, LocalSinks>;
 
-/// Runs until `stop` turns true. Every pass: observe the branch, take a new revision's
-/// document if it is valid (a bad one gets a failure note and changes nothing), and run
-/// steps until there is nothing to do.
+/// Runs until `stop` turns true. Every pass: observe the branch, take a new revision (a
+/// bad one gets a failure note and changes nothing), and take one step.
 pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let state = StateDir::open(&opts.state_dir)?;
-    let mut source = GitSource::open(
-        &opts.repo,
-        &opts.branch,
-        opts.file.as_deref(),
-        &state.dir("repo"),
-    )?;
+    let repo_cache = state.dir("repo");
+    let (repo, branch, file) = (opts.repo.clone(), opts.branch.clone(), opts.file.clone());
+    let mut source = tokio::task::spawn_blocking(move || {
+        GitSource::open(&repo, &branch, file.as_deref(), &repo_cache)
+    })
+    .await??;
     let notes = GitNotes::new(source.repo_dir(), source.remote_url().map(Into::into));
     // The status context names the database; it cannot change on a running database.
     let sinks_for = |name: &str| Sinks {
@@ -54,72 +56,70 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
             .as_ref()
             .map(|f| f.with_context(format!("pgflip/{name}"))),
     };
-    let mut record = state.load()?;
-    let mut engine: Option<LocalEngine> = None;
-    let mut adopted = false;
+    // Until a first valid desired state there is no runner: bad revisions are only reported.
+    let mut unstarted = Some(state.load()?);
+    let mut runner: Option<LocalRunner> = None;
     loop {
         if *stop.borrow() {
             return Ok(());
         }
-        let busy = match source.observe().await {
-            Ok(observed) => {
-                let sinks = sinks_for(&intake::subject_name(&observed, &record));
-                intake::take_revision(&observed, &mut record, &state, &sinks).await?;
-                match record.desired.clone() {
-                    Some(d) => {
-                        let desired =
-                            spec::parse(&d.document).expect("a stored document was valid");
-                        let engine = match &engine {
-                            Some(e) => e,
-                            None => engine.insert(build_engine(
-                                &state,
-                                &desired,
-                                sinks_for(&desired.name),
-                            )?),
-                        };
-                        if !adopted {
-                            // Instances and the endpoint outlive pgflip: start or adopt them.
-                            match engine.adopt(&record, &desired).await {
-                                Ok(()) => adopted = true,
-                                Err(e) => {
-                                    tracing::warn!(error = %format!("{e:#}"), "could not adopt the instances; retrying")
-                                }
-                            }
-                        }
-                        let wanted = Wanted {
-                            revision: &d.revision,
-                            desired: &desired,
-                        };
-                        match engine.reconcile(&mut record, &wanted).await {
-                            Ok(p) => p == Progress::Busy,
-                            Err(e) => {
-                                tracing::warn!(error = %format!("{e:#}"), "reconcile failed; retrying");
-                                false
-                            }
-                        }
-                    }
-                    None => false,
-                }
-            }
+        let observed = match source.observe().await {
+            Ok(o) => o,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "could not read the repository");
-                false
+                wait(opts.poll, &mut stop).await;
+                continue;
             }
         };
-        if !busy {
-            tokio::select! {
-                _ = tokio::time::sleep(opts.poll) => {}
-                _ = stop.changed() => {}
+        if runner.is_none()
+            && let Some(record) = unstarted.as_mut()
+        {
+            let sinks = sinks_for(&intake::subject_name(&observed, record));
+            if let Err(e) = intake::take_revision(&observed, record, &state, &sinks).await {
+                tracing::warn!(error = %e, "could not take the revision");
             }
+            if let Some(wanted) = &record.wanted {
+                let desired = wanted.desired.clone();
+                let record = unstarted.take().expect("checked above");
+                runner = Some(Runner::new(
+                    build_driver(&state, &desired, sinks_for(&desired.name))?,
+                    record,
+                ));
+            }
+        }
+        let progress = match runner.as_mut() {
+            None => Progress::Idle,
+            Some(runner) => {
+                let result = match runner.take(&observed).await {
+                    Ok(()) => runner.step().await,
+                    Err(e) => Err(e),
+                };
+                result.unwrap_or_else(|e| {
+                    tracing::warn!(kind = e.metric_label(), error = %e, "step failed; retrying");
+                    Progress::After(opts.poll)
+                })
+            }
+        };
+        match progress {
+            Progress::Busy => {}
+            Progress::After(d) => wait(d.min(opts.poll), &mut stop).await,
+            Progress::Idle => wait(opts.poll, &mut stop).await,
         }
     }
 }
 
-fn build_engine(
+async fn wait(d: Duration, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+fn build_driver(
     state: &StateDir,
     desired: &Desired,
     sinks: LocalSinks,
-) -> anyhow::Result<LocalEngine> {
+) -> anyhow::Result<Driver<Phases<LocalInstances, PgBouncer>, StateDir, LocalSinks>> {
     let toolchain = Toolchain::discover();
     let admin = state.admin_credentials()?;
     let instances = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?;
@@ -129,13 +129,11 @@ fn build_engine(
         admin.clone(),
         desired.endpoint_port,
     )?;
-    Ok(Engine::new(
-        instances,
-        router,
-        sinks,
+    Ok(Driver::new(
+        Phases::new(instances, router, toolchain, admin),
         state.clone(),
-        toolchain,
-        admin,
+        sinks,
+        system_clock(),
     ))
 }
 

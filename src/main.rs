@@ -171,14 +171,14 @@ fn render_status(r: &Record) -> String {
             a.phase,
             a.from.major,
             a.to.major,
-            pgflip::core::plan::short(&a.revision)
+            a.revision.short()
         )),
         None => out.push_str("phase:    idle\n"),
     }
     if let Some(rev) = &r.failed_revision {
         out.push_str(&format!(
             "failed:   revision {} (not retried until a new commit): {}\n",
-            pgflip::core::plan::short(rev),
+            rev.short(),
             r.failed_reason
                 .as_deref()
                 .unwrap_or("see the commit's notes")
@@ -199,7 +199,7 @@ fn render_status(r: &Record) -> String {
             h.pause_ms,
             h.total_ms as f64 / 1000.0,
             h.verified_tables,
-            pgflip::core::plan::short(&h.revision)
+            h.revision.short()
         ));
     }
     out

@@ -3,7 +3,7 @@
 //! fsync, rename) so a crash leaves either the old or the new one, never half of each.
 
 use crate::core::plan::Record;
-use crate::engine::pg::Credentials;
+use crate::ports::Credentials;
 use anyhow::Context;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -112,9 +112,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `ms` (Unix milliseconds) as an RFC 3339 time, e.g. `2026-12-02T10:00:00.000Z`.
+pub fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+impl crate::ports::Journal for StateDir {
+    async fn save(&self, record: &Record) -> anyhow::Result<()> {
+        // The write and its fsyncs block: off the runtime.
+        let (dir, record) = (self.clone(), record.clone());
+        tokio::task::spawn_blocking(move || dir.save(&record)).await?
+    }
 }

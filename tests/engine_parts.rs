@@ -6,13 +6,14 @@
 //! pass or fail.
 
 use futures_util::{SinkExt, StreamExt};
-use pgflip::adapters::Instances;
 use pgflip::adapters::local_instances::{LocalInstances, stop_all};
 use pgflip::core::plan::{Color, Member};
-use pgflip::core::spec::{Major, UnsupportedPolicy, Verification};
-use pgflip::engine::pg::{self, Addr, Credentials, ident, qualified};
+use pgflip::core::spec::{self, Major, UnsupportedPolicy, Verification};
+use pgflip::engine::pg::{self, ident, qualified};
 use pgflip::engine::schema::{self, SchemaLoad};
 use pgflip::engine::{preflight, sequences, verify};
+use pgflip::ports::Instances;
+use pgflip::ports::{Addr, Credentials};
 use pgflip::state::StateDir;
 use pgflip::toolchain::Toolchain;
 use tokio_postgres::Client;
@@ -53,18 +54,25 @@ impl Pair {
         let creds = state.admin_credentials().unwrap();
         let toolchain = Toolchain::discover();
         let instances = LocalInstances::new(state, toolchain.clone(), creds.clone()).unwrap();
+        let desired = spec::parse(&spec::render("pair", Major(blue_major), "")).unwrap();
         let blue = instances
-            .ensure(&Member {
-                color: Color::Blue,
-                major: Major(blue_major),
-            })
+            .ensure(
+                &Member {
+                    color: Color::Blue,
+                    major: Major(blue_major),
+                },
+                &desired,
+            )
             .await
             .unwrap();
         let green = instances
-            .ensure(&Member {
-                color: Color::Green,
-                major: Major(green_major),
-            })
+            .ensure(
+                &Member {
+                    color: Color::Green,
+                    major: Major(green_major),
+                },
+                &desired,
+            )
             .await
             .unwrap();
         Pair {

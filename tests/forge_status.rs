@@ -3,12 +3,16 @@
 mod common;
 
 use common::forge::FakeForge;
-use pgflip::adapters::StatusSink;
 use pgflip::adapters::forge_status::{ForgeConfig, ForgeStatus, Provider, Sinks};
 use pgflip::core::report::{State, Update};
+use pgflip::ports::StatusSink;
 use serde_json::json;
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn sha() -> pgflip::core::revision::Revision {
+    pgflip::core::revision::Revision::commit(SHA).unwrap()
+}
 const TOKEN: &str = "ghp_s3cretT0ken";
 
 fn sink(forge: &FakeForge, provider: Provider, api_path: &str) -> ForgeStatus {
@@ -34,7 +38,7 @@ async fn github_gets_each_update_exactly() {
     let forge = FakeForge::start().await;
     let gh = sink(&forge, Provider::Github, "");
     for s in [State::Pending, State::Success, State::Failure] {
-        gh.publish(SHA, &update(s)).await.unwrap();
+        gh.publish(&sha(), &update(s)).await.unwrap();
     }
     let reqs = forge.requests();
     assert_eq!(reqs.len(), 3);
@@ -66,8 +70,8 @@ async fn gitlab_and_gitea_get_each_update_exactly() {
     let gitlab = sink(&forge, Provider::Gitlab, "/api/v4");
     let gitea = sink(&forge, Provider::Gitea, "/api/v1");
     for s in [State::Pending, State::Success, State::Failure] {
-        gitlab.publish(SHA, &update(s)).await.unwrap();
-        gitea.publish(SHA, &update(s)).await.unwrap();
+        gitlab.publish(&sha(), &update(s)).await.unwrap();
+        gitea.publish(&sha(), &update(s)).await.unwrap();
     }
     let reqs = forge.requests();
     assert_eq!(reqs.len(), 6);
@@ -124,7 +128,7 @@ async fn transient_errors_are_retried_refusals_are_not() {
     let forge = FakeForge::start().await;
     let gh = sink(&forge, Provider::Github, "");
     forge.answer_with(&[502, 429, 503]);
-    gh.publish(SHA, &update(State::Pending)).await.unwrap();
+    gh.publish(&sha(), &update(State::Pending)).await.unwrap();
     assert_eq!(
         forge.requests().len(),
         4,
@@ -132,14 +136,20 @@ async fn transient_errors_are_retried_refusals_are_not() {
     );
 
     forge.answer_with(&[401]);
-    let err = gh.publish(SHA, &update(State::Success)).await.unwrap_err();
+    let err = gh
+        .publish(&sha(), &update(State::Success))
+        .await
+        .unwrap_err();
     let text = format!("{err:#}");
     assert!(text.contains("401"), "{text}");
     assert!(!text.contains(TOKEN), "the token leaked: {text}");
     assert_eq!(forge.requests().len(), 5, "a refusal is not retried");
 
     forge.answer_with(&[500, 500, 500, 500]);
-    let err = gh.publish(SHA, &update(State::Success)).await.unwrap_err();
+    let err = gh
+        .publish(&sha(), &update(State::Success))
+        .await
+        .unwrap_err();
     assert!(format!("{err:#}").contains("4 times"), "{err:#}");
     assert_eq!(forge.requests().len(), 9);
 }
@@ -159,6 +169,6 @@ async fn one_failing_sink_does_not_keep_the_update_from_the_other() {
         first: unreachable,
         second: Some(sink(&forge, Provider::Github, "")),
     };
-    assert!(both.publish(SHA, &update(State::Success)).await.is_err());
+    assert!(both.publish(&sha(), &update(State::Success)).await.is_err());
     assert_eq!(forge.requests().len(), 1);
 }

@@ -14,7 +14,8 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use pgflip::engine::pg::{Addr, Credentials, connect};
+use pgflip::engine::pg::connect;
+use pgflip::ports::{Addr, Credentials};
 use std::time::{Duration, Instant};
 
 const NS: &str = "harness";

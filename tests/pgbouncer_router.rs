@@ -5,16 +5,22 @@
 use pgflip::adapters::local_instances::{LocalInstances, stop_all};
 use pgflip::adapters::pgbouncer::{PgBouncer, stop_endpoint};
 use pgflip::adapters::run_as::free_port;
-use pgflip::adapters::{Instances, Router};
 use pgflip::core::plan::{Color, Member};
-use pgflip::core::spec::Major;
-use pgflip::engine::pg::{self, Addr, Credentials};
+use pgflip::core::spec::{self, Desired, Major};
+use pgflip::engine::pg;
 use pgflip::load::{self, LoadConfig};
+use pgflip::ports::{Addr, Credentials};
+use pgflip::ports::{Instances, Router};
 use pgflip::state::StateDir;
 use pgflip::toolchain::Toolchain;
 use std::time::{Duration, Instant};
 
 const DB: &str = "app";
+
+/// The desired state the endpoint serves: database `app` (the default).
+fn desired() -> Desired {
+    spec::parse(&spec::render("router", Major(15), "")).unwrap()
+}
 
 /// Stops PgBouncer and the instances, then removes the state directory, whatever the
 /// test's outcome (fields drop after `drop`, so the directory goes last).
@@ -50,10 +56,13 @@ async fn setup(majors: &[u32]) -> Setup {
     let mut servers = Vec::new();
     for (major, color) in majors.iter().zip([Color::Blue, Color::Green]) {
         let addr = instances
-            .ensure(&Member {
-                color,
-                major: Major(*major),
-            })
+            .ensure(
+                &Member {
+                    color,
+                    major: Major(*major),
+                },
+                &desired(),
+            )
             .await
             .unwrap();
         let c = pg::connect(&addr, &admin, "postgres").await.unwrap();
@@ -113,7 +122,7 @@ async fn switch_under_load_fails_and_loses_nothing() {
     let s = setup(&[15, 16]).await;
     let (blue, green) = (s.servers[0].clone(), s.servers[1].clone());
     let bouncer = router(&s);
-    bouncer.ensure(&[DB.to_string()], &blue).await.unwrap();
+    bouncer.ensure(&desired(), &blue).await.unwrap();
     assert_eq!(bouncer.target().await.unwrap(), Some(blue.clone()));
     assert_eq!(served_port(&bouncer.addr(), &s.admin).await, blue.port);
 
@@ -131,7 +140,7 @@ async fn switch_under_load_fails_and_loses_nothing() {
     let switch_at = begun - load_started;
     bouncer.pause(Duration::from_secs(2)).await.unwrap();
     let paused = begun.elapsed();
-    bouncer.repoint(&green).await.unwrap();
+    bouncer.repoint(&desired(), &green).await.unwrap();
     bouncer.resume().await.unwrap();
     let switched = begun.elapsed();
     eprintln!("pause took {paused:?}; pause + repoint + resume took {switched:?}");
@@ -198,7 +207,7 @@ async fn switch_under_load_fails_and_loses_nothing() {
     let client = pg::connect(&bouncer.addr(), &s.admin, DB).await.unwrap();
     client.simple_query("BEGIN").await.unwrap();
     assert_eq!(port_of(&client).await, green.port);
-    bouncer.repoint(&blue).await.unwrap();
+    bouncer.repoint(&desired(), &blue).await.unwrap();
     assert_eq!(port_of(&client).await, green.port);
     client.simple_query("COMMIT").await.unwrap();
     assert_eq!(port_of(&client).await, blue.port);
@@ -211,7 +220,7 @@ async fn pause_blocked_by_an_open_transaction_times_out_and_resumes() {
     let s = setup(&[15]).await;
     let blue = s.servers[0].clone();
     let bouncer = router(&s);
-    bouncer.ensure(&[DB.to_string()], &blue).await.unwrap();
+    bouncer.ensure(&desired(), &blue).await.unwrap();
     let endpoint = bouncer.addr();
 
     // A second router over the same state adopts the running PgBouncer and keeps its target.
@@ -226,7 +235,7 @@ async fn pause_blocked_by_an_open_transaction_times_out_and_resumes() {
         host: "127.0.0.1".into(),
         port: free_port().unwrap(),
     };
-    adopter.ensure(&[DB.to_string()], &elsewhere).await.unwrap();
+    adopter.ensure(&desired(), &elsewhere).await.unwrap();
     assert_eq!(adopter.target().await.unwrap(), Some(blue.clone()));
 
     let holder = pg::connect(&endpoint, &s.admin, DB).await.unwrap();

@@ -8,8 +8,9 @@
 //! 5xx, 429) is retried with backoff; a refusal (401, 404, 422) is not. The token is
 //! sent in a header and never appears in a log, an error or a status.
 
-use super::StatusSink;
 use crate::core::report::{State, Update};
+use crate::core::revision::Revision;
+use crate::ports::StatusSink;
 use anyhow::{Context, bail};
 use serde_json::json;
 use std::future::Future;
@@ -194,11 +195,14 @@ impl ForgeStatus {
 impl StatusSink for ForgeStatus {
     fn publish(
         &self,
-        revision: &str,
+        revision: &Revision,
         update: &Update,
     ) -> impl Future<Output = anyhow::Result<()>> + Send {
-        let request = self.request(revision, update);
-        async move { self.send(&request).await }
+        let request = revision
+            .as_commit()
+            .map(|commit| self.request(commit, update))
+            .context("forge statuses go on commits only");
+        async move { self.send(&request?).await }
     }
 }
 
@@ -259,7 +263,7 @@ pub struct Sinks<A, B> {
 }
 
 impl<A: StatusSink, B: StatusSink> StatusSink for Sinks<A, B> {
-    async fn publish(&self, revision: &str, update: &Update) -> anyhow::Result<()> {
+    async fn publish(&self, revision: &Revision, update: &Update) -> anyhow::Result<()> {
         let first = self.first.publish(revision, update).await;
         if let Some(second) = &self.second {
             second.publish(revision, update).await?;

@@ -7,9 +7,10 @@
 //! rejected, and the remote notes are merged in (for a commit noted on both sides, the
 //! remote's note followed by our entries it lacks) before pushing again.
 
-use super::StatusSink;
 use super::git_remote::{self, redact_in, redact_url};
 use crate::core::report::{Update, parse_note};
+use crate::core::revision::Revision;
+use crate::ports::StatusSink;
 use anyhow::{Context, anyhow, bail};
 use git2::{Oid, Repository, Signature};
 use std::collections::BTreeMap;
@@ -69,15 +70,16 @@ impl GitNotes {
 impl StatusSink for GitNotes {
     fn publish(
         &self,
-        revision: &str,
+        revision: &Revision,
         update: &Update,
     ) -> impl Future<Output = anyhow::Result<()>> + Send {
         let repo_dir = self.repo_dir.clone();
         let push_remote = self.push_remote.clone();
         let lock = self.lock.clone();
-        let revision = revision.to_string();
+        let commit = revision.as_commit().map(str::to_string);
         let entry = update.note_entry();
         async move {
+            let revision = commit.context("git notes go on commits only")?;
             tokio::task::spawn_blocking(move || {
                 // A panic in an earlier publish leaves nothing half-done that matters
                 // (refs move atomically), so a poisoned lock is still usable.
@@ -300,9 +302,13 @@ fn entries(note: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapters::git_source::GitSource;
     use crate::adapters::git_source::testing::{commit_file, init_repo, push as push_branch};
-    use crate::adapters::{Source, git_source::GitSource};
     use crate::core::report::State;
+
+    fn commit(sha: &str) -> Revision {
+        Revision::commit(sha).unwrap()
+    }
 
     fn update(state: State, phase: &str, message: &str) -> Update {
         Update::new(state, phase, message).between(15, 16)
@@ -322,8 +328,8 @@ mod tests {
     /// The clone pgflip makes of `remote` (through GitSource, as local mode does).
     async fn clone_of(remote: &Path, cache: &Path) -> PathBuf {
         let url = format!("file://{}", remote.display());
-        let mut src = GitSource::open(&url, "main", None, cache).unwrap();
-        src.observe().await.unwrap();
+        let src = GitSource::open(&url, "main", None, cache).unwrap();
+        src.read_head().await.unwrap();
         src.repo_dir()
     }
 
@@ -337,8 +343,8 @@ mod tests {
         assert_eq!(GitNotes::read(dir.path(), &sha).unwrap(), vec![]);
         let first = update(State::Pending, "preflight", "checking");
         let second = update(State::Success, "done", "switched in 12 ms");
-        sink.publish(&sha, &first).await.unwrap();
-        sink.publish(&sha, &second).await.unwrap();
+        sink.publish(&commit(&sha), &first).await.unwrap();
+        sink.publish(&commit(&sha), &second).await.unwrap();
         assert_eq!(
             GitNotes::read(dir.path(), &sha).unwrap(),
             vec![first.clone(), second.clone()]
@@ -377,7 +383,7 @@ mod tests {
                 let sha = sha.clone();
                 tokio::spawn(async move {
                     sink.publish(
-                        &sha,
+                        &commit(&sha),
                         &update(State::Pending, "initial-sync", &format!("step {i}")),
                     )
                     .await
@@ -406,12 +412,12 @@ mod tests {
         let clone = clone_of(&remote, &dir.path().join("cache")).await;
         let sink = GitNotes::new(clone.clone(), Some("origin".into()));
         let first = update(State::Pending, "provision", "starting green");
-        sink.publish(&sha, &first).await.unwrap();
+        sink.publish(&commit(&sha), &first).await.unwrap();
         assert_eq!(GitNotes::read(&remote, &sha).unwrap(), vec![first.clone()]);
         // By URL too (how credentials reach the push).
         let by_url = GitNotes::new(clone.clone(), Some(format!("file://{}", remote.display())));
         let second = update(State::Success, "done", "done");
-        by_url.publish(&sha, &second).await.unwrap();
+        by_url.publish(&commit(&sha), &second).await.unwrap();
         assert_eq!(GitNotes::read(&remote, &sha).unwrap(), vec![first, second]);
         let remote_repo = Repository::open_bare(&remote).unwrap();
         assert_eq!(
@@ -435,19 +441,22 @@ mod tests {
         let their_sink = GitNotes::new(theirs.clone(), Some("origin".into()));
 
         let a = update(State::Pending, "preflight", "a (ours)");
-        our_sink.publish(&sha, &a).await.unwrap();
+        our_sink.publish(&commit(&sha), &a).await.unwrap();
         // They never saw our notes: their push is rejected, then merged.
         let b = update(State::Pending, "preflight", "b (theirs)");
         let only_theirs = update(State::Failure, "document", "other commit");
-        their_sink.publish(&later, &only_theirs).await.unwrap();
-        their_sink.publish(&sha, &b).await.unwrap();
+        their_sink
+            .publish(&commit(&later), &only_theirs)
+            .await
+            .unwrap();
+        their_sink.publish(&commit(&sha), &b).await.unwrap();
         assert_eq!(
             GitNotes::read(&remote, &sha).unwrap(),
             vec![a.clone(), b.clone()]
         );
         // Now ours is behind: rejected, merged, pushed.
         let c = update(State::Success, "done", "c (ours)");
-        our_sink.publish(&sha, &c).await.unwrap();
+        our_sink.publish(&commit(&sha), &c).await.unwrap();
         assert_eq!(
             GitNotes::read(&remote, &sha).unwrap(),
             vec![a.clone(), b.clone(), c.clone()]
@@ -485,7 +494,7 @@ mod tests {
         let url = "http://bob:s3cret@127.0.0.1:9/repo.git";
         let sink = GitNotes::new(dir.path().to_path_buf(), Some(url.into()));
         let u = update(State::Pending, "preflight", "checking");
-        let err = format!("{:#}", sink.publish(&sha, &u).await.unwrap_err());
+        let err = format!("{:#}", sink.publish(&commit(&sha), &u).await.unwrap_err());
         assert!(err.contains("http://***@127.0.0.1:9/repo.git"), "{err}");
         assert!(
             err.contains(&format!("failed {PUSH_ATTEMPTS} times")),

@@ -9,8 +9,9 @@
 //! status), not an error; only a repository that cannot be read is an error.
 
 use super::git_remote::{self, redact_in, redact_url};
-use super::{Observed, Source};
-use crate::core::spec::KIND;
+use crate::core::revision::Revision;
+use crate::core::spec::{self, KIND};
+use crate::ports::{Observed, Source};
 use anyhow::{Context, anyhow, bail};
 use git2::{ObjectType, Repository, Tree, TreeWalkMode, TreeWalkResult};
 use sha2::{Digest, Sha256};
@@ -127,18 +128,46 @@ impl GitSource {
     }
 }
 
-impl Source for GitSource {
-    fn observe(&mut self) -> impl Future<Output = anyhow::Result<Observed>> + Send {
+/// The branch head and the document text found in it (or why none was found).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    pub commit: String,
+    pub document: Result<String, String>,
+}
+
+impl Head {
+    /// The observation: the commit as a revision, the document validated.
+    pub fn observed(self) -> anyhow::Result<Observed> {
+        let revision = Revision::commit(&self.commit)
+            .with_context(|| format!("{:?} is not a commit id", self.commit))?;
+        let name = self.document.as_deref().ok().and_then(spec::peek_name);
+        let desired = self
+            .document
+            .and_then(|text| spec::parse(&text).map_err(|e| e.to_string()));
+        Ok(Observed {
+            revision,
+            name,
+            desired,
+        })
+    }
+}
+
+impl GitSource {
+    /// Reads the branch head (fetching it first from a URL) and the document in it.
+    pub async fn read_head(&self) -> anyhow::Result<Head> {
         let location = self.location.clone();
         let branch = self.branch.clone();
         let file = self.file.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                observe_blocking(&location, &branch, file.as_deref())
-            })
+        tokio::task::spawn_blocking(move || read_head_blocking(&location, &branch, file.as_deref()))
             .await
             .context("the Git worker thread failed")?
-        }
+    }
+}
+
+impl Source for GitSource {
+    fn observe(&mut self) -> impl Future<Output = anyhow::Result<Observed>> + Send {
+        let head = self.read_head();
+        async move { head.await?.observed() }
     }
 }
 
@@ -197,11 +226,11 @@ fn prepare_clone(clone: &Path, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn observe_blocking(
+fn read_head_blocking(
     location: &Location,
     branch: &str,
     file: Option<&str>,
-) -> anyhow::Result<Observed> {
+) -> anyhow::Result<Head> {
     let (repo, head_ref) = match location {
         Location::Path(path) => {
             let repo = Repository::open(path).map_err(|e| {
@@ -232,7 +261,10 @@ fn observe_blocking(
         Some(path) => read_named(&repo, &tree, path, short),
         None => discover(&repo, &tree, short),
     };
-    Ok(Observed { revision, document })
+    Ok(Head {
+        commit: revision,
+        document,
+    })
 }
 
 /// Fetches `branch` from `url` into the clone's tracking ref. A branch that is gone from
@@ -463,11 +495,11 @@ mod tests {
             "other",
         );
         let sha = commit_file(dir.path(), "deploy/db.yml", &doc("orders", 15), "db");
-        let mut src = source(dir.path(), None, dir.path());
+        let src = source(dir.path(), None, dir.path());
         assert!(!src.is_remote());
         assert_eq!(src.repo_dir(), dir.path());
-        let seen = src.observe().await.unwrap();
-        assert_eq!(seen.revision, sha);
+        let seen = src.read_head().await.unwrap();
+        assert_eq!(seen.commit, sha);
         assert_eq!(seen.document, Ok(doc("orders", 15)));
     }
 
@@ -482,10 +514,10 @@ mod tests {
             "app",
         );
         let seen = source(dir.path(), None, dir.path())
-            .observe()
+            .read_head()
             .await
             .unwrap();
-        assert_eq!(seen.revision, sha);
+        assert_eq!(seen.commit, sha);
         let reason = seen.document.unwrap_err();
         assert!(
             reason.starts_with("no BlueGreenDatabase document found"),
@@ -506,7 +538,7 @@ mod tests {
             "b",
         );
         let seen = source(dir.path(), None, dir.path())
-            .observe()
+            .read_head()
             .await
             .unwrap();
         let reason = seen.document.unwrap_err();
@@ -517,7 +549,7 @@ mod tests {
         assert!(reason.contains("--file"), "{reason}");
 
         let chosen = source(dir.path(), Some("sub/b.yml"), dir.path())
-            .observe()
+            .read_head()
             .await
             .unwrap();
         assert!(chosen.document.unwrap().contains("name: b\n"));
@@ -529,7 +561,7 @@ mod tests {
         init_repo(dir.path());
         let sha = commit_file(dir.path(), "db/db.yaml", &doc("orders", 15), "db");
         let seen = source(dir.path(), Some("db.yaml"), dir.path())
-            .observe()
+            .read_head()
             .await
             .unwrap();
         assert_eq!(
@@ -537,12 +569,12 @@ mod tests {
             Err(format!("no file db.yaml in commit {}", &sha[..7]))
         );
         let seen = source(dir.path(), Some("db"), dir.path())
-            .observe()
+            .read_head()
             .await
             .unwrap();
         assert!(seen.document.unwrap_err().contains("is not a file"));
         let seen = source(dir.path(), Some("./db/db.yaml"), dir.path())
-            .observe()
+            .read_head()
             .await
             .unwrap();
         assert_eq!(seen.document, Ok(doc("orders", 15)));
@@ -556,7 +588,7 @@ mod tests {
         commit_file(dir.path(), "big.yaml", &big, "big");
         commit_file(dir.path(), "db.yaml", &doc("orders", 16), "db");
         let seen = source(dir.path(), None, dir.path())
-            .observe()
+            .read_head()
             .await
             .unwrap();
         assert_eq!(seen.document, Ok(doc("orders", 16)));
@@ -567,34 +599,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init_repo(dir.path());
         let first = commit_file(dir.path(), "db.yaml", &doc("orders", 15), "15");
-        let mut src = source(dir.path(), None, dir.path());
-        assert_eq!(src.observe().await.unwrap().revision, first);
+        let src = source(dir.path(), None, dir.path());
+        assert_eq!(src.read_head().await.unwrap().commit, first);
         let second = commit_file(dir.path(), "db.yaml", &doc("orders", 16), "16");
-        let seen = src.observe().await.unwrap();
+        let seen = src.read_head().await.unwrap();
         assert_ne!(second, first);
         assert_eq!(
             seen,
-            Observed {
-                revision: second.clone(),
+            Head {
+                commit: second.clone(),
                 document: Ok(doc("orders", 16))
             }
         );
         let third = revert(dir.path(), &second);
-        let seen = src.observe().await.unwrap();
+        let seen = src.read_head().await.unwrap();
         assert_eq!(
             seen,
-            Observed {
-                revision: third.clone(),
+            Head {
+                commit: third.clone(),
                 document: Ok(doc("orders", 15))
             }
         );
         // The work tree follows the revert, so later commits build on it.
         let fourth = commit_file(dir.path(), "notes.txt", "x", "unrelated");
-        let seen = src.observe().await.unwrap();
+        let seen = src.read_head().await.unwrap();
         assert_eq!(
             seen,
-            Observed {
-                revision: fourth,
+            Head {
+                commit: fourth,
                 document: Ok(doc("orders", 15))
             }
         );
@@ -611,8 +643,8 @@ mod tests {
             .bare(true)
             .clone(&format!("file://{}", work.display()), &bare2)
             .unwrap();
-        let seen = source(&bare2, None, dir.path()).observe().await.unwrap();
-        assert_eq!(seen.revision, sha);
+        let seen = source(&bare2, None, dir.path()).read_head().await.unwrap();
+        assert_eq!(seen.commit, sha);
         assert_eq!(seen.document, Ok(doc("orders", 15)));
     }
 
@@ -635,8 +667,8 @@ mod tests {
         let work = dir.path().join("work");
         init_repo(&work);
         commit_file(&work, "db.yaml", &doc("orders", 15), "15");
-        let mut src = GitSource::open(work.to_str().unwrap(), "release", None, dir.path()).unwrap();
-        let err = src.observe().await.unwrap_err();
+        let src = GitSource::open(work.to_str().unwrap(), "release", None, dir.path()).unwrap();
+        let err = src.read_head().await.unwrap_err();
         assert!(
             err.to_string().contains("branch \"release\" not found"),
             "{err}"
@@ -655,7 +687,7 @@ mod tests {
 
         let url = format!("file://{}", remote.display());
         let cache = dir.path().join("cache");
-        let mut src = GitSource::open(&url, BRANCH, None, &cache).unwrap();
+        let src = GitSource::open(&url, BRANCH, None, &cache).unwrap();
         assert!(src.is_remote());
         assert!(src.repo_dir().starts_with(&cache));
         assert!(
@@ -668,29 +700,29 @@ mod tests {
         );
         assert_eq!(src.remote_url(), Some(url.as_str()));
         assert_eq!(
-            src.observe().await.unwrap(),
-            Observed {
-                revision: first.clone(),
+            src.read_head().await.unwrap(),
+            Head {
+                commit: first.clone(),
                 document: Ok(doc("orders", 15))
             }
         );
 
         let second = commit_file(&work, "db.yaml", &doc("orders", 16), "16");
         // Not pushed yet: the remote, not the work tree, is what is observed.
-        assert_eq!(src.observe().await.unwrap().revision, first);
+        assert_eq!(src.read_head().await.unwrap().commit, first);
         push(&work, &remote);
         assert_eq!(
-            src.observe().await.unwrap(),
-            Observed {
-                revision: second.clone(),
+            src.read_head().await.unwrap(),
+            Head {
+                commit: second.clone(),
                 document: Ok(doc("orders", 16))
             }
         );
 
         // A second source on the same cache reuses the clone.
-        let mut again = GitSource::open(&url, BRANCH, None, &cache).unwrap();
+        let again = GitSource::open(&url, BRANCH, None, &cache).unwrap();
         assert_eq!(again.repo_dir(), src.repo_dir());
-        assert_eq!(again.observe().await.unwrap().revision, second);
+        assert_eq!(again.read_head().await.unwrap().commit, second);
         let origin = Repository::open_bare(src.repo_dir())
             .unwrap()
             .find_remote("origin")
@@ -706,7 +738,7 @@ mod tests {
             .unwrap()
             .delete()
             .unwrap();
-        let err = src.observe().await.unwrap_err();
+        let err = src.read_head().await.unwrap_err();
         assert!(
             err.to_string().contains("branch \"main\" not found"),
             "{err}"
@@ -718,8 +750,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Port 9 (discard) on localhost: nothing listens, the connection is refused.
         let url = "http://bob:s3cret@127.0.0.1:9/repo.git";
-        let mut src = GitSource::open(url, BRANCH, None, dir.path()).unwrap();
-        let err = format!("{:#}", src.observe().await.unwrap_err());
+        let src = GitSource::open(url, BRANCH, None, dir.path()).unwrap();
+        let err = format!("{:#}", src.read_head().await.unwrap_err());
         assert!(err.contains("http://***@127.0.0.1:9/repo.git"), "{err}");
         assert!(!err.contains("s3cret") && !err.contains("bob"), "{err}");
         assert!(!format!("{src:?}").contains("s3cret"));

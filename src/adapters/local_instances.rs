@@ -5,11 +5,12 @@
 //! directory is the instance directory itself (mode 0700, owned by the server user).
 
 use super::run_as::{RunAs, free_port, run};
-use super::{Instances, Result};
 use crate::core::plan::Member;
+use crate::core::spec::Desired;
 use crate::core::spec::Major;
-use crate::engine::pg::{Addr, Credentials};
 use crate::engine::replication::SERVER_SETTINGS;
+use crate::ports::{Addr, Credentials};
+use crate::ports::{Instances, Result};
 use crate::state::{StateDir, write_atomic};
 use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};
@@ -173,7 +174,7 @@ impl LocalInstances {
 }
 
 impl Instances for LocalInstances {
-    async fn ensure(&self, member: &Member) -> Result<Addr> {
+    async fn ensure(&self, member: &Member, _desired: &Desired) -> Result<Addr> {
         let member = *member;
         let file = match self.read_file(&member) {
             Some(f) if f.major == member.major => f,
@@ -197,7 +198,7 @@ impl Instances for LocalInstances {
         Ok(addr)
     }
 
-    async fn addr(&self, member: &Member) -> Result<Option<Addr>> {
+    async fn addr(&self, member: &Member, _desired: &Desired) -> Result<Option<Addr>> {
         Ok(self
             .read_file(member)
             .filter(|f| f.major == member.major)
@@ -207,7 +208,7 @@ impl Instances for LocalInstances {
             }))
     }
 
-    async fn remove(&self, member: &Member) -> Result<()> {
+    async fn remove(&self, member: &Member, _desired: &Desired) -> Result<()> {
         let dir = self.dir(member);
         if let Some(file) = self.read_file(member)
             && self.running(member, file.major)?

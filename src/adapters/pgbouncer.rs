@@ -20,8 +20,9 @@
 pub use super::pgbouncer_console::AdminConsole;
 use super::pgbouncer_console::CONSOLE_DB;
 use super::run_as::{RunAs, run};
-use super::{Result, Router};
-use crate::engine::pg::{Addr, Credentials};
+use crate::core::spec::Desired;
+use crate::ports::{Addr, Credentials};
+use crate::ports::{Result, Router};
 use crate::state::{StateDir, write_atomic};
 use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};
@@ -164,8 +165,8 @@ impl PgBouncer {
 }
 
 impl Router for PgBouncer {
-    async fn ensure(&self, databases: &[String], initial: &Addr) -> Result<()> {
-        let mut databases = databases.to_vec();
+    async fn ensure(&self, desired: &Desired, initial: &Addr) -> Result<()> {
+        let mut databases = desired.databases.clone();
         databases.sort();
         databases.dedup();
         let stored = self.read_config()?;
@@ -213,7 +214,7 @@ impl Router for PgBouncer {
         self.console.pause(timeout).await
     }
 
-    async fn repoint(&self, target: &Addr) -> Result<()> {
+    async fn repoint(&self, _desired: &Desired, target: &Addr) -> Result<()> {
         let mut config = self
             .read_config()?
             .context("the endpoint has no configuration yet: ensure it first")?;

@@ -7,7 +7,7 @@
 //! - A second `PAUSE` while one is pending or done fails with "already suspended/paused".
 //! - A timed-out `PAUSE` leaves its request pending on that session forever.
 
-use crate::engine::pg::{Addr, Credentials};
+use crate::ports::{Addr, Credentials};
 use anyhow::{Context, bail};
 use std::time::Duration;
 use tokio::sync::Mutex;

@@ -14,14 +14,15 @@
 use super::env::{DATABASE, Env};
 use super::timeline::{PhaseMark, PhaseWatch, Stall, phase_at};
 use super::traffic::{Traffic, Window};
-use crate::adapters::Instances;
-use crate::adapters::Router;
 use crate::adapters::local_instances::LocalInstances;
 use crate::adapters::pgbouncer::PgBouncer;
 use crate::adapters::run_as::{RunAs, run};
 use crate::core::plan::{Color, Member, SwitchMeasurement};
-use crate::core::spec::Major;
-use crate::engine::pg::{Addr, connect};
+use crate::core::spec::{Desired, Major};
+use crate::engine::pg::connect;
+use crate::ports::Addr;
+use crate::ports::Instances;
+use crate::ports::Router;
 use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -197,19 +198,32 @@ async fn switch_window(env: &Env, n: usize) -> anyhow::Result<(f64, f64)> {
     Ok((begun.min(done), done))
 }
 
+/// The desired state pgflip last took (the offline strategies act on the same database).
+fn wanted_state(env: &Env) -> anyhow::Result<Desired> {
+    Ok(env
+        .record()?
+        .wanted
+        .context("pgflip has taken no desired state yet")?
+        .desired)
+}
+
 /// The conventional offline upgrade: dump and restore while clients wait.
 pub async fn conventional(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Measured> {
     let (instances, router, toolchain) = offline_parts(env)?;
     let blue = env.instance_addr(Color::Blue)?;
     let bytes = env.table_bytes(&blue).await? as f64;
+    let desired = wanted_state(env)?;
     let green = instances
-        .ensure(&Member {
-            color: Color::Green,
-            major: to,
-        })
+        .ensure(
+            &Member {
+                color: Color::Green,
+                major: to,
+            },
+            &desired,
+        )
         .await?;
     let mut copy_s = 0.0;
-    let mut m = offline(env, &router, &green, load, async |env: &Env| {
+    let mut m = offline(env, &router, &desired, &green, load, async |env: &Env| {
         let copy = Instant::now();
         dump_and_restore(env, &toolchain, &blue, &green).await?;
         copy_s = copy.elapsed().as_secs_f64();
@@ -229,7 +243,8 @@ pub async fn in_place(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Me
         color: Color::Green,
         major: to,
     };
-    let green = instances.ensure(&new).await?;
+    let desired = wanted_state(env)?;
+    let green = instances.ensure(&new, &desired).await?;
     let run_as = RunAs::detect()?;
     let instance_dir = |c: Color| env.state.dir("instances").join(c.as_str());
     let pg_ctl = |major: Major, color: Color, verb: &str| -> anyhow::Result<String> {
@@ -255,7 +270,7 @@ pub async fn in_place(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Me
         .arg("-D")
         .arg(instance_dir(Color::Green).join("data"))
         .args(["--link", "-U", &env.admin.user]);
-    offline(env, &router, &green, load, async |_: &Env| {
+    offline(env, &router, &desired, &green, load, async |_: &Env| {
         pg_ctl(from.major, Color::Blue, "stop")?;
         run(&mut upgrade).context("pg_upgrade --link")?;
         pg_ctl(to, Color::Green, "start")?;
@@ -269,6 +284,7 @@ pub async fn in_place(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Me
 async fn offline(
     env: &Env,
     router: &PgBouncer,
+    desired: &Desired,
     new_server: &Addr,
     load: Load,
     downtime_work: impl AsyncFnOnce(&Env) -> anyhow::Result<()>,
@@ -279,7 +295,7 @@ async fn offline(
     let started = Instant::now();
     router.pause(SWITCH_TIMEOUT).await?;
     downtime_work(env).await?;
-    router.repoint(new_server).await?;
+    router.repoint(desired, new_server).await?;
     router.resume().await?;
     let stop_to_resume_ms = started.elapsed().as_secs_f64() * 1000.0;
     let resumed_ms = crate::state::now_ms() as f64;

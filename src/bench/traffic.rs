@@ -14,8 +14,8 @@
 //! as they happen, one line per aborted client or failed transaction.
 
 use super::env::{DATABASE, Env};
-use crate::engine::pg::Addr;
 use crate::load::{self, LoadConfig, LoadHandle, LoadReport};
+use crate::ports::Addr;
 use anyhow::Context;
 use serde::Serialize;
 use std::path::PathBuf;

@@ -3,4 +3,5 @@
 
 pub mod plan;
 pub mod report;
+pub mod revision;
 pub mod spec;

@@ -43,7 +43,8 @@ pub struct Update {
     pub verified_tables: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// RFC 3339 time of the update.
+    /// RFC 3339 time of the update, stamped by whoever publishes it (the core has no clock).
+    #[serde(default)]
     pub at: String,
 }
 
@@ -60,7 +61,7 @@ impl Update {
             pause_ms: None,
             verified_tables: None,
             reason: None,
-            at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            at: String::new(),
         }
     }
 

@@ -201,8 +201,9 @@ fn default_catch_up_timeout() -> Duration {
     Duration::from_secs(600)
 }
 
-/// A validated document: what the engine works from.
-#[derive(Debug, Clone, PartialEq)]
+/// A validated document: what the engine works from, and what the record keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Desired {
     pub name: String,
     pub major: Major,
@@ -210,6 +211,7 @@ pub struct Desired {
     pub endpoint_port: u16,
     pub switchover: SwitchoverSpec,
     pub verification: Verification,
+    #[serde(with = "humantime_serde")]
     pub retain_previous: Duration,
     pub unsupported: UnsupportedPolicy,
     /// Kubernetes mode: the server image, `{version}` standing for the major.

@@ -1,40 +1,9 @@
 //! Connecting to PostgreSQL and quoting. Every identifier that reaches SQL goes through
 //! [`ident`]; every literal through [`literal`].
 
+use crate::ports::{Addr, Credentials};
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
-use std::fmt;
 use tokio_postgres::{Client, NoTls};
-
-/// Where a server (or the endpoint) listens.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Addr {
-    pub host: String,
-    pub port: u16,
-}
-
-impl fmt::Display for Addr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
-}
-
-/// A login. The password never appears in Debug output, logs, notes or statuses.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub user: String,
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Credentials {{ user: {:?}, password: <redacted> }}",
-            self.user
-        )
-    }
-}
 
 pub fn config(addr: &Addr, creds: &Credentials, dbname: &str) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
@@ -117,6 +86,20 @@ pub fn conninfo_without_password(addr: &Addr, user: &str, dbname: &str) -> Strin
 
 fn conninfo_value(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Creates database `db` unless it exists (the client is connected to another database).
+pub async fn ensure_database(admin: &Client, db: &str) -> anyhow::Result<()> {
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+        .await?
+        .is_some();
+    if !exists {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {}", ident(db)))
+            .await?;
+    }
+    Ok(())
 }
 
 /// The major version of the server a client is connected to.

@@ -3,8 +3,9 @@
 //! the publication and the slot live on the source, the subscription on the target, and
 //! all three share one name, so every object can be found and dropped on every path.
 
-use super::pg::{Addr, Credentials, conninfo, ident, literal};
+use super::pg::{conninfo, ident, literal};
 use crate::core::plan::Color;
+use crate::ports::{Addr, Credentials};
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -249,6 +250,15 @@ pub async fn lag_bytes(source: &Client, slot: &str) -> anyhow::Result<Option<i64
     Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
 }
 
+/// A marker token no other marker has: `<purpose>-<unix ms>-<random>`.
+pub fn marker_token(purpose: &str) -> String {
+    format!(
+        "{purpose}-{}-{}",
+        crate::state::now_ms(),
+        crate::state::random_token(8)
+    )
+}
+
 /// Writes a marker on the source (autocommit).
 pub async fn write_marker(source: &Client, token: &str) -> anyhow::Result<()> {
     source
@@ -306,11 +316,7 @@ pub async fn catch_up(
     let mut round = 0;
     loop {
         round += 1;
-        let token = format!(
-            "{label}-{}-{}",
-            crate::state::now_ms(),
-            crate::state::random_token(8)
-        );
+        let token = marker_token(label);
         let round_started = tokio::time::Instant::now();
         for (source, _) in links {
             write_marker(source, &token).await?;

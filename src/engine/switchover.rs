@@ -22,15 +22,17 @@
 //! Crash safety: the sub-step is recorded before it is taken. On restart, [`recover`]
 //! rolls a half-done pause back (step `Pausing`) or completes it (step `Repointing`).
 //! The endpoint's stored target is the single source of truth for which color serves.
-//! After the pause, [`finish`] subscribes the source to the reverse slot and drops the
-//! forward link.
+//! After the pause, [`start_reverse_replication`] subscribes the source to the reverse
+//! slot and drops the forward link.
 
-use super::pg::{Addr, Credentials, connect};
+use super::error::{EngineError, EngineResult, PauseAbortCause};
+use super::pg::connect;
 use super::replication::{self as repl, link_name};
 use super::{fence, sequences};
-use crate::adapters::{Journal, Router};
 use crate::core::plan::{Member, Record, SwitchMeasurement, SwitchStep};
+use crate::core::spec::Desired;
 use crate::failpoint;
+use crate::ports::{Addr, Credentials, Journal, Router};
 use anyhow::Context;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
@@ -46,8 +48,14 @@ pub struct Sides<'a> {
     pub source: &'a Addr,
     pub target: &'a Addr,
     pub admin: &'a Credentials,
-    pub databases: &'a [String],
-    pub pause_timeout: Duration,
+    /// The carried databases, the pause's bound, the endpoint's configuration.
+    pub desired: &'a Desired,
+}
+
+impl Sides<'_> {
+    fn pause_timeout(&self) -> Duration {
+        self.desired.switchover.pause_timeout
+    }
 }
 
 /// Connections to one database on both sides, opened before the pause so that the pause
@@ -60,7 +68,7 @@ struct DbPair {
 
 async fn open_pairs(s: &Sides<'_>) -> anyhow::Result<Vec<DbPair>> {
     let mut out = Vec::new();
-    for db in s.databases {
+    for db in &s.desired.databases {
         out.push(DbPair {
             db: db.clone(),
             source: connect(s.source, s.admin, db).await?,
@@ -70,19 +78,16 @@ async fn open_pairs(s: &Sides<'_>) -> anyhow::Result<Vec<DbPair>> {
     Ok(out)
 }
 
-/// Why a switchover did not happen. In every case clients are back on the source.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Aborted(pub String);
-
 /// Runs the switchover. On success the endpoint points at the target and the record's
-/// `serving` is the target; reverse replication is started later by [`finish`].
+/// `serving` is the target; reverse replication is started later by
+/// [`start_reverse_replication`]. [`EngineError::PauseAborted`] means clients are back on
+/// the source, nothing moved.
 pub async fn run<R: Router, J: Journal>(
     router: &R,
     journal: &J,
     record: &mut Record,
     s: &Sides<'_>,
-) -> anyhow::Result<Result<SwitchMeasurement, Aborted>> {
+) -> EngineResult<SwitchMeasurement> {
     // Before the pause: ready the target to serve and to be the reverse link's source.
     let pairs = open_pairs(s).await?;
     let target_admin = connect(s.target, s.admin, "postgres").await?;
@@ -105,17 +110,20 @@ pub async fn run<R: Router, J: Journal>(
     failpoint::hit("switchover:before-pause");
     let mut m = SwitchMeasurement::default();
     let started = Instant::now();
-    if let Err(e) = router.pause(s.pause_timeout).await {
+    if let Err(e) = router.pause(s.pause_timeout()).await {
         set_step(journal, record, None).await?;
-        return Ok(Err(Aborted(format!(
-            "switchover aborted, clients resumed on {}: could not pause the endpoint within {:?}: {e:#}",
-            s.from, s.pause_timeout
-        ))));
+        return Err(EngineError::PauseAborted {
+            source_member: s.from,
+            cause: PauseAbortCause::EndpointDidNotPause {
+                bound: s.pause_timeout(),
+                detail: format!("{e:#}"),
+            },
+        });
     }
     m.drain_ms = ms(started.elapsed());
     failpoint::hit("switchover:paused");
 
-    let remaining = s.pause_timeout.saturating_sub(started.elapsed());
+    let remaining = s.pause_timeout().saturating_sub(started.elapsed());
     let inside = tokio::time::timeout(
         remaining,
         inside_pause(&source_admin, &pairs, &reverse, &mut m, s),
@@ -123,32 +131,29 @@ pub async fn run<R: Router, J: Journal>(
     .await;
     let failure = match inside {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(format!("{e:#}")),
-        Err(_) => Some(format!(
-            "the pause reached its bound of {:?}",
-            s.pause_timeout
-        )),
+        Ok(Err(e)) => Some(PauseAbortCause::Failed(format!("{e:#}"))),
+        Err(_) => Some(PauseAbortCause::BoundReached(s.pause_timeout())),
     };
-    if let Some(reason) = failure {
+    if let Some(cause) = failure {
         roll_back_pause(router, &source_admin, &pairs, &reverse, s).await?;
         set_step(journal, record, None).await?;
-        return Ok(Err(Aborted(format!(
-            "switchover aborted, clients resumed on {}: {reason}",
-            s.from
-        ))));
+        return Err(EngineError::PauseAborted {
+            source_member: s.from,
+            cause,
+        });
     }
 
     // The commit point: from here on, clients belong to the target.
     let t = Instant::now();
     set_step(journal, record, Some(SwitchStep::Repointing)).await?;
     failpoint::hit("switchover:repointing");
-    router.repoint(s.target).await?;
+    router.repoint(s.desired, s.target).await?;
     router.resume().await?;
     m.repoint_resume_ms = ms(t.elapsed());
     m.pause_ms = ms(started.elapsed());
     record.serving = Some(s.to);
     set_step(journal, record, None).await?;
-    Ok(Ok(m))
+    Ok(m)
 }
 
 async fn inside_pause(
@@ -166,16 +171,12 @@ async fn inside_pause(
     failpoint::hit("switchover:fenced");
 
     let t = Instant::now();
-    let token = format!(
-        "switch-{}-{}",
-        crate::state::now_ms(),
-        crate::state::random_token(8)
-    );
+    let token = repl::marker_token("switch");
     for p in pairs {
         repl::write_marker(&p.source, &token).await?;
     }
     for p in pairs {
-        repl::wait_marker(&p.target, &token, s.pause_timeout).await?;
+        repl::wait_marker(&p.target, &token, s.pause_timeout()).await?;
     }
     m.catch_up_ms = ms(t.elapsed());
 
@@ -247,7 +248,7 @@ pub async fn recover<R: Router, J: Journal>(
         }
         Some(SwitchStep::Repointing) => {
             // Sequences were synced and the source fenced before this step was recorded.
-            router.repoint(s.target).await?;
+            router.repoint(s.desired, s.target).await?;
             router.resume().await?;
             record.serving = Some(s.to);
             set_step(journal, record, None).await?;
@@ -258,7 +259,7 @@ pub async fn recover<R: Router, J: Journal>(
 
 /// After the switch, outside the pause: the source (now the standby) subscribes to the
 /// reverse slot, and the forward link is dropped on both sides.
-pub async fn finish(s: &Sides<'_>) -> anyhow::Result<()> {
+pub async fn start_reverse_replication(s: &Sides<'_>) -> anyhow::Result<()> {
     let pairs = open_pairs(s).await?;
     for p in &pairs {
         let forward = link_name(s.from.color, s.to.color, &p.db);

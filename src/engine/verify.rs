@@ -17,8 +17,10 @@
 
 use crate::core::spec::Verification;
 use crate::engine::catalog::{USER_NAMESPACES, display_name};
-use crate::engine::pg::{ident, literal, qualified};
+use crate::engine::pg::{connect, ident, literal, qualified};
 use crate::engine::preflight::QualifiedName;
+use crate::engine::replication as repl;
+use crate::ports::{Addr, Credentials};
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -315,6 +317,47 @@ async fn cancel_autovacuum(client: &Client, tables: &[String]) {
             tracing::debug!(error = %super::replication::db_error_text(&e), "could not cancel autovacuum")
         }
     }
+}
+
+/// Puts both clients in REPEATABLE READ snapshots holding exactly the same transactions:
+/// writes to the compared tables are held for a moment (EXCLUSIVE lock: readers go on)
+/// while the source's snapshot is taken and a marker proves the target has applied
+/// everything committed before it. The caller compares, then ends both transactions.
+pub async fn consistent_cut(
+    source: &Addr,
+    admin: &Credentials,
+    db: &str,
+    src: &Client,
+    tgt: &Client,
+    tables: &[QualifiedName],
+    bound: Duration,
+) -> anyhow::Result<()> {
+    const SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1";
+    if tables.is_empty() {
+        src.batch_execute(SNAPSHOT).await?;
+        tgt.batch_execute(SNAPSHOT).await?;
+        return Ok(());
+    }
+    let locker = connect(source, admin, db).await?;
+    let marker = connect(source, admin, db).await?;
+    // Catch up first, holding nothing: the wait under the lock then covers only what is
+    // committed while it is being taken, not the lag the lag gate let through.
+    repl::catch_up(
+        &[(&marker, tgt)],
+        "verify-ahead",
+        bound.max(Duration::from_secs(60)),
+    )
+    .await?;
+    hold_writes(&locker, tables, bound)
+        .await
+        .context("holding writes for the verification snapshot")?;
+    src.batch_execute(SNAPSHOT).await?;
+    let token = repl::marker_token("verify");
+    repl::write_marker(&marker, &token).await?;
+    repl::wait_marker(tgt, &token, bound.max(Duration::from_secs(5))).await?;
+    tgt.batch_execute(SNAPSHOT).await?;
+    locker.batch_execute("COMMIT").await?;
+    Ok(())
 }
 
 #[cfg(test)]

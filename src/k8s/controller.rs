@@ -14,21 +14,24 @@
 use super::api::{FIELD_MANAGER, apply_params};
 use super::crd::BlueGreenDatabase;
 use super::endpoint::KubeEndpoint;
-use super::flux::{KustomizationStatus, NAME_LABEL, NAMESPACE_LABEL, Revision};
-use super::instances::{Current, KubeInstances};
+use super::flux::{KustomizationStatus, NAME_LABEL, NAMESPACE_LABEL, SourceRevision};
+use super::instances::KubeInstances;
 use super::journal::ConfigMapJournal;
 use super::leader::LeaderElection;
 use super::metrics::Metrics;
 use super::objects::{self, PASSWORD_KEY, admin_secret_name};
 use super::status;
 use crate::adapters::forge_status::{ForgeArgs, ForgeStatus};
-use crate::adapters::{Instances, Observed, StatusSink};
-use crate::core::plan::{Record, Wanted};
+use crate::core::plan::Record;
 use crate::core::report::{State, Update};
-use crate::core::spec::{self, Desired};
-use crate::engine::intake;
-use crate::engine::pg::Credentials;
-use crate::engine::reconcile::{Engine, Progress};
+use crate::core::revision::Revision;
+use crate::core::spec::Desired;
+use crate::engine::driver::{Driver, Progress, system_clock};
+use crate::engine::error::EngineError;
+use crate::engine::phases::Phases;
+use crate::engine::runner::Runner;
+use crate::ports::Credentials;
+use crate::ports::{Observed, StatusSink};
 use crate::state::ADMIN_USER;
 use crate::toolchain::Toolchain;
 use anyhow::Context;
@@ -43,8 +46,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -78,15 +80,15 @@ pub struct ControllerOptions {
 /// How long one reconcile runs engine steps before it lets go (other objects, status).
 const STEPS_PER_RECONCILE: Duration = Duration::from_secs(2);
 
-type KubeEngine = Engine<KubeInstances, KubeEndpoint, KubeSinks, ConfigMapJournal>;
+type KubeSteps = Phases<KubeInstances, KubeEndpoint>;
+type KubeRunner = Runner<KubeSteps, ConfigMapJournal, KubeSinks>;
 
-/// One database's engine and record, kept between reconciles: the endpoint's console
-/// session stays open, so a pause costs one round trip.
+/// One database's runner, kept between reconciles: the endpoint's console session stays
+/// open, so a pause costs one round trip.
 struct Database {
-    engine: KubeEngine,
-    current: Current,
-    record: tokio::sync::Mutex<Record>,
-    adopted: AtomicBool,
+    /// The object it was made for: one deleted and created again under its name is new.
+    uid: Option<String>,
+    runner: tokio::sync::Mutex<KubeRunner>,
 }
 
 /// What every reconcile shares: the client, options, metrics, and the databases seen.
@@ -100,9 +102,34 @@ struct Shared {
     databases: tokio::sync::Mutex<HashMap<(String, String), Arc<Database>>>,
 }
 
+/// How a reconcile went wrong; the error policy answers each kind differently.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct ReconcileError(#[from] anyhow::Error);
+pub enum ControllerError {
+    /// The spec is invalid and nothing valid was ever taken: the status says why, and
+    /// nothing happens until the object changes.
+    #[error("invalid spec, waiting for a new generation: {0}")]
+    InvalidSpec(String),
+    /// Reading or writing objects through the API server.
+    #[error("Kubernetes API: {0:#}")]
+    Kube(anyhow::Error),
+    /// An engine step the driver could not handle itself (the record not saved, say).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl ControllerError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ControllerError::InvalidSpec(_) => "invalid_spec",
+            ControllerError::Kube(_) => "kube",
+            ControllerError::Engine(e) => e.metric_label(),
+        }
+    }
+}
+
+fn kube_error(e: impl Into<anyhow::Error>) -> ControllerError {
+    ControllerError::Kube(e.into())
+}
 
 pub async fn run(
     options: ControllerOptions,
@@ -197,12 +224,20 @@ pub async fn run(
 
 fn error_policy(
     object: Arc<BlueGreenDatabase>,
-    error: &ReconcileError,
+    error: &ControllerError,
     context: Arc<Shared>,
 ) -> Action {
-    tracing::warn!(object = %object.name_any(), error = %format!("{:#}", error.0), "reconcile failed; retrying");
-    context.metrics.error("reconcile");
-    Action::requeue(Duration::from_secs(2))
+    context.metrics.error(error.metric_label());
+    match error {
+        ControllerError::InvalidSpec(_) => {
+            tracing::info!(object = %object.name_any(), %error, "not reconciled");
+            Action::await_change()
+        }
+        _ => {
+            tracing::warn!(object = %object.name_any(), kind = error.metric_label(), %error, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(2))
+        }
+    }
 }
 
 /// Where the object's current spec came from.
@@ -210,11 +245,8 @@ fn error_policy(
 enum Origin {
     /// No Kustomization manages it: every generation is a revision of its own.
     Unmanaged,
-    /// Flux applied it at this revision (its commit, when the revision is a Git one).
-    Applied {
-        revision: String,
-        commit: Option<String>,
-    },
+    /// Flux applied it at this source revision.
+    Applied(Revision),
     /// Its Kustomization has not reported any revision applied yet.
     NotYetApplied,
 }
@@ -250,176 +282,122 @@ impl Origin {
     fn from_status(status: &KustomizationStatus) -> Origin {
         match status.applied_revision() {
             None => Origin::NotYetApplied,
-            Some(r) => Origin::Applied {
-                revision: r.to_string(),
-                commit: Revision::parse(r)
+            Some(r) => Origin::Applied(
+                SourceRevision::parse(r)
                     .ok()
-                    .and_then(|r| r.commit().map(str::to_string)),
-            },
+                    .and_then(|parsed| parsed.commit().and_then(Revision::commit))
+                    .unwrap_or_else(|| Revision::Flux(r.to_string())),
+            ),
         }
     }
 
     /// The revision the object's current spec stands for, if one is known yet. A Git
     /// revision is named by its commit: that is where progress is reported.
-    fn observe(&self, generation: Option<i64>, document: &str) -> Option<Observed> {
-        let revision = match self {
-            Origin::Unmanaged => format!("generation-{}", generation.unwrap_or(0)),
-            Origin::Applied { revision, commit } => {
-                commit.clone().unwrap_or_else(|| revision.clone())
-            }
-            Origin::NotYetApplied => return None,
-        };
-        Some(Observed {
-            revision,
-            document: Ok(document.to_string()),
-        })
-    }
-}
-
-/// Whether the object holds a (valid) spec that Flux has not reported applied yet: the
-/// revision it reports was taken already, with another document.
-fn waiting_for_flux(origin: &Origin, spec_valid: bool, record: &Record, document: &str) -> bool {
-    match origin {
-        Origin::NotYetApplied => true,
-        Origin::Unmanaged => false,
-        Origin::Applied { .. } => {
-            spec_valid
-                && record
-                    .desired
-                    .as_ref()
-                    .is_some_and(|d| d.document != document)
-                && record.observed_revision == origin.observe(None, document).map(|o| o.revision)
+    fn revision(&self, generation: Option<i64>) -> Option<Revision> {
+        match self {
+            Origin::Unmanaged => Some(Revision::Generation(generation.unwrap_or(0))),
+            Origin::Applied(revision) => Some(revision.clone()),
+            Origin::NotYetApplied => None,
         }
     }
 }
 
-/// The object as the document local mode would read from Git.
-fn document_text(object: &BlueGreenDatabase) -> String {
-    let doc = serde_json::json!({
-        "apiVersion": spec::API_VERSION,
-        "kind": spec::KIND,
-        "metadata": { "name": object.name_any() },
-        "spec": object.spec.document,
-    });
-    serde_yaml::to_string(&doc).expect("a document serializes")
+/// Whether the object holds a (valid) spec that Flux has not reported applied yet: the
+/// revision it reports was taken already, with another desired state.
+fn waiting_for_flux(origin: &Origin, live: Option<&Desired>, record: &Record) -> bool {
+    match origin {
+        Origin::NotYetApplied => true,
+        Origin::Unmanaged => false,
+        Origin::Applied(revision) => {
+            live.is_some_and(|live| record.wanted.as_ref().is_some_and(|w| w.desired != *live))
+                && record.observed_revision.as_ref() == Some(revision)
+        }
+    }
 }
 
 async fn reconcile(
     object: Arc<BlueGreenDatabase>,
     context: Arc<Shared>,
-) -> Result<Action, ReconcileError> {
-    let namespace = object.namespace().context("the object has no namespace")?;
+) -> Result<Action, ControllerError> {
+    let namespace = object
+        .namespace()
+        .ok_or_else(|| kube_error(anyhow::anyhow!("the object has no namespace")))?;
     let name = object.name_any();
     let api: Api<BlueGreenDatabase> = Api::namespaced(context.client.clone(), &namespace);
     // The Kustomization first, then the object (see the module comment).
-    let origin = origin(&context.client, &object).await?;
-    let Some(object) = api.get_opt(&name).await.map_err(anyhow::Error::from)? else {
+    let origin = origin(&context.client, &object).await.map_err(kube_error)?;
+    let Some(object) = api.get_opt(&name).await.map_err(kube_error)? else {
+        // Deleted: forget it (its runner, the endpoint's console session). The databases
+        // outlive the object; a new object of that name adopts them from the journal.
+        context.databases.lock().await.remove(&(namespace, name));
         return Ok(Action::await_change());
     };
     let live = object.desired();
-    let database = match context.database(&object, live.as_ref().ok()).await? {
-        Some(d) => d,
-        None => {
-            // Invalid before anything was ever created: only the status says why.
-            let record = Record::default();
-            publish_status(&api, &object, &record, false).await?;
-            return Ok(Action::await_change());
-        }
+    let Some(database) = context.database(&object, live.as_ref().ok()).await? else {
+        // Invalid before anything was ever created: only the status says why.
+        publish_status(&api, &object, &Record::default(), false)
+            .await
+            .map_err(kube_error)?;
+        let why = live.err().map(|e| e.to_string()).unwrap_or_default();
+        return Err(ControllerError::InvalidSpec(why));
     };
-    let mut record = database.record.lock().await;
-    let document = document_text(&object);
-    let observed = origin.observe(object.metadata.generation, &document);
-    if let Some(observed) = &observed {
-        intake::take_revision(
-            observed,
-            &mut record,
-            &database.engine.journal,
-            &database.engine.sink,
-        )
-        .await?;
-    }
-    let waiting_for_flux = waiting_for_flux(&origin, live.is_ok(), &record, &document);
-
-    let mut busy = false;
-    if let Some(taken) = record.desired.clone() {
-        let desired = spec::parse(&taken.document).context("a stored document was valid")?;
-        *database.current.write().unwrap() = (object.clone(), desired.clone());
-        if !database.adopted.load(Ordering::Relaxed) {
-            database.engine.adopt(&record, &desired).await?;
-            database.adopted.store(true, Ordering::Relaxed);
-        }
-        let wanted = Wanted {
-            revision: &taken.revision,
-            desired: &desired,
+    let mut runner = database.runner.lock().await;
+    if let Some(revision) = origin.revision(object.metadata.generation) {
+        let observed = Observed {
+            revision,
+            name: Some(name.clone()),
+            desired: live.clone().map_err(|e| e.to_string()),
         };
-        let started = Instant::now();
-        while started.elapsed() < STEPS_PER_RECONCILE {
-            let progress = database.engine.reconcile(&mut record, &wanted).await;
-            publish_status(&api, &object, &record, waiting_for_flux).await?;
-            let phase = record.attempt.as_ref().map_or("idle", |a| a.phase.as_str());
-            context.metrics.set_phase(&namespace, &name, phase);
-            match progress {
-                Ok(Progress::Busy) => busy = true,
-                Ok(Progress::Idle) => {
-                    busy = false;
-                    break;
-                }
-                Err(e) => {
-                    context.metrics.error("step");
-                    return Err(e.into());
-                }
+        runner.take(&observed).await?;
+    }
+    let waiting_for_flux = waiting_for_flux(&origin, live.as_ref().ok(), runner.record());
+
+    let started = Instant::now();
+    let mut next = Duration::from_secs(10);
+    while runner.record().wanted.is_some() {
+        let progress = runner.step().await;
+        publish_status(&api, &object, runner.record(), waiting_for_flux)
+            .await
+            .map_err(kube_error)?;
+        let phase = runner
+            .record()
+            .attempt
+            .as_ref()
+            .map_or("idle", |a| a.phase.as_str());
+        context.metrics.set_phase(&namespace, &name, phase);
+        let left = STEPS_PER_RECONCILE.saturating_sub(started.elapsed());
+        match progress? {
+            Progress::Idle => break,
+            Progress::Busy if !left.is_zero() => continue,
+            Progress::Busy => {
+                next = Duration::from_millis(10);
+                break;
+            }
+            // A short wait is taken here (the lag gate polls every few hundred ms);
+            // a longer one returns, so other objects are reconciled meanwhile.
+            Progress::After(d) if d < left => tokio::time::sleep(d).await,
+            Progress::After(d) => {
+                next = d;
+                break;
             }
         }
     }
-    let taken = record
-        .desired
-        .as_ref()
-        .and_then(|d| spec::parse(&d.document).ok());
-    if let Some(desired) = &taken
-        && let Some(lag) = replication_lag(&database, &record, desired).await
+    if let Some(wanted) = &runner.record().wanted
+        && let Some(lag) = runner
+            .driver()
+            .steps()
+            .replication_lag(runner.record(), &wanted.desired)
+            .await
     {
         context.metrics.set_lag(&namespace, &name, lag);
     }
-    publish_status(&api, &object, &record, waiting_for_flux).await?;
-    Ok(if busy {
-        Action::requeue(Duration::from_millis(10))
-    } else if waiting_for_flux {
-        Action::requeue(Duration::from_secs(1))
-    } else {
-        Action::requeue(Duration::from_secs(10))
-    })
-}
-
-/// The replication lag that matters now: the running attempt's link once data flows,
-/// else the reverse link that keeps the standby ready for a revert.
-async fn replication_lag(database: &Database, record: &Record, desired: &Desired) -> Option<i64> {
-    use crate::core::plan::Phase;
-    let serving = record.serving?;
-    let (from, to) = match (&record.attempt, &record.standby) {
-        (Some(a), _)
-            if Phase::ALL.iter().position(|p| *p == a.phase)
-                >= Phase::ALL.iter().position(|p| *p == Phase::InitialSync)
-                && a.phase != Phase::Done =>
-        {
-            (a.from, a.to)
-        }
-        (None, Some(s)) => (serving, s.member),
-        _ => return None,
-    };
-    let engine = &database.engine;
-    let source = engine.instances.addr(&from).await.ok()??;
-    let mut worst = None;
-    for db in &desired.databases {
-        let client = crate::engine::pg::connect(&source, &engine.admin, db)
-            .await
-            .ok()?;
-        let slot = crate::engine::replication::link_name(from.color, to.color, db);
-        let lag = crate::engine::replication::lag_bytes(&client, &slot)
-            .await
-            .ok()??;
-        worst = Some(worst.unwrap_or(0).max(lag));
+    publish_status(&api, &object, runner.record(), waiting_for_flux)
+        .await
+        .map_err(kube_error)?;
+    if waiting_for_flux {
+        next = next.min(Duration::from_secs(1));
     }
-    worst
+    Ok(Action::requeue(next))
 }
 
 /// Writes the status (and the annotations mirroring it) when it changed.
@@ -430,22 +408,23 @@ async fn publish_status(
     waiting_for_flux: bool,
 ) -> anyhow::Result<()> {
     let live = object.desired();
-    let invalid = live.as_ref().err().map(|e| e.to_string());
-    let live_desired = live.as_ref().ok();
     let previous = object.status.clone().unwrap_or_default();
+    let invalid = live.as_ref().err().map(|e| e.to_string());
     let revision = record
-        .desired
+        .wanted
         .as_ref()
-        .and_then(|d| (!d.revision.starts_with("generation-")).then_some(d.revision.as_str()));
+        .map(|w| &w.revision)
+        .filter(|r| !matches!(r, Revision::Generation(_)))
+        .map(Revision::to_string);
     let observed = status::Observed {
         generation: object.metadata.generation,
-        desired: match (&invalid, live_desired) {
-            (Some(why), _) => Err(why.as_str()),
-            (None, Some(d)) => Ok(d),
-            (None, None) => unreachable!("either valid or not"),
+        desired: match (&live, &invalid) {
+            (Ok(d), _) => Ok(d),
+            (Err(_), Some(why)) => Err(why.as_str()),
+            (Err(_), None) => unreachable!("an invalid spec has a reason"),
         },
         record,
-        revision,
+        revision: revision.as_deref(),
         waiting_for_flux,
     };
     let next = status::compute(&observed, &previous, k8s_openapi::jiff::Timestamp::now());
@@ -482,48 +461,51 @@ async fn publish_status(
 }
 
 impl Shared {
-    /// The database's engine, made on first sight (its admin Secret created if absent).
+    /// The database's runner, made on first sight (its admin Secret created if absent).
     /// None while the object has never been valid: nothing is created for it.
     async fn database(
         &self,
         object: &BlueGreenDatabase,
         live: Option<&Desired>,
-    ) -> anyhow::Result<Option<Arc<Database>>> {
-        let namespace = object.namespace().context("the object has no namespace")?;
+    ) -> Result<Option<Arc<Database>>, ControllerError> {
+        let namespace = object.namespace().unwrap_or_default();
         let name = object.name_any();
         let key = (namespace.clone(), name.clone());
         let mut databases = self.databases.lock().await;
-        if let Some(d) = databases.get(&key) {
-            // An object deleted and created again under its name is new: its parts are
-            // rebuilt (its record read back from the journal) so that nothing, events
-            // included, still refers to the old one.
-            if d.current.read().unwrap().0.metadata.uid == object.metadata.uid {
-                return Ok(Some(d.clone()));
-            }
+        if let Some(d) = databases.get(&key)
+            && d.uid == object.metadata.uid
+        {
+            return Ok(Some(d.clone()));
         }
+        // New, or deleted and created again under its name: its parts are (re)built, its
+        // record read back from the journal, so that nothing, events included, still
+        // refers to an old object.
         let journal = ConfigMapJournal::new(self.client.clone(), &namespace, &name);
-        let record = journal.load().await?;
-        let desired = match (live, &record.desired) {
+        let record = journal.load().await.map_err(kube_error)?;
+        let desired = match (live, &record.wanted) {
             (Some(d), _) => d.clone(),
-            (None, Some(taken)) => spec::parse(&taken.document)?,
+            (None, Some(wanted)) => wanted.desired.clone(),
             (None, None) => return Ok(None),
         };
-        let admin = self.admin_credentials(object, &desired).await?;
-        let current: Current = Arc::new(RwLock::new((object.clone(), desired)));
+        let admin = self
+            .admin_credentials(object, &desired)
+            .await
+            .map_err(kube_error)?;
         let instances = KubeInstances::new(
             self.client.clone(),
             &namespace,
-            current.clone(),
+            object.clone(),
             admin.clone(),
         );
         let endpoint = KubeEndpoint::new(
             self.client.clone(),
             &namespace,
-            current.clone(),
+            object.clone(),
             &self.options.endpoint_image,
             admin.clone(),
-        )?;
-        let events = KubeSinks {
+        )
+        .map_err(kube_error)?;
+        let sinks = KubeSinks {
             events: KubeEvents {
                 recorder: Recorder::new(self.client.clone(), self.reporter.clone()),
                 reference: object.object_ref(&()),
@@ -536,18 +518,15 @@ impl Shared {
                 .as_ref()
                 .map(|f| f.with_context(format!("pgflip/{namespace}/{name}"))),
         };
+        let driver = Driver::new(
+            Phases::new(instances, endpoint, self.toolchain.clone(), admin),
+            journal,
+            sinks,
+            system_clock(),
+        );
         let database = Arc::new(Database {
-            engine: Engine::new(
-                instances,
-                endpoint,
-                events,
-                journal,
-                self.toolchain.clone(),
-                admin,
-            ),
-            current,
-            record: tokio::sync::Mutex::new(record),
-            adopted: AtomicBool::new(false),
+            uid: object.metadata.uid.clone(),
+            runner: tokio::sync::Mutex::new(Runner::new(driver, record)),
         });
         databases.insert(key, database.clone());
         Ok(Some(database))
@@ -609,10 +588,13 @@ pub struct KubeSinks {
 }
 
 impl StatusSink for KubeSinks {
-    async fn publish(&self, revision: &str, update: &Update) -> anyhow::Result<()> {
+    async fn publish(&self, revision: &Revision, update: &Update) -> anyhow::Result<()> {
         let events = self.events.publish(revision, update).await;
-        let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
-        if let Some(forge) = self.forge.as_ref().filter(|_| is_commit) {
+        if let Some(forge) = self
+            .forge
+            .as_ref()
+            .filter(|_| revision.as_commit().is_some())
+        {
             forge.publish(revision, update).await?;
         }
         events
@@ -629,7 +611,7 @@ pub struct KubeEvents {
 }
 
 impl StatusSink for KubeEvents {
-    async fn publish(&self, _revision: &str, update: &Update) -> anyhow::Result<()> {
+    async fn publish(&self, _revision: &Revision, update: &Update) -> anyhow::Result<()> {
         let reason: String = update
             .phase
             .split('-')
@@ -680,7 +662,6 @@ impl StatusSink for KubeEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::plan::DesiredDocument;
 
     const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -713,38 +694,58 @@ mod tests {
     #[test]
     fn a_flux_revision_is_named_by_its_commit() {
         let origin = Origin::from_status(&flux(&format!("main@sha1:{SHA}")));
-        let observed = origin.observe(Some(4), "doc").unwrap();
-        assert_eq!(observed.revision, SHA);
-        assert_eq!(observed.document.as_deref(), Ok("doc"));
+        assert_eq!(origin.revision(Some(4)), Some(Revision::Commit(SHA.into())));
+        let oci = Origin::from_status(&flux(&format!("latest@sha256:{SHA}{}", &SHA[..24])));
+        assert!(
+            matches!(oci.revision(None), Some(Revision::Flux(r)) if r.starts_with("latest@sha256:"))
+        );
         assert_eq!(
             Origin::from_status(&KustomizationStatus::default()),
             Origin::NotYetApplied
         );
-        assert!(Origin::NotYetApplied.observe(Some(4), "doc").is_none());
+        assert_eq!(Origin::NotYetApplied.revision(Some(4)), None);
         assert_eq!(
-            Origin::Unmanaged.observe(Some(4), "doc").unwrap().revision,
-            "generation-4"
+            Origin::Unmanaged.revision(Some(4)),
+            Some(Revision::Generation(4))
         );
+    }
+
+    fn desired(major: u32) -> Desired {
+        crate::core::spec::parse(&crate::core::spec::render(
+            "db",
+            crate::core::spec::Major(major),
+            "",
+        ))
+        .unwrap()
     }
 
     #[test]
     fn a_spec_ahead_of_flux_waits_for_its_revision() {
         let origin = Origin::from_status(&flux(&format!("main@sha1:{SHA}")));
+        let revision = Revision::Commit(SHA.into());
         let taken = Record {
-            observed_revision: Some(SHA.into()),
-            desired: Some(DesiredDocument {
-                revision: SHA.into(),
-                document: "version 15".into(),
+            observed_revision: Some(revision.clone()),
+            wanted: Some(crate::core::plan::Wanted {
+                revision,
+                desired: desired(15),
             }),
             ..Default::default()
         };
         // Flux applied the object at a new commit but still reports the old one.
-        assert!(waiting_for_flux(&origin, true, &taken, "version 16"));
+        assert!(waiting_for_flux(&origin, Some(&desired(16)), &taken));
         // The object is what that revision carried.
-        assert!(!waiting_for_flux(&origin, true, &taken, "version 15"));
+        assert!(!waiting_for_flux(&origin, Some(&desired(15)), &taken));
         // An invalid spec is Stalled, not waiting.
-        assert!(!waiting_for_flux(&origin, false, &taken, "version 13"));
-        assert!(waiting_for_flux(&Origin::NotYetApplied, true, &taken, "x"));
-        assert!(!waiting_for_flux(&Origin::Unmanaged, true, &taken, "x"));
+        assert!(!waiting_for_flux(&origin, None, &taken));
+        assert!(waiting_for_flux(
+            &Origin::NotYetApplied,
+            Some(&desired(16)),
+            &taken
+        ));
+        assert!(!waiting_for_flux(
+            &Origin::Unmanaged,
+            Some(&desired(16)),
+            &taken
+        ));
     }
 }

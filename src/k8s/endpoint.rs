@@ -12,17 +12,19 @@
 //! minute or so after it changes, and a repoint happens inside the pause, in milliseconds.
 
 use super::api::{apply, ready_pod_ip};
-use super::instances::Current;
+use super::crd::BlueGreenDatabase;
 use super::objects::{
     self, CONTROL_PORT, ENDPOINT_CONFIG_KEY, PORT, endpoint_config_name, endpoint_labels,
 };
 use crate::adapters::pgbouncer::{AdminConsole, EndpointConfig, render_ini, userlist_field};
-use crate::adapters::{Result, Router};
-use crate::engine::pg::{Addr, Credentials};
+use crate::core::spec::Desired;
+use crate::ports::{Addr, Credentials};
+use crate::ports::{Result, Router};
 use crate::state::{ADMIN_USER, write_atomic};
 use anyhow::{Context, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use std::path::Path;
 use std::sync::Arc;
@@ -34,7 +36,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct KubeEndpoint {
     client: kube::Client,
     namespace: String,
-    current: Current,
+    /// The object, for the owner references of the endpoint's objects.
+    owner: BlueGreenDatabase,
     image: String,
     admin: Credentials,
     console: AdminConsole,
@@ -45,7 +48,7 @@ impl KubeEndpoint {
     pub fn new(
         client: kube::Client,
         namespace: &str,
-        current: Current,
+        owner: BlueGreenDatabase,
         image: &str,
         admin: Credentials,
     ) -> anyhow::Result<KubeEndpoint> {
@@ -59,7 +62,7 @@ impl KubeEndpoint {
         Ok(KubeEndpoint {
             client,
             namespace: namespace.to_string(),
-            current,
+            owner,
             image: image.to_string(),
             admin,
             console,
@@ -70,7 +73,7 @@ impl KubeEndpoint {
     }
 
     fn database(&self) -> String {
-        self.current.read().unwrap().1.name.clone()
+        self.owner.name_any()
     }
 
     fn config_maps(&self) -> Api<ConfigMap> {
@@ -92,11 +95,8 @@ impl KubeEndpoint {
         })?))
     }
 
-    async fn store(&self, config: &EndpointConfig) -> anyhow::Result<()> {
-        let cm = {
-            let current = self.current.read().unwrap();
-            objects::endpoint_config(&current.0, &current.1, serde_json::to_string(config)?)
-        };
+    async fn store(&self, desired: &Desired, config: &EndpointConfig) -> anyhow::Result<()> {
+        let cm = objects::endpoint_config(&self.owner, desired, serde_json::to_string(config)?);
         apply(&self.config_maps(), &cm).await?;
         Ok(())
     }
@@ -155,8 +155,8 @@ impl KubeEndpoint {
 }
 
 impl Router for KubeEndpoint {
-    async fn ensure(&self, databases: &[String], initial: &Addr) -> Result<()> {
-        let mut databases = databases.to_vec();
+    async fn ensure(&self, desired: &Desired, initial: &Addr) -> Result<()> {
+        let mut databases = desired.databases.clone();
         databases.sort();
         databases.dedup();
         let target = self
@@ -168,14 +168,9 @@ impl Router for KubeEndpoint {
             target: target.clone(),
             databases,
         };
-        self.store(&config).await?;
-        let (service, deployment) = {
-            let current = self.current.read().unwrap();
-            (
-                objects::endpoint_service(&current.0, &current.1),
-                objects::endpoint_deployment(&current.0, &current.1, &self.image),
-            )
-        };
+        self.store(desired, &config).await?;
+        let service = objects::endpoint_service(&self.owner, desired);
+        let deployment = objects::endpoint_deployment(&self.owner, desired, &self.image);
         let services: Api<Service> = Api::namespaced(self.client.clone(), &self.namespace);
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         apply(&services, &service).await?;
@@ -198,13 +193,13 @@ impl Router for KubeEndpoint {
         self.console.pause(timeout).await
     }
 
-    async fn repoint(&self, target: &Addr) -> Result<()> {
+    async fn repoint(&self, desired: &Desired, target: &Addr) -> Result<()> {
         let mut config = self
             .stored()
             .await?
             .context("the endpoint has no configuration yet: ensure it first")?;
         config.target = target.clone();
-        self.store(&config).await?;
+        self.store(desired, &config).await?;
         self.push(target).await
     }
 

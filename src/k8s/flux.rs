@@ -25,7 +25,7 @@ pub const NAMESPACE_LABEL: &str = "kustomize.toolkit.fluxcd.io/namespace";
 
 /// A source revision as Flux writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Revision {
+pub struct SourceRevision {
     /// The branch or tag, as given (`main`, `refs/heads/main`, `v1.2.0`), if any.
     pub reference: Option<String>,
     /// `sha1` for a Git commit (`sha256` for Git's SHA-256 object format or OCI digests).
@@ -33,10 +33,10 @@ pub struct Revision {
     pub digest: String,
 }
 
-impl Revision {
+impl SourceRevision {
     /// Parses `main@sha1:<sha>`, `refs/heads/main@sha1:<sha>`, `sha1:<sha>` and the legacy
     /// `main/<sha>` (Flux before v2.0).
-    pub fn parse(text: &str) -> Result<Revision, String> {
+    pub fn parse(text: &str) -> Result<SourceRevision, String> {
         let bad = || format!("{text:?} is not a Flux source revision");
         let (reference, digest_part) = match text.rsplit_once('@') {
             Some((r, d)) => (Some(r), d),
@@ -44,14 +44,14 @@ impl Revision {
             None => {
                 // Legacy `<branch>/<sha>`.
                 let (r, sha) = text.rsplit_once('/').ok_or_else(bad)?;
-                return Revision::checked(Some(r), "sha1", sha).ok_or_else(bad);
+                return SourceRevision::checked(Some(r), "sha1", sha).ok_or_else(bad);
             }
         };
         let (algorithm, digest) = digest_part.split_once(':').ok_or_else(bad)?;
-        Revision::checked(reference, algorithm, digest).ok_or_else(bad)
+        SourceRevision::checked(reference, algorithm, digest).ok_or_else(bad)
     }
 
-    fn checked(reference: Option<&str>, algorithm: &str, digest: &str) -> Option<Revision> {
+    fn checked(reference: Option<&str>, algorithm: &str, digest: &str) -> Option<SourceRevision> {
         let length = match algorithm {
             "sha1" => 40,
             "sha256" => 64,
@@ -59,7 +59,7 @@ impl Revision {
         };
         let hex = digest.len() == length && digest.bytes().all(|b| b.is_ascii_hexdigit());
         let reference = reference.filter(|r| !r.is_empty());
-        hex.then(|| Revision {
+        hex.then(|| SourceRevision {
             reference: reference.map(str::to_string),
             algorithm: algorithm.to_string(),
             digest: digest.to_ascii_lowercase(),
@@ -160,11 +160,11 @@ mod tests {
             ),
         ];
         for (text, reference) in cases {
-            let r = Revision::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+            let r = SourceRevision::parse(&text).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(r.reference.as_deref(), reference, "{text}");
             assert_eq!(r.commit(), Some(SHA), "{text}");
         }
-        let oci = Revision::parse(&format!("latest@sha256:{}", "a".repeat(64))).unwrap();
+        let oci = SourceRevision::parse(&format!("latest@sha256:{}", "a".repeat(64))).unwrap();
         assert_eq!(oci.commit(), None);
         for bad in [
             "",
@@ -174,7 +174,7 @@ mod tests {
             &format!("main/{}", &SHA[..39]),
             &format!("main@sha1:{SHA}0"),
         ] {
-            assert!(Revision::parse(bad).is_err(), "{bad:?} parsed");
+            assert!(SourceRevision::parse(bad).is_err(), "{bad:?} parsed");
         }
     }
 

@@ -9,27 +9,25 @@
 use super::api::{apply, wait_pod_ready};
 use super::crd::BlueGreenDatabase;
 use super::objects::{self, PORT, VERSION_LABEL, instance_name};
-use crate::adapters::{Instances, Result};
 use crate::core::plan::Member;
 use crate::core::spec::Desired;
-use crate::engine::pg::{Addr, Credentials};
+use crate::ports::{Addr, Credentials};
+use crate::ports::{Instances, Result};
 use anyhow::bail;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// How long a new server may take to become Ready (image pull, initdb).
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The object and its validated spec, refreshed by the controller before each step.
-pub type Current = Arc<RwLock<(BlueGreenDatabase, Desired)>>;
-
 pub struct KubeInstances {
     client: kube::Client,
     namespace: String,
-    current: Current,
+    /// The object, for the owner references of the instances' objects.
+    owner: BlueGreenDatabase,
     admin: Credentials,
 }
 
@@ -37,19 +35,19 @@ impl KubeInstances {
     pub fn new(
         client: kube::Client,
         namespace: &str,
-        current: Current,
+        owner: BlueGreenDatabase,
         admin: Credentials,
     ) -> KubeInstances {
         KubeInstances {
             client,
             namespace: namespace.to_string(),
-            current,
+            owner,
             admin,
         }
     }
 
     fn name(&self, member: &Member) -> String {
-        instance_name(&self.current.read().unwrap().1.name, member.color)
+        instance_name(&self.owner.name_any(), member.color)
     }
 
     fn api<K>(&self) -> Api<K>
@@ -99,29 +97,23 @@ impl KubeInstances {
 }
 
 impl Instances for KubeInstances {
-    async fn ensure(&self, member: &Member) -> Result<Addr> {
+    async fn ensure(&self, member: &Member, desired: &Desired) -> Result<Addr> {
         self.existing(member).await?;
-        let (service, sts) = {
-            let current = self.current.read().unwrap();
-            let (owner, desired) = &*current;
-            (
-                objects::headless_service(owner, desired, member.color),
-                objects::statefulset(owner, desired, member),
-            )
-        };
+        let service = objects::headless_service(&self.owner, desired, member.color);
+        let sts = objects::statefulset(&self.owner, desired, member);
         apply(&self.api::<Service>(), &service).await?;
         apply(&self.api::<StatefulSet>(), &sts).await?;
         self.ready_addr(member).await
     }
 
-    async fn addr(&self, member: &Member) -> Result<Option<Addr>> {
+    async fn addr(&self, member: &Member, _desired: &Desired) -> Result<Option<Addr>> {
         match self.existing(member).await? {
             None => Ok(None),
             Some(_) => Ok(Some(self.ready_addr(member).await?)),
         }
     }
 
-    async fn remove(&self, member: &Member) -> Result<()> {
+    async fn remove(&self, member: &Member, _desired: &Desired) -> Result<()> {
         let name = self.name(member);
         let gone = |r: kube::Result<_>| match r {
             Ok(_) => Ok(()),

@@ -5,8 +5,8 @@
 
 use super::api::apply;
 use super::objects::{state_config_map, state_name};
-use crate::adapters::{Journal, Result};
 use crate::core::plan::Record;
+use crate::ports::{Journal, Result};
 use anyhow::Context;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;

@@ -7,7 +7,7 @@
 //! as Failed while `Stalled` is True. Flux's `wait: true` and health checks go by that.
 
 use super::crd::{BlueGreenDatabaseStatus, LastSwitch};
-use crate::core::plan::{Record, short};
+use crate::core::plan::Record;
 use crate::core::spec::Desired;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -50,7 +50,7 @@ pub fn compute(
         ),
         Ok(desired) => {
             let failed_here = r.failed_revision.is_some()
-                && r.failed_revision.as_deref() == r.desired.as_ref().map(|d| d.revision.as_str());
+                && r.failed_revision.as_ref() == r.wanted.as_ref().map(|w| &w.revision);
             match (&r.attempt, r.serving) {
                 (Some(a), _) => {
                     progressing("Switching", format!("{} → {}: {}", a.from, a.to, a.phase))
@@ -99,7 +99,7 @@ pub fn compute(
         target_version: o.desired.ok().map(|d| d.major.to_string()),
         revision: o.revision.map(str::to_string),
         last_switch: r.history.last().map(|h| LastSwitch {
-            revision: h.revision.clone(),
+            revision: h.revision.to_string(),
             from_version: h.from.major.to_string(),
             to_version: h.to.major.to_string(),
             pause_ms: (h.pause_ms * 10.0).round() / 10.0,
@@ -181,22 +181,11 @@ pub fn annotations(status: &BlueGreenDatabaseStatus) -> Vec<(&'static str, Strin
     out
 }
 
-/// A one-line summary for an Event.
-pub fn event_note(status: &BlueGreenDatabaseStatus) -> String {
-    let ready = status.conditions.iter().find(|c| c.type_ == READY);
-    match (ready, &status.revision) {
-        (Some(c), Some(rev)) => format!("{} (revision {})", c.message, short(rev)),
-        (Some(c), None) => c.message.clone(),
-        (None, _) => String::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::plan::{
-        Attempt, AttemptKind, Color, DesiredDocument, Member, Phase, SwitchRecord,
-    };
+    use crate::core::plan::{Attempt, AttemptKind, Color, Member, Phase, SwitchRecord, Wanted};
+    use crate::core::revision::Revision;
     use crate::core::spec::{self, Major};
 
     fn desired(major: u32) -> Desired {
@@ -229,7 +218,7 @@ mod tests {
         let record = Record {
             serving: Some(member(Color::Green, 16)),
             history: vec![SwitchRecord {
-                revision: "abc".into(),
+                revision: Revision::Generation(3),
                 from: member(Color::Blue, 15),
                 to: member(Color::Green, 16),
                 kind: AttemptKind::Full,
@@ -266,7 +255,7 @@ mod tests {
     #[test]
     fn a_running_attempt_is_reconciling_and_not_ready() {
         let mut a = Attempt::new(
-            "r2",
+            Revision::Generation(2),
             AttemptKind::Full,
             member(Color::Blue, 15),
             member(Color::Green, 16),
@@ -313,11 +302,11 @@ mod tests {
 
         let failed = Record {
             serving: Some(member(Color::Blue, 15)),
-            desired: Some(DesiredDocument {
-                revision: "r7".into(),
-                document: String::new(),
+            wanted: Some(Wanted {
+                revision: Revision::Generation(7),
+                desired: desired(16),
             }),
-            failed_revision: Some("r7".into()),
+            failed_revision: Some(Revision::Generation(7)),
             failed_reason: Some("preflight refused: unlogged tables".into()),
             ..Default::default()
         };

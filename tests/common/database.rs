@@ -5,8 +5,8 @@
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams};
-use pgflip::engine::pg::{Addr, Credentials};
 use pgflip::k8s::crd::BlueGreenDatabase;
+use pgflip::ports::{Addr, Credentials};
 
 pub fn condition<'a>(object: &'a BlueGreenDatabase, type_: &str) -> Option<&'a Condition> {
     object

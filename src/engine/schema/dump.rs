@@ -12,7 +12,7 @@
 use crate::adapters::run_as::RunAs;
 use crate::core::spec::Major;
 use crate::engine::catalog::PGFLIP_SCHEMA;
-use crate::engine::pg::{Addr, Credentials};
+use crate::ports::{Addr, Credentials};
 use crate::toolchain::Toolchain;
 use anyhow::{Context, anyhow, bail};
 
