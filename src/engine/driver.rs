@@ -223,12 +223,12 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
                 self.record(record, |r| r.standby = None).await?;
                 Ok(Progress::Busy)
             }
-            Decision::Run(attempt) if attempt.phase == Phase::Done => {
-                self.finish(record, &attempt).await?;
-                Ok(Progress::Busy)
-            }
             Decision::Run(attempt) => {
                 failpoint::hit(&format!("before:{}", attempt.phase));
+                if attempt.phase == Phase::Done {
+                    self.finish(record, &attempt).await?;
+                    return Ok(Progress::Busy);
+                }
                 let result = self
                     .steps
                     .run(&attempt, desired, record, &self.journal)
