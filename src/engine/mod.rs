@@ -9,11 +9,7 @@
 
 pub mod catalog;
 pub mod driver;
-#[cfg(test)]
-mod driver_tests;
 pub mod error;
-#[cfg(test)]
-mod fakes;
 pub mod fence;
 pub mod intake;
 pub mod pg;
@@ -25,4 +21,6 @@ pub mod schema;
 pub mod sequences;
 pub mod sql_script;
 pub mod switchover;
+#[cfg(test)]
+mod tests;
 pub mod verify;

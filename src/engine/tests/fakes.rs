@@ -3,12 +3,12 @@
 //! without PostgreSQL. What PostgreSQL, PgBouncer and Git do is tested on the real ones
 //! (`tests/`); these fakes only keep the state the driver's decisions are judged by.
 
-use super::driver::{Learned, Stepped, Steps};
-use super::error::{EngineError, EngineResult, PauseAbortCause};
 use crate::core::plan::{Attempt, AttemptKind, Member, Phase, Record, Standby, SwitchStep};
 use crate::core::report::Update;
 use crate::core::revision::Revision;
 use crate::core::spec::Desired;
+use crate::engine::driver::{Learned, Stepped, Steps};
+use crate::engine::error::{EngineError, EngineResult, PauseAbortCause};
 use crate::ports::{Addr, Instances, Journal, NotReady, Router, StatusSink};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};

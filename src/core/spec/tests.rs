@@ -1,0 +1,112 @@
+use super::*;
+
+const GOOD: &str = "apiVersion: pgflip.dev/v1alpha1\nkind: BlueGreenDatabase\nmetadata:\n  name: orders\nspec:\n  version: \"16\"\n";
+
+#[test]
+fn defaults_fill_everything_but_version() {
+    let d = parse(GOOD).unwrap();
+    assert_eq!(d.major, Major(16));
+    assert_eq!(d.databases, vec!["app"]);
+    assert_eq!(d.endpoint_port, 6432);
+    assert_eq!(d.retain_previous, Duration::from_secs(3600));
+    assert_eq!(d.switchover.pause_timeout, Duration::from_secs(2));
+    assert_eq!(d.unsupported, UnsupportedPolicy::Refuse);
+    assert_eq!(d.verification, Verification::Full);
+    assert_eq!(d.image(d.major), "postgres:16");
+    assert_eq!(d.storage, "1Gi");
+}
+
+#[test]
+fn full_document_parses() {
+    let text = render(
+        "orders",
+        Major(17),
+        "databases: [shop, billing]\nendpoint:\n  port: 7000\nswitchover:\n  maxLagBytes: 4096\n  pauseTimeout: 500ms\n  catchUpTimeout: 2m\nverification: count\nretainPrevious: 30m\nunsupported: warn\nimage: registry.example/pg:{version}-alpine",
+    );
+    let d = parse(&text).unwrap();
+    assert_eq!(d.major, Major(17));
+    assert_eq!(d.databases, vec!["shop", "billing"]);
+    assert_eq!(d.endpoint_port, 7000);
+    assert_eq!(d.switchover.max_lag_bytes, 4096);
+    assert_eq!(d.switchover.pause_timeout, Duration::from_millis(500));
+    assert_eq!(d.verification, Verification::Count);
+    assert_eq!(d.retain_previous, Duration::from_secs(1800));
+    assert_eq!(d.unsupported, UnsupportedPolicy::Warn);
+    assert_eq!(d.image(Major(15)), "registry.example/pg:15-alpine");
+}
+
+#[test]
+fn numeric_and_minor_versions_are_accepted() {
+    assert_eq!(
+        parse(&GOOD.replace("\"16\"", "15")).unwrap().major,
+        Major(15)
+    );
+    assert_eq!(
+        parse(&GOOD.replace("\"16\"", "\"17.2\"")).unwrap().major,
+        Major(17)
+    );
+}
+
+#[test]
+fn bad_documents_are_rejected_with_a_reason() {
+    let cases: &[(&str, &str)] = &[
+        ("spec: [unclosed", "not valid YAML"),
+        (
+            &GOOD.replace("kind: BlueGreenDatabase", "kind: Deployment"),
+            "kind",
+        ),
+        (
+            &GOOD.replace("pgflip.dev/v1alpha1", "pgflip.dev/v9"),
+            "apiVersion",
+        ),
+        (
+            &GOOD.replace("  version: \"16\"\n", "  version: \"16\"\n  colour: blue\n"),
+            "unknown field `colour`",
+        ),
+        (
+            &GOOD.replace("  version: \"16\"\n", "  databases: [app]\n"),
+            "version",
+        ),
+        (
+            &GOOD.replace("\"16\"", "\"sixteen\""),
+            "not a PostgreSQL major",
+        ),
+        (&GOOD.replace("\"16\"", "\"9\""), "not supported"),
+        (&GOOD.replace("\"16\"", "\"14\""), "not supported"),
+        (&GOOD.replace("\"16\"", "~"), "missing"),
+        (
+            &GOOD.replace("name: orders", "name: Orders_DB"),
+            "DNS label",
+        ),
+        (&format!("{GOOD}  databases: []\n"), "at least one"),
+        (&format!("{GOOD}  databases: [postgres]\n"), "reserved"),
+        (&format!("{GOOD}  databases: [a, a]\n"), "twice"),
+        (&format!("{GOOD}  retainPrevious: soon\n"), "retainPrevious"),
+        (&format!("{GOOD}  unsupported: ignore\n"), "unknown variant"),
+        (&format!("{GOOD}  image: postgres:16\n"), "{version}"),
+        (&format!("{GOOD}  storage: lots\n"), "spec.storage"),
+        (&format!("{GOOD}  storage: 10GB\n"), "spec.storage"),
+    ];
+    for (text, needle) in cases {
+        let err = parse(text).expect_err(text).to_string();
+        assert!(
+            err.contains(needle),
+            "{text:?}: error {err:?} should mention {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn names_are_peeked_from_invalid_documents() {
+    assert_eq!(
+        peek_name(&GOOD.replace("\"16\"", "\"9\"")).as_deref(),
+        Some("orders")
+    );
+    assert_eq!(peek_name("spec: [unclosed"), None);
+}
+
+#[test]
+fn major_parse() {
+    assert_eq!(Major::parse("160004").unwrap(), Major(16));
+    assert!(Major::parse("").is_err());
+}
