@@ -5,7 +5,8 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin pgflip
+# The controller image carries no benchmark (nor its plotting).
+RUN cargo build --release --locked --bin pgflip --no-default-features
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -4,15 +4,15 @@
 //! `git revert` and the switch back. Ends with a table (and optional JSON) of what the
 //! clients saw.
 
-use crate::adapters::git_notes::GitNotes;
-use crate::adapters::git_source::testing as git;
-use crate::core::plan::Record;
-use crate::core::spec::{self, Major};
-use crate::engine::pg::connect;
-use crate::load::{self, LoadConfig};
-use crate::ports::{Addr, Credentials};
-use crate::state::StateDir;
 use anyhow::{Context, bail};
+use pgflip_core::plan::Record;
+use pgflip_core::spec::{self, Major};
+use pgflip_engine::adapters::git_notes::GitNotes;
+use pgflip_engine::adapters::git_source::testing as git;
+use pgflip_engine::load::{self, LoadConfig};
+use pgflip_engine::pg::connect;
+use pgflip_engine::ports::{Addr, Credentials};
+use pgflip_engine::state::StateDir;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -85,7 +85,7 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
     let repo = root.join("repo");
     std::fs::create_dir_all(&repo)?;
     git::init_repo(&repo);
-    let port = crate::adapters::run_as::free_port()?;
+    let port = pgflip_engine::adapters::run_as::free_port()?;
     let extra = format!(
         "databases: [app]\nendpoint:\n  port: {port}\nretainPrevious: 1h\nswitchover:\n  pauseTimeout: 2s"
     );
@@ -117,7 +117,7 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
         wait_for(&state, "bootstrap", Duration::from_secs(120), |r| r.serving.is_some(), None).await?;
         let endpoint = Addr { host: "127.0.0.1".into(), port };
         let admin = state.admin_credentials()?;
-        let app = Credentials { user: "app".into(), password: crate::state::random_token(16) };
+        let app = Credentials { user: "app".into(), password: pgflip_engine::state::random_token(16) };
         step("loading sample data (types, partitions, sequences, trigger, views, materialized view)");
         load_sample(&endpoint, &admin, &app).await?;
         load::prepare(&endpoint, &admin, "app").await?;
@@ -198,7 +198,7 @@ async fn wait_for(
                 .ok()
                 .and_then(|v| v.into_iter().last())
         {
-            if u.state == crate::core::report::State::Failure {
+            if u.state == pgflip_core::report::State::Failure {
                 bail!("{what} failed: {}", u.message);
             }
             if !line.is_empty() {
@@ -227,8 +227,8 @@ async fn load_sample(
         .context("loading demo/sample.sql")?;
     c.batch_execute(&format!(
         "CREATE ROLE {} LOGIN PASSWORD {}",
-        crate::engine::pg::ident(&app.user),
-        crate::engine::pg::literal(&app.password)
+        pgflip_engine::pg::ident(&app.user),
+        pgflip_engine::pg::literal(&app.password)
     ))
     .await?;
     Ok(())
@@ -236,7 +236,7 @@ async fn load_sample(
 
 async fn grant(endpoint: &Addr, admin: &Credentials, app: &Credentials) -> anyhow::Result<()> {
     let c = connect(endpoint, admin, "app").await?;
-    let u = crate::engine::pg::ident(&app.user);
+    let u = pgflip_engine::pg::ident(&app.user);
     c.batch_execute(&format!(
         "GRANT USAGE ON SCHEMA public TO {u}; GRANT ALL ON ALL TABLES IN SCHEMA public TO {u}; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {u};"
     ))

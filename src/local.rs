@@ -4,19 +4,19 @@
 //! A thin loop around the shared [`Runner`]: look at the branch, take what it carries,
 //! step.
 
-use crate::adapters::forge_status::{ForgeStatus, Sinks};
-use crate::adapters::git_notes::GitNotes;
-use crate::adapters::git_source::GitSource;
-use crate::adapters::local_instances::LocalInstances;
-use crate::adapters::pgbouncer::PgBouncer;
-use crate::core::spec::Desired;
-use crate::engine::driver::{Driver, Progress, system_clock};
-use crate::engine::intake;
-use crate::engine::phases::Phases;
-use crate::engine::runner::Runner;
-use crate::ports::Source;
-use crate::state::StateDir;
-use crate::toolchain::Toolchain;
+use pgflip_core::spec::Desired;
+use pgflip_engine::adapters::forge_status::{ForgeStatus, Sinks};
+use pgflip_engine::adapters::git_notes::GitNotes;
+use pgflip_engine::adapters::git_source::GitSource;
+use pgflip_engine::adapters::local_instances::LocalInstances;
+use pgflip_engine::adapters::pgbouncer::PgBouncer;
+use pgflip_engine::driver::{Driver, Progress, system_clock};
+use pgflip_engine::intake;
+use pgflip_engine::phases::Phases;
+use pgflip_engine::ports::Source;
+use pgflip_engine::runner::Runner;
+use pgflip_engine::state::StateDir;
+use pgflip_engine::toolchain::Toolchain;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -139,6 +139,6 @@ fn build_driver(
 
 /// Stops the endpoint and every instance of a state directory.
 pub async fn stop(state: &StateDir) -> anyhow::Result<()> {
-    crate::adapters::pgbouncer::stop_endpoint(state)?;
-    crate::adapters::local_instances::stop_all(state)
+    pgflip_engine::adapters::pgbouncer::stop_endpoint(state)?;
+    pgflip_engine::adapters::local_instances::stop_all(state)
 }

@@ -1,9 +1,9 @@
 //! The one binary: `local`, `demo`, `bench`, `status`, `stop`, `crd`.
 
 use clap::{Parser, Subcommand};
-use pgflip::adapters::forge_status::ForgeArgs;
-use pgflip::core::plan::Record;
-use pgflip::state::StateDir;
+use pgflip_core::plan::Record;
+use pgflip_engine::adapters::forge_status::ForgeArgs;
+use pgflip_engine::state::StateDir;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,11 +58,12 @@ enum Command {
     /// A real upgrade and rollback on throw-away local instances, under a write load.
     Demo(pgflip::demo::DemoOptions),
     /// Measure a switch under load against dump/restore and pg_upgrade, per database size.
-    Bench(pgflip::bench::BenchOptions),
+    #[cfg(feature = "bench")]
+    Bench(pgflip_bench::BenchOptions),
     /// Print the BlueGreenDatabase CustomResourceDefinition (as in manifests/crd.yaml).
     Crd,
     /// Kubernetes mode: reconcile every BlueGreenDatabase in the cluster (leader-elected).
-    Controller(pgflip::k8s::controller::ControllerOptions),
+    Controller(pgflip_k8s::controller::ControllerOptions),
     /// The process of a database's endpoint pod: runs PgBouncer and takes new targets
     /// from the controller (started by the endpoint Deployment, not by hand).
     Endpoint,
@@ -87,7 +88,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo and the benchmark print their own progress; logs would drown it.
     let default_level = match cli.command {
-        Command::Demo(_) | Command::Bench(_) => "warn",
+        Command::Demo(_) => "warn",
+        #[cfg(feature = "bench")]
+        Command::Bench(_) => "warn",
         _ => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -141,13 +144,14 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Stop { state_dir } => pgflip::local::stop(&StateDir::open(state_dir)?).await,
             Command::Demo(opts) => pgflip::demo::run(opts).await,
-            Command::Bench(opts) => pgflip::bench::run(opts).await,
+            #[cfg(feature = "bench")]
+            Command::Bench(opts) => pgflip_bench::run(opts).await,
             Command::Crd => {
-                print!("{}", pgflip::k8s::crd::crd_yaml());
+                print!("{}", pgflip_k8s::crd::crd_yaml());
                 Ok(())
             }
-            Command::Controller(opts) => pgflip::k8s::controller::run(opts, stop_signal()).await,
-            Command::Endpoint => pgflip::k8s::endpoint::run_pod(stop_signal()).await,
+            Command::Controller(opts) => pgflip_k8s::controller::run(opts, stop_signal()).await,
+            Command::Endpoint => pgflip_k8s::endpoint::run_pod(stop_signal()).await,
         }
     })
 }
@@ -159,7 +163,10 @@ fn render_status(r: &Record) -> String {
         None => out.push_str("serving:  nothing yet\n"),
     }
     if let Some(s) = &r.standby {
-        let left = s.retain_until_ms.saturating_sub(pgflip::state::now_ms()) / 1000;
+        let left = s
+            .retain_until_ms
+            .saturating_sub(pgflip_engine::state::now_ms())
+            / 1000;
         out.push_str(&format!(
             "standby:  {} (PostgreSQL {}) in reverse sync, retained {left}s more\n",
             s.member.color, s.member.major

@@ -6,16 +6,16 @@
 //! pass or fail.
 
 use futures_util::{SinkExt, StreamExt};
-use pgflip::adapters::local_instances::{LocalInstances, stop_all};
-use pgflip::core::plan::{Color, Member};
-use pgflip::core::spec::{self, Major, UnsupportedPolicy, Verification};
-use pgflip::engine::pg::{self, ident, qualified};
-use pgflip::engine::schema::{self, SchemaLoad};
-use pgflip::engine::{preflight, sequences, verify};
-use pgflip::ports::Instances;
-use pgflip::ports::{Addr, Credentials};
-use pgflip::state::StateDir;
-use pgflip::toolchain::Toolchain;
+use pgflip_core::plan::{Color, Member};
+use pgflip_core::spec::{self, Major, UnsupportedPolicy, Verification};
+use pgflip_engine::adapters::local_instances::{LocalInstances, stop_all};
+use pgflip_engine::pg::{self, ident, qualified};
+use pgflip_engine::ports::Instances;
+use pgflip_engine::ports::{Addr, Credentials};
+use pgflip_engine::schema::{self, SchemaLoad};
+use pgflip_engine::state::StateDir;
+use pgflip_engine::toolchain::Toolchain;
+use pgflip_engine::{preflight, sequences, verify};
 use tokio_postgres::Client;
 
 const COVERAGE: &str = include_str!("fixtures/coverage.sql");

@@ -20,9 +20,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
-use pgflip::k8s::crd::BlueGreenDatabase;
-use pgflip::k8s::flux::KustomizationStatus;
-use pgflip::load::{self, LoadConfig};
+use pgflip_engine::load::{self, LoadConfig};
+use pgflip_k8s::crd::BlueGreenDatabase;
+use pgflip_k8s::flux::KustomizationStatus;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -3,15 +3,15 @@
 mod common;
 
 use common::forge::FakeForge;
-use pgflip::adapters::forge_status::{ForgeConfig, ForgeStatus, Provider, Sinks};
-use pgflip::core::report::{State, Update};
-use pgflip::ports::StatusSink;
+use pgflip_core::report::{State, Update};
+use pgflip_engine::adapters::forge_status::{ForgeConfig, ForgeStatus, Provider, Sinks};
+use pgflip_engine::ports::StatusSink;
 use serde_json::json;
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 
-fn sha() -> pgflip::core::revision::Revision {
-    pgflip::core::revision::Revision::commit(SHA).unwrap()
+fn sha() -> pgflip_core::revision::Revision {
+    pgflip_core::revision::Revision::commit(SHA).unwrap()
 }
 const TOKEN: &str = "ghp_s3cretT0ken";
 

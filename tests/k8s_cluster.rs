@@ -14,8 +14,8 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use pgflip::engine::pg::connect;
-use pgflip::ports::{Addr, Credentials};
+use pgflip_engine::pg::connect;
+use pgflip_engine::ports::{Addr, Credentials};
 use std::time::{Duration, Instant};
 
 const NS: &str = "harness";
@@ -136,8 +136,8 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
 
     // The kubeconfig (and the CA it names) can be read by the unprivileged user that runs
     // the pods' processes (pgflip pods get it as KUBECONFIG).
-    let run_as = pgflip::adapters::run_as::RunAs::detect().unwrap();
-    let out = pgflip::adapters::run_as::run(
+    let run_as = pgflip_engine::adapters::run_as::RunAs::detect().unwrap();
+    let out = pgflip_engine::adapters::run_as::run(
         run_as
             .command(std::path::Path::new("/bin/cat"))
             .arg(cluster.kubeconfig())
@@ -163,7 +163,7 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         node.status
     );
 
-    let password = pgflip::state::random_token(24);
+    let password = pgflip_engine::state::random_token(24);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "pg-auth"},

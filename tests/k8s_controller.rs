@@ -17,8 +17,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
-use pgflip::k8s::crd::BlueGreenDatabase;
-use pgflip::load::{self, LoadConfig};
+use pgflip_engine::load::{self, LoadConfig};
+use pgflip_k8s::crd::BlueGreenDatabase;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -143,7 +143,7 @@ impl Controller {
     ) -> Controller {
         let log = cluster.dir().join(format!("controller-{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let port = pgflip::adapters::run_as::free_port().unwrap();
+        let port = pgflip_engine::adapters::run_as::free_port().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgflip"));
         cmd.args(["controller", "--lease-namespace", "pgflip-system"])
             .args(["--identity", name, "--lease-duration", "4s"])
@@ -479,7 +479,7 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         .map(|s| (s.metadata.name.clone(), s.metadata.generation))
         .collect();
     assert_eq!(before, after, "a bad spec changes no StatefulSet");
-    let still = pgflip::engine::pg::connect(&serving_addr, &creds, "app")
+    let still = pgflip_engine::pg::connect(&serving_addr, &creds, "app")
         .await
         .expect("blue keeps serving");
     still.simple_query("SELECT 1").await.unwrap();

@@ -4,12 +4,12 @@
 mod common;
 
 use common::{Harness, MINUTE};
-use pgflip::core::plan::{Color, Phase};
-use pgflip::core::report::State;
-use pgflip::engine::pg::connect;
+use pgflip_core::plan::{Color, Phase};
+use pgflip_core::report::State;
+use pgflip_engine::pg::connect;
 use std::time::Duration;
 
-fn serving(r: &pgflip::core::plan::Record) -> Option<(Color, u32)> {
+fn serving(r: &pgflip_core::plan::Record) -> Option<(Color, u32)> {
     r.serving.map(|m| (m.color, m.major.0))
 }
 
@@ -133,7 +133,7 @@ async fn upgrade_and_revert_under_load() {
     assert!(report.committed > 100, "the load ran: {}", report.committed);
     assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
     assert_eq!(
-        pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+        pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
             .await
             .unwrap(),
         0
@@ -220,7 +220,7 @@ async fn upgrade_without_retention_then_downgrade() {
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.errors);
     assert_eq!(
-        pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+        pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
             .await
             .unwrap(),
         0
@@ -411,21 +411,21 @@ async fn killed_at_every_boundary_resumes_and_loses_nothing() {
         .await
         .unwrap();
     assert!(
-        !pgflip::engine::fence::is_fenced(&green).await.unwrap(),
+        !pgflip_engine::fence::is_fenced(&green).await.unwrap(),
         "the serving side takes writes"
     );
     let blue = connect(&h.instance_addr("blue").unwrap(), &h.admin(), "postgres")
         .await
         .unwrap();
     assert!(
-        pgflip::engine::fence::is_fenced(&blue).await.unwrap(),
+        pgflip_engine::fence::is_fenced(&blue).await.unwrap(),
         "the standby is fenced"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.errors);
     assert_eq!(
-        pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+        pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
             .await
             .unwrap(),
         0
@@ -580,7 +580,7 @@ async fn pause_bound_resumes_on_blue_then_retries() {
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.errors);
     assert_eq!(
-        pgflip::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+        pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
             .await
             .unwrap(),
         0

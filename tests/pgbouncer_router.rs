@@ -2,17 +2,17 @@
 //! under write load loses and fails nothing, and a pause that cannot complete gives up
 //! within its timeout and leaves the endpoint serving.
 
-use pgflip::adapters::local_instances::{LocalInstances, stop_all};
-use pgflip::adapters::pgbouncer::{PgBouncer, stop_endpoint};
-use pgflip::adapters::run_as::free_port;
-use pgflip::core::plan::{Color, Member};
-use pgflip::core::spec::{self, Desired, Major};
-use pgflip::engine::pg;
-use pgflip::load::{self, LoadConfig};
-use pgflip::ports::{Addr, Credentials};
-use pgflip::ports::{Instances, Router};
-use pgflip::state::StateDir;
-use pgflip::toolchain::Toolchain;
+use pgflip_core::plan::{Color, Member};
+use pgflip_core::spec::{self, Desired, Major};
+use pgflip_engine::adapters::local_instances::{LocalInstances, stop_all};
+use pgflip_engine::adapters::pgbouncer::{PgBouncer, stop_endpoint};
+use pgflip_engine::adapters::run_as::free_port;
+use pgflip_engine::load::{self, LoadConfig};
+use pgflip_engine::pg;
+use pgflip_engine::ports::{Addr, Credentials};
+use pgflip_engine::ports::{Instances, Router};
+use pgflip_engine::state::StateDir;
+use pgflip_engine::toolchain::Toolchain;
 use std::time::{Duration, Instant};
 
 const DB: &str = "app";

@@ -5,8 +5,8 @@
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams};
-use pgflip::k8s::crd::BlueGreenDatabase;
-use pgflip::ports::{Addr, Credentials};
+use pgflip_engine::ports::{Addr, Credentials};
+use pgflip_k8s::crd::BlueGreenDatabase;
 
 pub fn condition<'a>(object: &'a BlueGreenDatabase, type_: &str) -> Option<&'a Condition> {
     object
@@ -35,7 +35,7 @@ pub async fn endpoint(client: &kube::Client, namespace: &str) -> Option<Addr> {
         .ok()?;
     list.items
         .iter()
-        .find_map(pgflip::k8s::api::ready_pod_ip)
+        .find_map(pgflip_k8s::api::ready_pod_ip)
         .map(|host| Addr { host, port: 5432 })
 }
 
@@ -52,7 +52,7 @@ pub async fn admin(client: &kube::Client, namespace: &str, name: &str) -> Creden
 
 /// `server_version_num` of the server behind `addr`.
 pub async fn server_version(addr: &Addr, creds: &Credentials, database: &str) -> String {
-    let client = pgflip::engine::pg::connect(addr, creds, database)
+    let client = pgflip_engine::pg::connect(addr, creds, database)
         .await
         .unwrap();
     client

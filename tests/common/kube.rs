@@ -9,7 +9,7 @@ use super::tail;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use pgflip::adapters::run_as::free_port;
+use pgflip_engine::adapters::run_as::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -114,10 +114,10 @@ impl Cluster {
         write("apiserver.key", &serving_key.serialize_pem(), 0o600);
         write("sa.key", &sa_key.serialize_pem(), 0o600);
         write("sa.pub", &sa_key.public_key_pem(), 0o644);
-        let token = pgflip::state::random_token(32);
+        let token = pgflip_engine::state::random_token(32);
         // The controller's own identity: the user name a token of its ServiceAccount
         // carries, so manifests/rbac.yaml is what authorizes it in the tests.
-        let controller_token = pgflip::state::random_token(32);
+        let controller_token = pgflip_engine::state::random_token(32);
         write(
             "tokens.csv",
             &format!(

@@ -10,14 +10,14 @@ pub mod git_http;
 pub mod kube;
 pub mod node_agent;
 
-use pgflip::adapters::git_notes::GitNotes;
-use pgflip::adapters::git_source::testing as git;
-use pgflip::core::plan::Record;
-use pgflip::core::report::{State, Update};
-use pgflip::core::spec::{self, Major};
-use pgflip::engine::pg::connect;
-use pgflip::ports::{Addr, Credentials};
-use pgflip::state::StateDir;
+use pgflip_core::plan::Record;
+use pgflip_core::report::{State, Update};
+use pgflip_core::spec::{self, Major};
+use pgflip_engine::adapters::git_notes::GitNotes;
+use pgflip_engine::adapters::git_source::testing as git;
+use pgflip_engine::pg::connect;
+use pgflip_engine::ports::{Addr, Credentials};
+use pgflip_engine::state::StateDir;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,7 +55,7 @@ impl Harness {
         std::fs::create_dir_all(&repo).unwrap();
         git::init_repo(&repo);
         let state = StateDir::open(dir.path().join("state")).unwrap();
-        let port = pgflip::adapters::run_as::free_port().unwrap();
+        let port = pgflip_engine::adapters::run_as::free_port().unwrap();
         let extra_spec = format!("endpoint:\n  port: {port}\n{extra_spec}");
         Harness {
             dir,
@@ -299,7 +299,7 @@ impl Harness {
             .unwrap();
         let app = Credentials {
             user: "app".into(),
-            password: pgflip::state::random_token(12),
+            password: pgflip_engine::state::random_token(12),
         };
         c.batch_execute(&format!(
             "CREATE ROLE app LOGIN PASSWORD '{}'; GRANT USAGE ON SCHEMA public TO app;
@@ -308,7 +308,7 @@ impl Harness {
         ))
         .await
         .unwrap();
-        pgflip::load::prepare(&self.endpoint(), &admin, "app")
+        pgflip_engine::load::prepare(&self.endpoint(), &admin, "app")
             .await
             .unwrap();
         c.batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO app")
@@ -317,8 +317,13 @@ impl Harness {
         app
     }
 
-    pub fn load(&self, app: &Credentials, clients: usize, rate: u32) -> pgflip::load::LoadHandle {
-        pgflip::load::start(pgflip::load::LoadConfig {
+    pub fn load(
+        &self,
+        app: &Credentials,
+        clients: usize,
+        rate: u32,
+    ) -> pgflip_engine::load::LoadHandle {
+        pgflip_engine::load::start(pgflip_engine::load::LoadConfig {
             endpoint: self.endpoint(),
             creds: app.clone(),
             database: "app".into(),

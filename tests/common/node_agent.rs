@@ -36,7 +36,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, PersistentVolumeCla
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use pgflip::adapters::run_as::RunAs;
+use pgflip_engine::adapters::run_as::RunAs;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -156,7 +156,10 @@ impl NodeAgent {
         options: Options,
     ) -> NodeAgent {
         let client = cluster.client();
-        let node = format!("node-{}", pgflip::state::random_token(6).to_lowercase());
+        let node = format!(
+            "node-{}",
+            pgflip_engine::state::random_token(6).to_lowercase()
+        );
         register_node(&client, &node).await;
         let dir = tempfile::Builder::new()
             .prefix("pgflip-node-")
@@ -902,7 +905,7 @@ impl Agent {
             .unwrap_or_default();
         let volume = self.dir.join("volumes").join(claim_uid);
         let data = volume.join("pgdata");
-        let bin = pgflip::toolchain::Toolchain::discover().server_bin(major)?;
+        let bin = pgflip_engine::toolchain::Toolchain::discover().server_bin(major)?;
         if !data.join("PG_VERSION").is_file() {
             // initdb takes a second or so: off the runtime's threads.
             let (run_as, bin, volume, env) = (self.run_as, bin.clone(), volume, env.to_vec());
@@ -952,9 +955,9 @@ fn initdb(
     run_as.own(volume)?;
     let data = volume.join("pgdata");
     let pwfile = volume.join("pwfile");
-    pgflip::state::write_atomic(&pwfile, password.as_bytes(), 0o600)?;
+    pgflip_engine::state::write_atomic(&pwfile, password.as_bytes(), 0o600)?;
     run_as.own(&pwfile)?;
-    let result = pgflip::adapters::run_as::run(
+    let result = pgflip_engine::adapters::run_as::run(
         run_as
             .command(&bin.join("initdb"))
             .arg("-D")
@@ -988,7 +991,7 @@ fn initdb(
         {
             use std::io::Write;
             let mut stdin = child.stdin.take().unwrap();
-            writeln!(stdin, "CREATE DATABASE {}", pgflip::engine::pg::ident(&db))?;
+            writeln!(stdin, "CREATE DATABASE {}", pgflip_engine::pg::ident(&db))?;
         }
         let out = child.wait_with_output()?;
         let text = format!(

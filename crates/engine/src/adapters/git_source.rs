@@ -1,0 +1,772 @@
+//! The desired state read from a Git branch (local mode's [`Source`]).
+//!
+//! The repository is either a path on disk, read in place, or a URL, mirrored into a bare
+//! clone under the cache directory and fetched on every observation. Each observation is
+//! the branch head and the `BlueGreenDatabase` document in that commit: the one named with
+//! `--file`, or the only YAML file declaring `kind: BlueGreenDatabase`.
+//!
+//! A commit whose document cannot be found is an observation (the commit gets a failure
+//! status), not an error; only a repository that cannot be read is an error.
+
+use super::git_remote::{self, redact_in, redact_url};
+use crate::ports::{Observed, Source};
+use anyhow::{Context, anyhow, bail};
+use git2::{ObjectType, Repository, Tree, TreeWalkMode, TreeWalkResult};
+use pgflip_core::revision::Revision;
+use pgflip_core::spec::{self, KIND};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+/// YAML files larger than this are not looked into when searching for the document: a
+/// `BlueGreenDatabase` is a few hundred bytes, and big blobs cost memory for nothing.
+pub const MAX_SCANNED_BLOB: usize = 1 << 20;
+
+/// Where the clone of a remote repository keeps the fetched branch.
+const TRACKING_PREFIX: &str = "refs/remotes/origin/";
+
+pub struct GitSource {
+    location: Location,
+    /// Short branch name, e.g. "main".
+    branch: String,
+    file: Option<String>,
+}
+
+#[derive(Clone)]
+enum Location {
+    /// A repository on disk, read in place.
+    Path(PathBuf),
+    /// A remote repository and the bare clone it is fetched into. The URL may hold
+    /// credentials: it is kept in memory only and shown redacted.
+    Url { url: String, clone: PathBuf },
+}
+
+impl fmt::Debug for GitSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let repo = match &self.location {
+            Location::Path(p) => p.display().to_string(),
+            Location::Url { url, .. } => redact_url(url),
+        };
+        f.debug_struct("GitSource")
+            .field("repo", &repo)
+            .field("branch", &self.branch)
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+impl GitSource {
+    /// Opens `repo` (a path, or a URL containing "://") to follow `branch`. A URL is
+    /// cloned (bare) under `cache_dir`, reusing a clone made earlier; nothing is fetched
+    /// until the first [`observe`](Source::observe).
+    pub fn open(
+        repo: &str,
+        branch: &str,
+        file: Option<&str>,
+        cache_dir: &Path,
+    ) -> anyhow::Result<GitSource> {
+        let branch = branch
+            .strip_prefix("refs/heads/")
+            .unwrap_or(branch)
+            .to_string();
+        // The name goes into refspecs: a ':' or '*' in it would change what is fetched.
+        if !git2::Reference::is_valid_name(&format!("refs/heads/{branch}")) || branch.contains('*')
+        {
+            bail!("{branch:?} is not a valid branch name");
+        }
+        let file = file.map(|f| f.trim_start_matches("./").to_string());
+        let location = if git_remote::is_url(repo) {
+            let clone = cache_dir.join(clone_dir_name(repo));
+            prepare_clone(&clone, repo)?;
+            Location::Url {
+                url: repo.to_string(),
+                clone,
+            }
+        } else {
+            let path = PathBuf::from(repo);
+            Repository::open(&path).map_err(|e| {
+                anyhow!(
+                    "cannot open Git repository {}: {}",
+                    path.display(),
+                    e.message()
+                )
+            })?;
+            Location::Path(path)
+        };
+        Ok(GitSource {
+            location,
+            branch,
+            file,
+        })
+    }
+
+    /// The repository on disk actually read: the path given, or the clone of the URL.
+    pub fn repo_dir(&self) -> PathBuf {
+        match &self.location {
+            Location::Path(p) => p.clone(),
+            Location::Url { clone, .. } => clone.clone(),
+        }
+    }
+
+    pub fn is_remote(&self) -> bool {
+        matches!(self.location, Location::Url { .. })
+    }
+
+    /// The URL to push status to (with its credentials: pass it on, never print it), or
+    /// `None` for a repository read in place.
+    pub fn remote_url(&self) -> Option<&str> {
+        match &self.location {
+            Location::Path(_) => None,
+            Location::Url { url, .. } => Some(url),
+        }
+    }
+
+    /// The repository as shown to people (a URL redacted).
+    pub fn display_repo(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// The branch head and the document text found in it (or why none was found).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    pub commit: String,
+    pub document: Result<String, String>,
+}
+
+impl Head {
+    /// The observation: the commit as a revision, the document validated.
+    pub fn observed(self) -> anyhow::Result<Observed> {
+        let revision = Revision::commit(&self.commit)
+            .with_context(|| format!("{:?} is not a commit id", self.commit))?;
+        let name = self.document.as_deref().ok().and_then(spec::peek_name);
+        let desired = self
+            .document
+            .and_then(|text| spec::parse(&text).map_err(|e| e.to_string()));
+        Ok(Observed {
+            revision,
+            name,
+            desired,
+        })
+    }
+}
+
+impl GitSource {
+    /// Reads the branch head (fetching it first from a URL) and the document in it.
+    pub async fn read_head(&self) -> anyhow::Result<Head> {
+        let location = self.location.clone();
+        let branch = self.branch.clone();
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || read_head_blocking(&location, &branch, file.as_deref()))
+            .await
+            .context("the Git worker thread failed")?
+    }
+}
+
+impl Source for GitSource {
+    fn observe(&mut self) -> impl Future<Output = anyhow::Result<Observed>> + Send {
+        let head = self.read_head();
+        async move { head.await?.observed() }
+    }
+}
+
+/// A readable, collision-free directory name for the clone of `url`: the repository's
+/// name and a hash of its credential-free URL (so a rotated token reuses the clone).
+fn clone_dir_name(url: &str) -> String {
+    let plain = git_remote::strip_credentials(url);
+    let name: String = plain
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches(".git")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    let hash = hex::encode(&Sha256::digest(plain.as_bytes())[..6]);
+    format!(
+        "{}-{hash}.git",
+        if name.is_empty() { "repo" } else { &name }
+    )
+}
+
+/// Creates the bare clone (or reuses it), with `origin` set to the credential-free URL so
+/// that a person can inspect it with plain `git`.
+fn prepare_clone(clone: &Path, url: &str) -> anyhow::Result<()> {
+    let plain = git_remote::strip_credentials(url);
+    let repo = if clone.exists() {
+        Repository::open_bare(clone).map_err(|e| {
+            anyhow!(
+                "cannot open the clone {} of {}: {}",
+                clone.display(),
+                redact_url(url),
+                e.message()
+            )
+        })?
+    } else {
+        std::fs::create_dir_all(clone).with_context(|| format!("creating {}", clone.display()))?;
+        Repository::init_bare(clone)
+            .map_err(|e| anyhow!("cannot create {}: {}", clone.display(), e.message()))?
+    };
+    match repo.find_remote("origin") {
+        Ok(remote) if remote.url() == Some(plain.as_str()) => {}
+        Ok(_) => repo.remote_set_url("origin", &plain)?,
+        Err(_) => {
+            repo.remote("origin", &plain)?;
+        }
+    }
+    Ok(())
+}
+
+fn read_head_blocking(
+    location: &Location,
+    branch: &str,
+    file: Option<&str>,
+) -> anyhow::Result<Head> {
+    let (repo, head_ref) = match location {
+        Location::Path(path) => {
+            let repo = Repository::open(path).map_err(|e| {
+                anyhow!(
+                    "cannot open Git repository {}: {}",
+                    path.display(),
+                    e.message()
+                )
+            })?;
+            (repo, format!("refs/heads/{branch}"))
+        }
+        Location::Url { url, clone } => {
+            let repo = Repository::open_bare(clone).map_err(|e| {
+                anyhow!("cannot open the clone {}: {}", clone.display(), e.message())
+            })?;
+            fetch_branch(&repo, url, branch)?;
+            (repo, format!("{TRACKING_PREFIX}{branch}"))
+        }
+    };
+    let commit = repo
+        .find_reference(&head_ref)
+        .and_then(|r| r.peel_to_commit())
+        .map_err(|e| anyhow!("branch {branch:?} not found: {}", e.message()))?;
+    let revision = commit.id().to_string();
+    let short = &revision[..7];
+    let tree = commit.tree()?;
+    let document = match file {
+        Some(path) => read_named(&repo, &tree, path, short),
+        None => discover(&repo, &tree, short),
+    };
+    Ok(Head {
+        commit: revision,
+        document,
+    })
+}
+
+/// Fetches `branch` from `url` into the clone's tracking ref. A branch that is gone from
+/// the remote is an error: pruning drops its stale tracking ref, so that its last known
+/// head is not mistaken for the current one.
+fn fetch_branch(repo: &Repository, url: &str, branch: &str) -> anyhow::Result<()> {
+    let shown = redact_url(url);
+    let fail = |e: git2::Error| {
+        anyhow!(
+            "fetching {branch:?} from {shown}: {}",
+            redact_in(e.message(), url)
+        )
+    };
+    // Anonymous: the URL with its credentials is used for this connection only.
+    let mut remote = repo.remote_anonymous(url).map_err(fail)?;
+    let tracking = format!("{TRACKING_PREFIX}{branch}");
+    let refspec = format!("+refs/heads/{branch}:{tracking}");
+    let mut opts = git_remote::fetch_options(Some(url));
+    opts.prune(git2::FetchPrune::On);
+    remote
+        .fetch(&[refspec.as_str()], Some(&mut opts), None)
+        .map_err(fail)?;
+    // (Not `remote.list()`: git2 0.20 builds a slice from a null pointer when the remote
+    // advertises no refs at all, which aborts debug builds.)
+    if repo.find_reference(&tracking).is_err() {
+        bail!("branch {branch:?} not found at {shown}");
+    }
+    Ok(())
+}
+
+fn read_named(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    path: &str,
+    short: &str,
+) -> Result<String, String> {
+    let entry = tree
+        .get_path(Path::new(path))
+        .map_err(|_| format!("no file {path} in commit {short}"))?;
+    let blob = entry
+        .to_object(repo)
+        .ok()
+        .and_then(|o| o.into_blob().ok())
+        .ok_or_else(|| format!("{path} in commit {short} is not a file"))?;
+    String::from_utf8(blob.content().to_vec())
+        .map_err(|_| format!("{path} in commit {short} is not UTF-8 text"))
+}
+
+/// Finds the one YAML file in `tree` declaring `kind: BlueGreenDatabase`.
+fn discover(repo: &Repository, tree: &Tree<'_>, short: &str) -> Result<String, String> {
+    // The walk's callback cannot fail usefully, so it only lists candidates; they are
+    // read afterwards.
+    let mut candidates = Vec::new();
+    let walked = tree.walk(TreeWalkMode::PreOrder, |dir, entry| {
+        let is_regular_blob =
+            entry.kind() == Some(ObjectType::Blob) && entry.filemode() != 0o120000;
+        if let Some(name) = entry.name()
+            && is_regular_blob
+            && (name.ends_with(".yaml") || name.ends_with(".yml"))
+        {
+            candidates.push((format!("{dir}{name}"), entry.id()));
+        }
+        TreeWalkResult::Ok
+    });
+    walked.map_err(|e| format!("cannot list the files of commit {short}: {}", e.message()))?;
+    let odb = repo.odb().map_err(|e| e.message().to_string())?;
+    let mut found: Vec<(String, String)> = Vec::new();
+    for (path, id) in candidates {
+        match odb.read_header(id) {
+            Ok((size, _)) if size <= MAX_SCANNED_BLOB => {}
+            _ => continue,
+        }
+        let Ok(blob) = repo.find_blob(id) else {
+            continue;
+        };
+        let Ok(text) = std::str::from_utf8(blob.content()) else {
+            continue;
+        };
+        if declares_kind(text) {
+            found.push((path, text.to_string()));
+        }
+    }
+    match found.len() {
+        1 => Ok(found.pop().expect("one").1),
+        0 => Err(format!(
+            "no {KIND} document found in commit {short} (no *.yaml or *.yml file has a line `kind: {KIND}`)"
+        )),
+        _ => Err(format!(
+            "several {KIND} documents in commit {short}: {}; pass --file to choose one",
+            found
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// Whether `text` has a top-level line `kind: BlueGreenDatabase` (quoted or not, with or
+/// without a trailing comment).
+fn declares_kind(text: &str) -> bool {
+    text.lines().any(|line| {
+        let Some(value) = line.strip_prefix("kind:") else {
+            return false;
+        };
+        let value = value.split(" #").next().unwrap_or("").trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(value);
+        value == KIND
+    })
+}
+
+/// Making and changing repositories, for tests and the demo. Panics on any Git error:
+/// these are fixtures, not product paths.
+pub mod testing {
+    use git2::{Commit, Repository, RepositoryInitOptions, Signature};
+    use std::path::Path;
+
+    pub const BRANCH: &str = "main";
+
+    fn signature() -> Signature<'static> {
+        Signature::now("pgflip test", "test@pgflip.localhost").expect("signature")
+    }
+
+    /// Creates a non-bare repository in `dir` whose HEAD is `main`.
+    pub fn init_repo(dir: &Path) -> Repository {
+        let mut opts = RepositoryInitOptions::new();
+        opts.initial_head(BRANCH);
+        Repository::init_opts(dir, &opts).expect("git init")
+    }
+
+    /// Writes `text` to `path` in the work tree and commits it on HEAD; returns the sha.
+    pub fn commit_file(repo_dir: &Path, path: &str, text: &str, message: &str) -> String {
+        let repo = Repository::open(repo_dir).expect("open repository");
+        let full = repo_dir.join(path);
+        if let Some(parent) = full.parent() {
+            std::fs::create_dir_all(parent).expect("create directories");
+        }
+        std::fs::write(&full, text).expect("write file");
+        let mut index = repo.index().expect("index");
+        index.add_path(Path::new(path)).expect("git add");
+        index.write().expect("write index");
+        let tree_id = index.write_tree().expect("write tree");
+        commit_tree(&repo, tree_id, message)
+    }
+
+    /// Commits the revert of `sha` on HEAD (like `git revert --no-edit`) and updates the
+    /// work tree; returns the new sha.
+    pub fn revert(repo_dir: &Path, sha: &str) -> String {
+        let repo = Repository::open(repo_dir).expect("open repository");
+        let reverted = repo
+            .find_commit(git2::Oid::from_str(sha).expect("sha"))
+            .expect("commit to revert");
+        let head = repo
+            .head()
+            .and_then(|h| h.peel_to_commit())
+            .expect("HEAD commit");
+        let mut index = repo
+            .revert_commit(&reverted, &head, 0, None)
+            .expect("revert");
+        assert!(!index.has_conflicts(), "reverting {sha} conflicts");
+        let tree_id = index.write_tree_to(&repo).expect("write tree");
+        let message = format!(
+            "Revert \"{}\"\n\nThis reverts commit {sha}.\n",
+            reverted.summary().unwrap_or("")
+        );
+        let new = commit_tree(&repo, tree_id, &message);
+        // Keep index and work tree on the new HEAD, or the next commit_file would commit
+        // the reverted content back.
+        repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
+            .expect("checkout");
+        new
+    }
+
+    /// Pushes the `main` branch of `repo_dir` to the repository at `remote_dir` (what a
+    /// person's `git push --force` does).
+    pub fn push(repo_dir: &Path, remote_dir: &Path) {
+        let repo = Repository::open(repo_dir).expect("open repository");
+        let mut remote = repo
+            .remote_anonymous(&format!("file://{}", remote_dir.display()))
+            .expect("remote");
+        let refspec = format!("+refs/heads/{BRANCH}:refs/heads/{BRANCH}");
+        remote.push(&[refspec.as_str()], None).expect("push");
+    }
+
+    fn commit_tree(repo: &Repository, tree_id: git2::Oid, message: &str) -> String {
+        let tree = repo.find_tree(tree_id).expect("tree");
+        let parent: Option<Commit<'_>> = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&Commit<'_>> = parent.iter().collect();
+        let sig = signature();
+        repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
+            .expect("commit")
+            .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use pgflip_core::spec::{self, Major};
+
+    fn doc(name: &str, major: u32) -> String {
+        spec::render(name, Major(major), "")
+    }
+
+    fn source(repo: &Path, file: Option<&str>, cache: &Path) -> GitSource {
+        GitSource::open(repo.to_str().unwrap(), BRANCH, file, cache).unwrap()
+    }
+
+    #[tokio::test]
+    async fn finds_the_only_document() {
+        let dir = tempfile::tempdir().unwrap();
+        init_repo(dir.path());
+        commit_file(
+            dir.path(),
+            "README.md",
+            "kind: BlueGreenDatabase\n",
+            "readme",
+        );
+        commit_file(
+            dir.path(),
+            "deploy/other.yaml",
+            "kind: ConfigMap\nmetadata: {}\n",
+            "other",
+        );
+        let sha = commit_file(dir.path(), "deploy/db.yml", &doc("orders", 15), "db");
+        let src = source(dir.path(), None, dir.path());
+        assert!(!src.is_remote());
+        assert_eq!(src.repo_dir(), dir.path());
+        let seen = src.read_head().await.unwrap();
+        assert_eq!(seen.commit, sha);
+        assert_eq!(seen.document, Ok(doc("orders", 15)));
+    }
+
+    #[tokio::test]
+    async fn no_document_is_a_failed_observation() {
+        let dir = tempfile::tempdir().unwrap();
+        init_repo(dir.path());
+        let sha = commit_file(
+            dir.path(),
+            "app.yaml",
+            "kind: Deployment\n  kind: BlueGreenDatabase\n",
+            "app",
+        );
+        let seen = source(dir.path(), None, dir.path())
+            .read_head()
+            .await
+            .unwrap();
+        assert_eq!(seen.commit, sha);
+        let reason = seen.document.unwrap_err();
+        assert!(
+            reason.starts_with("no BlueGreenDatabase document found"),
+            "{reason}"
+        );
+        assert!(reason.contains(&sha[..7]), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn several_documents_ask_for_file() {
+        let dir = tempfile::tempdir().unwrap();
+        init_repo(dir.path());
+        commit_file(dir.path(), "a.yaml", &doc("a", 15), "a");
+        commit_file(
+            dir.path(),
+            "sub/b.yml",
+            &doc("b", 16).replace("kind: BlueGreenDatabase", "kind: \"BlueGreenDatabase\""),
+            "b",
+        );
+        let seen = source(dir.path(), None, dir.path())
+            .read_head()
+            .await
+            .unwrap();
+        let reason = seen.document.unwrap_err();
+        assert!(
+            reason.contains("a.yaml") && reason.contains("sub/b.yml"),
+            "{reason}"
+        );
+        assert!(reason.contains("--file"), "{reason}");
+
+        let chosen = source(dir.path(), Some("sub/b.yml"), dir.path())
+            .read_head()
+            .await
+            .unwrap();
+        assert!(chosen.document.unwrap().contains("name: b\n"));
+    }
+
+    #[tokio::test]
+    async fn explicit_file_missing_or_not_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        init_repo(dir.path());
+        let sha = commit_file(dir.path(), "db/db.yaml", &doc("orders", 15), "db");
+        let seen = source(dir.path(), Some("db.yaml"), dir.path())
+            .read_head()
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.document,
+            Err(format!("no file db.yaml in commit {}", &sha[..7]))
+        );
+        let seen = source(dir.path(), Some("db"), dir.path())
+            .read_head()
+            .await
+            .unwrap();
+        assert!(seen.document.unwrap_err().contains("is not a file"));
+        let seen = source(dir.path(), Some("./db/db.yaml"), dir.path())
+            .read_head()
+            .await
+            .unwrap();
+        assert_eq!(seen.document, Ok(doc("orders", 15)));
+    }
+
+    #[tokio::test]
+    async fn large_yaml_is_not_scanned() {
+        let dir = tempfile::tempdir().unwrap();
+        init_repo(dir.path());
+        let big = format!("{}# {}\n", doc("big", 15), "x".repeat(MAX_SCANNED_BLOB));
+        commit_file(dir.path(), "big.yaml", &big, "big");
+        commit_file(dir.path(), "db.yaml", &doc("orders", 16), "db");
+        let seen = source(dir.path(), None, dir.path())
+            .read_head()
+            .await
+            .unwrap();
+        assert_eq!(seen.document, Ok(doc("orders", 16)));
+    }
+
+    #[tokio::test]
+    async fn new_commit_and_revert_are_observed() {
+        let dir = tempfile::tempdir().unwrap();
+        init_repo(dir.path());
+        let first = commit_file(dir.path(), "db.yaml", &doc("orders", 15), "15");
+        let src = source(dir.path(), None, dir.path());
+        assert_eq!(src.read_head().await.unwrap().commit, first);
+        let second = commit_file(dir.path(), "db.yaml", &doc("orders", 16), "16");
+        let seen = src.read_head().await.unwrap();
+        assert_ne!(second, first);
+        assert_eq!(
+            seen,
+            Head {
+                commit: second.clone(),
+                document: Ok(doc("orders", 16))
+            }
+        );
+        let third = revert(dir.path(), &second);
+        let seen = src.read_head().await.unwrap();
+        assert_eq!(
+            seen,
+            Head {
+                commit: third.clone(),
+                document: Ok(doc("orders", 15))
+            }
+        );
+        // The work tree follows the revert, so later commits build on it.
+        let fourth = commit_file(dir.path(), "notes.txt", "x", "unrelated");
+        let seen = src.read_head().await.unwrap();
+        assert_eq!(
+            seen,
+            Head {
+                commit: fourth,
+                document: Ok(doc("orders", 15))
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn bare_repository_path_is_read_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        init_repo(&work);
+        let sha = commit_file(&work, "db.yaml", &doc("orders", 15), "15");
+        let bare2 = dir.path().join("bare2.git");
+        git2::build::RepoBuilder::new()
+            .bare(true)
+            .clone(&format!("file://{}", work.display()), &bare2)
+            .unwrap();
+        let seen = source(&bare2, None, dir.path()).read_head().await.unwrap();
+        assert_eq!(seen.commit, sha);
+        assert_eq!(seen.document, Ok(doc("orders", 15)));
+    }
+
+    #[tokio::test]
+    async fn repository_errors_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = GitSource::open(
+            dir.path().join("nope").to_str().unwrap(),
+            BRANCH,
+            None,
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("cannot open Git repository"),
+            "{err}"
+        );
+        assert!(GitSource::open(dir.path().to_str().unwrap(), "a:b", None, dir.path()).is_err());
+
+        let work = dir.path().join("work");
+        init_repo(&work);
+        commit_file(&work, "db.yaml", &doc("orders", 15), "15");
+        let src = GitSource::open(work.to_str().unwrap(), "release", None, dir.path()).unwrap();
+        let err = src.read_head().await.unwrap_err();
+        assert!(
+            err.to_string().contains("branch \"release\" not found"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn url_is_cloned_and_fetched_on_every_observation() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = dir.path().join("remote.git");
+        Repository::init_bare(&remote).unwrap();
+        let work = dir.path().join("work");
+        init_repo(&work);
+        let first = commit_file(&work, "db.yaml", &doc("orders", 15), "15");
+        push(&work, &remote);
+
+        let url = format!("file://{}", remote.display());
+        let cache = dir.path().join("cache");
+        let src = GitSource::open(&url, BRANCH, None, &cache).unwrap();
+        assert!(src.is_remote());
+        assert!(src.repo_dir().starts_with(&cache));
+        assert!(
+            src.repo_dir()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("remote-")
+        );
+        assert_eq!(src.remote_url(), Some(url.as_str()));
+        assert_eq!(
+            src.read_head().await.unwrap(),
+            Head {
+                commit: first.clone(),
+                document: Ok(doc("orders", 15))
+            }
+        );
+
+        let second = commit_file(&work, "db.yaml", &doc("orders", 16), "16");
+        // Not pushed yet: the remote, not the work tree, is what is observed.
+        assert_eq!(src.read_head().await.unwrap().commit, first);
+        push(&work, &remote);
+        assert_eq!(
+            src.read_head().await.unwrap(),
+            Head {
+                commit: second.clone(),
+                document: Ok(doc("orders", 16))
+            }
+        );
+
+        // A second source on the same cache reuses the clone.
+        let again = GitSource::open(&url, BRANCH, None, &cache).unwrap();
+        assert_eq!(again.repo_dir(), src.repo_dir());
+        assert_eq!(again.read_head().await.unwrap().commit, second);
+        let origin = Repository::open_bare(src.repo_dir())
+            .unwrap()
+            .find_remote("origin")
+            .unwrap()
+            .url()
+            .map(str::to_string);
+        assert_eq!(origin.as_deref(), Some(url.as_str()));
+
+        // A branch deleted on the remote is an error, not its last known head.
+        Repository::open_bare(&remote)
+            .unwrap()
+            .find_reference("refs/heads/main")
+            .unwrap()
+            .delete()
+            .unwrap();
+        let err = src.read_head().await.unwrap_err();
+        assert!(
+            err.to_string().contains("branch \"main\" not found"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_url_is_an_error_without_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        // Port 9 (discard) on localhost: nothing listens, the connection is refused.
+        let url = "http://bob:s3cret@127.0.0.1:9/repo.git";
+        let src = GitSource::open(url, BRANCH, None, dir.path()).unwrap();
+        let err = format!("{:#}", src.read_head().await.unwrap_err());
+        assert!(err.contains("http://***@127.0.0.1:9/repo.git"), "{err}");
+        assert!(!err.contains("s3cret") && !err.contains("bob"), "{err}");
+        assert!(!format!("{src:?}").contains("s3cret"));
+        let config = std::fs::read_to_string(src.repo_dir().join("config")).unwrap();
+        assert!(
+            config.contains("http://127.0.0.1:9/repo.git") && !config.contains("s3cret"),
+            "{config}"
+        );
+    }
+
+    #[test]
+    fn kind_line_forms() {
+        assert!(declares_kind("a: 1\nkind: BlueGreenDatabase\n"));
+        assert!(declares_kind("kind: 'BlueGreenDatabase'  # ours\r\n"));
+        assert!(!declares_kind("  kind: BlueGreenDatabase\n"));
+        assert!(!declares_kind("kind: BlueGreenDatabases\n"));
+    }
+}

@@ -1,0 +1,477 @@
+//! The driver: decide → record → act, one step per call. It owns what is the same for
+//! every step — recording before acting, retrying a transient failure, ending an attempt
+//! that failed for good, throttling progress reports — and leaves what a step does to the
+//! databases to [`Steps`] ([`super::phases::Phases`] over PostgreSQL; an in-memory fake in
+//! the tests). Every step is idempotent and the record is saved before it is taken, so a
+//! killed pgflip resumes where it stopped.
+
+use super::error::{EngineError, EngineResult};
+use crate::failpoint;
+use crate::ports::{Journal, StatusSink};
+use pgflip_core::plan::{
+    Attempt, Decision, Member, Phase, Record, Standby, SwitchMeasurement, SwitchRecord, decide,
+};
+use pgflip_core::report::{State, Update};
+use pgflip_core::revision::Revision;
+use pgflip_core::spec::Desired;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Consecutive transient failures of one phase after which the attempt fails for good.
+pub const MAX_RETRIES: u32 = 5;
+/// Pauses that hit their bound after which the attempt fails for good.
+pub const MAX_PAUSE_FAILURES: u32 = 3;
+/// Pending reports of one phase are published at most this often.
+const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// How soon to look again at something not ready yet (a pod starting).
+const NOT_READY_RECHECK: Duration = Duration::from_secs(1);
+
+/// What each step does to the databases.
+pub trait Steps: Send + Sync {
+    /// Starts or adopts what runs after a restart: the serving and standby instances, the
+    /// target of an attempt under way, and the endpoint.
+    fn adopt(
+        &self,
+        record: &Record,
+        desired: &Desired,
+    ) -> impl Future<Output = EngineResult<()>> + Send;
+    /// Creates the first instance and the endpoint in front of it.
+    fn bootstrap(
+        &self,
+        member: Member,
+        desired: &Desired,
+    ) -> impl Future<Output = EngineResult<()>> + Send;
+    /// Runs one pass of `attempt`'s current phase. The switchover records its sub-steps
+    /// (and the switch itself) in `record` through `journal` as it goes.
+    fn run<J: Journal>(
+        &self,
+        attempt: &Attempt,
+        desired: &Desired,
+        record: &mut Record,
+        journal: &J,
+    ) -> impl Future<Output = EngineResult<Stepped>> + Send;
+    /// Drops what an attempt that never switched created; the source keeps serving.
+    fn clean_up(
+        &self,
+        attempt: &Attempt,
+        desired: &Desired,
+    ) -> impl Future<Output = EngineResult<()>> + Send;
+    /// Ends reverse replication to the standby and removes it.
+    fn decommission(
+        &self,
+        serving: Member,
+        standby: &Member,
+        desired: &Desired,
+    ) -> impl Future<Output = EngineResult<()>> + Send;
+}
+
+/// What one pass of a phase achieved.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stepped {
+    /// The phase is complete; what it learned goes into the attempt.
+    Done(Learned),
+    /// Still under way (initial sync, the lag gate): look again after `recheck`.
+    Waiting {
+        message: String,
+        percent: Option<f64>,
+        recheck: Duration,
+    },
+}
+
+/// What a completed phase learned, kept in the attempt (or the record) for later phases.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Learned {
+    Nothing,
+    /// Preflight passed with these warnings (what is not carried over, said loudly).
+    Warnings(Vec<String>),
+    /// The schema was copied from a source with this fingerprint (a later change blocks
+    /// the switch).
+    SchemaCopied {
+        source_fingerprint: String,
+    },
+    /// Green matched blue at one consistent cut.
+    Verified {
+        tables: u64,
+    },
+    /// Clients were moved; the old source is now the standby in reverse sync.
+    Switched {
+        measurement: Option<SwitchMeasurement>,
+        standby: Standby,
+    },
+}
+
+/// Whether the caller should call again, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Call again right away.
+    Busy,
+    /// Something is under way: call again after this long.
+    After(Duration),
+    /// Nothing to do until something changes.
+    Idle,
+}
+
+/// Milliseconds since the Unix epoch. The driver's only clock, so tests can move time.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(crate::state::now_ms)
+}
+
+pub struct Driver<S, J, K> {
+    steps: S,
+    journal: J,
+    sink: K,
+    clock: Clock,
+    /// Consecutive transient failures of the current phase.
+    retries: Mutex<u32>,
+    /// The last pending report published: (revision, phase) and when.
+    last_report: Mutex<Option<(Revision, String, Instant)>>,
+}
+
+impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
+    pub fn new(steps: S, journal: J, sink: K, clock: Clock) -> Self {
+        Driver {
+            steps,
+            journal,
+            sink,
+            clock,
+            retries: Mutex::new(0),
+            last_report: Mutex::new(None),
+        }
+    }
+
+    pub fn steps(&self) -> &S {
+        &self.steps
+    }
+    pub fn journal(&self) -> &J {
+        &self.journal
+    }
+    pub fn sink(&self) -> &K {
+        &self.sink
+    }
+    pub fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// Runs one step towards what `record` wants. An error here is one the driver could
+    /// not handle itself (the record could not be saved, a cleanup failed): the caller
+    /// tries again later.
+    pub async fn step(&self, record: &mut Record) -> EngineResult<Progress> {
+        let Some(wanted) = record.wanted.clone() else {
+            return Ok(Progress::Idle);
+        };
+        let desired = &wanted.desired;
+        match decide(record, self.now_ms()) {
+            Decision::Idle => Ok(Progress::Idle),
+            Decision::Bootstrap { member, revision } => {
+                tracing::info!(%member, "bootstrapping");
+                self.steps.bootstrap(member, desired).await?;
+                self.record(record, |r| r.serving = Some(member)).await?;
+                self.report(
+                    &revision,
+                    Update::new(
+                        State::Success,
+                        "bootstrap",
+                        format!("{member} serves on port {}", desired.endpoint_port),
+                    ),
+                )
+                .await;
+                Ok(Progress::Busy)
+            }
+            Decision::Begin(attempt) => {
+                tracing::info!(revision = %attempt.revision.short(), from = %attempt.from, to = %attempt.to, kind = ?attempt.kind, "starting");
+                let update = Update::new(
+                    State::Pending,
+                    Phase::Preflight.as_str(),
+                    format!(
+                        "{} {} → {} started",
+                        attempt.direction(),
+                        attempt.from,
+                        attempt.to
+                    ),
+                )
+                .between(attempt.from.major, attempt.to.major);
+                let revision = attempt.revision.clone();
+                *self.retries.lock().unwrap() = 0;
+                self.record(record, |r| r.attempt = Some(attempt)).await?;
+                self.report(&revision, update).await;
+                Ok(Progress::Busy)
+            }
+            Decision::Abandon { attempt, reason } => {
+                tracing::info!(%reason, "abandoning attempt");
+                self.steps.clean_up(&attempt, desired).await?;
+                self.record(record, |r| r.attempt = None).await?;
+                self.report(
+                    &attempt.revision,
+                    Update::failure(attempt.phase.as_str(), reason)
+                        .between(attempt.from.major, attempt.to.major),
+                )
+                .await;
+                Ok(Progress::Busy)
+            }
+            Decision::Decommission {
+                serving,
+                standby,
+                reason,
+            } => {
+                tracing::info!(%reason, "decommissioning {}", standby.member);
+                self.steps
+                    .decommission(serving, &standby.member, desired)
+                    .await?;
+                self.record(record, |r| r.standby = None).await?;
+                Ok(Progress::Busy)
+            }
+            Decision::Run(attempt) => {
+                failpoint::hit(&format!("before:{}", attempt.phase));
+                if attempt.phase == Phase::Done {
+                    self.finish(record, &attempt).await?;
+                    return Ok(Progress::Busy);
+                }
+                let result = self
+                    .steps
+                    .run(&attempt, desired, record, &self.journal)
+                    .await;
+                self.after_phase(record, &attempt, desired, result).await
+            }
+        }
+    }
+
+    async fn after_phase(
+        &self,
+        record: &mut Record,
+        ran: &Attempt,
+        desired: &Desired,
+        result: EngineResult<Stepped>,
+    ) -> EngineResult<Progress> {
+        let phase = ran.phase;
+        if record.attempt.is_none() {
+            return Ok(Progress::Busy);
+        }
+        let between = |u: Update| u.between(ran.from.major, ran.to.major);
+        match result {
+            Ok(Stepped::Done(learned)) => {
+                *self.retries.lock().unwrap() = 0;
+                let now = self.now_ms();
+                let next = phase.next(ran.kind);
+                self.record(record, |r| {
+                    learn(r, learned);
+                    if let Some(attempt) = r.attempt.as_mut() {
+                        attempt.enter(next, now);
+                    }
+                })
+                .await?;
+                tracing::info!(phase = %next, "phase");
+                if next != Phase::Done {
+                    let message = next.as_str().replace('-', " ");
+                    self.report(
+                        &ran.revision,
+                        between(Update::new(State::Pending, next.as_str(), message)),
+                    )
+                    .await;
+                }
+                Ok(Progress::Busy)
+            }
+            Ok(Stepped::Waiting {
+                message,
+                percent,
+                recheck,
+            }) => {
+                let mut u = between(Update::new(State::Pending, phase.as_str(), message));
+                u.progress_percent = percent;
+                self.report(&ran.revision, u).await;
+                Ok(Progress::After(recheck))
+            }
+            Err(e) if e.is_waiting() => {
+                self.report(
+                    &ran.revision,
+                    between(Update::new(State::Pending, phase.as_str(), e.to_string())),
+                )
+                .await;
+                Ok(Progress::After(NOT_READY_RECHECK))
+            }
+            Err(aborted @ EngineError::PauseAborted { .. }) => {
+                let now = self.now_ms();
+                let n = ran.pause_failures + 1;
+                self.record(record, |r| {
+                    if let Some(attempt) = r.attempt.as_mut() {
+                        attempt.pause_failures = n;
+                        attempt.enter(Phase::CatchUp, now);
+                    }
+                })
+                .await?;
+                if n >= MAX_PAUSE_FAILURES {
+                    let gave_up = EngineError::PauseGaveUp {
+                        last: Box::new(aborted),
+                        times: n,
+                    };
+                    self.fail(record, desired, gave_up).await?;
+                    return Ok(Progress::Busy);
+                }
+                self.report(
+                    &ran.revision,
+                    between(Update::failure(
+                        Phase::Switchover.as_str(),
+                        format!("{aborted}; retrying"),
+                    )),
+                )
+                .await;
+                Ok(Progress::After(Duration::from_secs(u64::from(n))))
+            }
+            Err(e) if e.is_final() => {
+                self.fail(record, desired, e).await?;
+                Ok(Progress::Busy)
+            }
+            Err(e) => {
+                let n = {
+                    let mut r = self.retries.lock().unwrap();
+                    *r += 1;
+                    *r
+                };
+                tracing::warn!(phase = %phase, attempt = n, kind = e.metric_label(), error = %e, "step failed, retrying");
+                if n >= MAX_RETRIES {
+                    *self.retries.lock().unwrap() = 0;
+                    let exhausted = EngineError::RetriesExhausted {
+                        phase,
+                        times: n,
+                        last: Box::new(e),
+                    };
+                    self.fail(record, desired, exhausted).await?;
+                    return Ok(Progress::Busy);
+                }
+                Ok(Progress::After(Duration::from_millis(500 * u64::from(n))))
+            }
+        }
+    }
+
+    /// The attempt failed for good: clean up, keep the source serving, tell the revision.
+    async fn fail(
+        &self,
+        record: &mut Record,
+        desired: &Desired,
+        error: EngineError,
+    ) -> EngineResult<()> {
+        let Some(attempt) = record.attempt.clone() else {
+            return Ok(());
+        };
+        let reason = error.to_string();
+        tracing::error!(revision = %attempt.revision.short(), kind = error.metric_label(), %reason, "attempt failed");
+        if !attempt.phase.is_committed() || record.serving == Some(attempt.from) {
+            self.steps.clean_up(&attempt, desired).await?;
+        }
+        self.record(record, |r| {
+            r.attempt = None;
+            r.failed_revision = Some(attempt.revision.clone());
+            r.failed_reason = Some(reason.clone());
+        })
+        .await?;
+        self.report(
+            &attempt.revision,
+            Update::failure(attempt.phase.as_str(), reason)
+                .between(attempt.from.major, attempt.to.major),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The attempt reached Done: into the history, and success on its revision.
+    async fn finish(&self, record: &mut Record, attempt: &Attempt) -> EngineResult<()> {
+        let m = attempt.switch.clone().unwrap_or_default();
+        let tables = attempt.verified_tables.unwrap_or(0);
+        let finished = SwitchRecord {
+            revision: attempt.revision.clone(),
+            from: attempt.from,
+            to: attempt.to,
+            kind: attempt.kind,
+            finished_ms: self.now_ms(),
+            total_ms: attempt.timings_ms.values().sum(),
+            pause_ms: m.pause_ms,
+            verified_tables: tables,
+            pause_breakdown: m.clone(),
+            timings_ms: attempt.timings_ms.clone(),
+        };
+        self.record(record, |r| {
+            r.history.push(finished);
+            r.attempt = None;
+            r.failed_revision = None;
+            r.failed_reason = None;
+        })
+        .await?;
+        let plural = if tables == 1 { "" } else { "s" };
+        let mut u = Update::new(
+            State::Success,
+            Phase::Done.as_str(),
+            format!(
+                "{} now serves; pause {:.1} ms; {tables} table{plural} verified",
+                attempt.to, m.pause_ms,
+            ),
+        )
+        .between(attempt.from.major, attempt.to.major);
+        u.pause_ms = Some(m.pause_ms);
+        u.verified_tables = attempt.verified_tables;
+        u.timings_ms = attempt.timings_ms.clone();
+        self.report(&attempt.revision, u).await;
+        Ok(())
+    }
+
+    /// Records a change: saved first, then made in memory, so that what the next step
+    /// acts on is always what the journal holds.
+    async fn record(
+        &self,
+        record: &mut Record,
+        change: impl FnOnce(&mut Record),
+    ) -> EngineResult<()> {
+        let mut next = record.clone();
+        change(&mut next);
+        self.journal.save(&next).await.map_err(EngineError::from)?;
+        *record = next;
+        Ok(())
+    }
+
+    /// Publishes an update; pending updates of one phase at most every [`REPORT_EVERY`]. A
+    /// sink failure is logged, never fatal: the databases matter more than the report.
+    pub async fn report(&self, revision: &Revision, mut update: Update) {
+        if update.state == State::Pending {
+            let mut last = self.last_report.lock().unwrap();
+            if let Some((r, phase, at)) = last.as_ref()
+                && r == revision
+                && *phase == update.phase
+                && at.elapsed() < REPORT_EVERY
+                && update.progress_percent != Some(100.0)
+            {
+                return;
+            }
+            *last = Some((revision.clone(), update.phase.clone(), Instant::now()));
+        }
+        update.at = crate::state::rfc3339_ms(self.now_ms());
+        tracing::info!(revision = %revision.short(), state = update.state.as_str(), phase = %update.phase, "{}", update.message);
+        if let Err(e) = self.sink.publish(revision, &update).await {
+            tracing::warn!(error = %format!("{e:#}"), "could not publish the status");
+        }
+    }
+}
+
+/// Keeps what a completed phase learned.
+fn learn(record: &mut Record, learned: Learned) {
+    let Some(attempt) = record.attempt.as_mut() else {
+        return;
+    };
+    match learned {
+        Learned::Nothing => {}
+        Learned::Warnings(w) => attempt.warnings = w,
+        Learned::SchemaCopied { source_fingerprint } => {
+            attempt.source_fingerprint = Some(source_fingerprint)
+        }
+        Learned::Verified { tables } => attempt.verified_tables = Some(tables),
+        Learned::Switched {
+            measurement,
+            standby,
+        } => {
+            if measurement.is_some() {
+                attempt.switch = measurement;
+            }
+            record.standby = Some(standby);
+        }
+    }
+}

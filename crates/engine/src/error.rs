@@ -1,0 +1,202 @@
+//! How an engine step goes wrong. [`EngineError::is_final`] tells the driver whether the
+//! attempt ends (cleaned up, blue keeps serving, the revision not retried) or the step is
+//! tried again; [`EngineError::metric_label`] names the kind in the error metrics.
+
+use crate::ports::is_not_ready;
+use pgflip_core::plan::{Member, Phase};
+use pgflip_core::spec::Major;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Preflight found what cannot be carried over (or a switch back that cannot be taken).
+    #[error("preflight refused: {}", .0.join("; "))]
+    Refused(Vec<String>),
+    /// A tool the switch needs (in either direction) is not installed.
+    #[error("{0}")]
+    ToolMissing(String),
+    /// The schema (or the roles) of the source does not load on the target's major.
+    #[error("{what} of {from} do not load on PostgreSQL {to}: {detail}")]
+    SchemaDoesNotLoad {
+        what: &'static str,
+        from: Member,
+        to: Major,
+        detail: String,
+    },
+    /// DDL ran on the source after its schema was copied: the switch is blocked.
+    #[error(
+        "the schema on {source_member} changed after it was copied (DDL is not replicated): the switch is blocked and {source_member} keeps serving; push a new commit to start over"
+    )]
+    SchemaChanged { source_member: Member },
+    /// The target did not get within `maxLagBytes` in time.
+    #[error("{target} did not catch up within {timeout:?} (still {behind_bytes} bytes behind)")]
+    CatchUpTimeout {
+        target: Member,
+        timeout: Duration,
+        behind_bytes: i64,
+    },
+    /// The consistent comparison found differences.
+    #[error("verification failed in database {database}: {}", .mismatches.join("; "))]
+    VerificationMismatch {
+        database: String,
+        mismatches: Vec<String>,
+    },
+    /// The pause did not reach its commit point; clients were resumed on the source.
+    #[error("switchover aborted, clients resumed on {source_member}: {cause}")]
+    PauseAborted {
+        source_member: Member,
+        cause: PauseAbortCause,
+    },
+    /// The pause was aborted too often: the attempt gives up.
+    #[error("{last} ({times} times; giving up)")]
+    PauseGaveUp { last: Box<EngineError>, times: u32 },
+    /// A transient failure repeated until the attempt gave up on it.
+    #[error("{phase} failed {times} times: {last}")]
+    RetriesExhausted {
+        phase: Phase,
+        times: u32,
+        last: Box<EngineError>,
+    },
+    /// An adapter waits for something that is not there yet (a pod starting): no failure.
+    #[error("waiting: {0:#}")]
+    NotReady(anyhow::Error),
+    /// PostgreSQL refused or dropped a statement or connection.
+    #[error("PostgreSQL: {0:#}")]
+    Postgres(anyhow::Error),
+    /// Anything else from an adapter or the machine (a file, a process, the API server).
+    #[error("{0:#}")]
+    Other(anyhow::Error),
+}
+
+/// Why a pause was rolled back.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseAbortCause {
+    #[error("could not pause the endpoint within {bound:?}: {detail}")]
+    EndpointDidNotPause { bound: Duration, detail: String },
+    #[error("the pause reached its bound of {0:?}")]
+    BoundReached(Duration),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl EngineError {
+    /// Whether the attempt ends here rather than the step being tried again.
+    pub fn is_final(&self) -> bool {
+        match self {
+            EngineError::Refused(_)
+            | EngineError::ToolMissing(_)
+            | EngineError::SchemaDoesNotLoad { .. }
+            | EngineError::SchemaChanged { .. }
+            | EngineError::CatchUpTimeout { .. }
+            | EngineError::VerificationMismatch { .. }
+            | EngineError::PauseGaveUp { .. }
+            | EngineError::RetriesExhausted { .. } => true,
+            EngineError::PauseAborted { .. }
+            | EngineError::NotReady(_)
+            | EngineError::Postgres(_)
+            | EngineError::Other(_) => false,
+        }
+    }
+
+    /// Whether this is a wait, not a failure (no retry is counted, nothing is logged loudly).
+    pub fn is_waiting(&self) -> bool {
+        matches!(self, EngineError::NotReady(_))
+    }
+
+    /// The `kind` label of the error metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            EngineError::Refused(_) => "refused",
+            EngineError::ToolMissing(_) => "tool_missing",
+            EngineError::SchemaDoesNotLoad { .. } => "schema_does_not_load",
+            EngineError::SchemaChanged { .. } => "schema_changed",
+            EngineError::CatchUpTimeout { .. } => "catch_up_timeout",
+            EngineError::VerificationMismatch { .. } => "verification_mismatch",
+            EngineError::PauseAborted { .. } => "pause_aborted",
+            EngineError::PauseGaveUp { .. } => "pause_gave_up",
+            EngineError::RetriesExhausted { .. } => "retries_exhausted",
+            EngineError::NotReady(_) => "not_ready",
+            EngineError::Postgres(_) => "postgres",
+            EngineError::Other(_) => "other",
+        }
+    }
+}
+
+impl From<anyhow::Error> for EngineError {
+    /// Sorts an adapter's or a helper's error by what it carries.
+    fn from(e: anyhow::Error) -> Self {
+        if is_not_ready(&e) {
+            EngineError::NotReady(e)
+        } else if e
+            .chain()
+            .any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some())
+        {
+            EngineError::Postgres(e)
+        } else {
+            EngineError::Other(e)
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for EngineError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        EngineError::Postgres(e.into())
+    }
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::NotReady;
+    use pgflip_core::plan::Color;
+
+    #[test]
+    fn adapter_errors_are_sorted_by_what_they_carry() {
+        let waiting: EngineError =
+            anyhow::Error::from(NotReady("pod db-green-0 is not Ready".into()))
+                .context("ensuring green")
+                .into();
+        assert!(waiting.is_waiting() && !waiting.is_final());
+        assert_eq!(waiting.metric_label(), "not_ready");
+        let other: EngineError = anyhow::anyhow!("disk full").into();
+        assert_eq!(other.metric_label(), "other");
+        assert!(!other.is_final());
+    }
+
+    #[test]
+    fn final_errors_say_why() {
+        let m = Member {
+            color: Color::Blue,
+            major: Major(15),
+        };
+        let refused = EngineError::Refused(vec!["app: unlogged table public.t".into()]);
+        assert!(refused.is_final());
+        assert_eq!(
+            refused.to_string(),
+            "preflight refused: app: unlogged table public.t"
+        );
+        let aborted = EngineError::PauseAborted {
+            source_member: m,
+            cause: PauseAbortCause::BoundReached(Duration::from_millis(500)),
+        };
+        assert!(!aborted.is_final());
+        assert!(
+            aborted
+                .to_string()
+                .contains("clients resumed on blue (PostgreSQL 15)")
+        );
+        let gave_up = EngineError::PauseGaveUp {
+            last: Box::new(aborted),
+            times: 3,
+        };
+        assert!(gave_up.is_final());
+        assert!(gave_up.to_string().ends_with("(3 times; giving up)"));
+        assert!(
+            EngineError::SchemaChanged { source_member: m }
+                .to_string()
+                .contains("DDL is not replicated")
+        );
+    }
+}

@@ -1,0 +1,38 @@
+//! Catch up, the lag gate: every database's link within `maxLagBytes` of the source, or
+//! the attempt gives up after `catchUpTimeout`.
+
+use super::Ctx;
+use crate::driver::{Learned, Stepped};
+use crate::error::{EngineError, EngineResult};
+use crate::ports::{Instances, Router};
+use crate::replication as repl;
+use anyhow::Context;
+use std::time::Duration;
+
+pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
+    let mut worst = 0i64;
+    for db in &cx.desired.databases {
+        let src = cx.connect(&cx.source, db).await?;
+        let lag = repl::lag_bytes(&src, &cx.forward(db))
+            .await?
+            .context("the replication slot is missing")?;
+        worst = worst.max(lag);
+    }
+    let switchover = &cx.desired.switchover;
+    if worst as u64 <= switchover.max_lag_bytes {
+        return Ok(Stepped::Done(Learned::Nothing));
+    }
+    let waited = crate::state::now_ms().saturating_sub(cx.attempt.phase_started_ms);
+    if Duration::from_millis(waited) > switchover.catch_up_timeout {
+        return Err(EngineError::CatchUpTimeout {
+            target: cx.attempt.to,
+            timeout: switchover.catch_up_timeout,
+            behind_bytes: worst,
+        });
+    }
+    Ok(Stepped::Waiting {
+        message: format!("catching up: {worst} bytes behind"),
+        percent: None,
+        recheck: Duration::from_millis(200),
+    })
+}

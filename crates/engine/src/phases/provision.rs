@@ -1,0 +1,11 @@
+//! Provision: the target instance exists and runs (created empty at the target major).
+
+use super::Ctx;
+use crate::driver::{Learned, Stepped};
+use crate::error::EngineResult;
+use crate::ports::{Instances, Router};
+
+pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
+    cx.target().await?;
+    Ok(Stepped::Done(Learned::Nothing))
+}

@@ -1,0 +1,22 @@
+//! Reverse sync: the old source subscribes to the reverse slot created inside the pause,
+//! and the forward link is dropped, so a revert switches back without losing a write.
+
+use super::Ctx;
+use crate::driver::{Learned, Stepped};
+use crate::error::EngineResult;
+use crate::ports::{Instances, Router};
+use crate::switchover::{self, Sides};
+
+pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
+    let target = cx.target().await?;
+    switchover::start_reverse_replication(&Sides {
+        from: cx.attempt.from,
+        to: cx.attempt.to,
+        source: &cx.source,
+        target: &target,
+        admin: cx.admin(),
+        desired: cx.desired,
+    })
+    .await?;
+    Ok(Stepped::Done(Learned::Nothing))
+}

@@ -1,0 +1,54 @@
+//! The Switchover phase: the checks right before the sequence ([`crate::switchover`],
+//! where the pause itself is) and what follows it. A switchover interrupted by a crash is
+//! first brought to a safe end (rolled back, or completed if clients were already moved).
+
+use super::Ctx;
+use super::copy_schema::copy_roles;
+use crate::driver::{Learned, Stepped};
+use crate::error::EngineResult;
+use crate::ports::{Instances, Journal, Router};
+use crate::switchover::{self, Sides};
+use pgflip_core::plan::{Record, Standby};
+
+pub(super) async fn run<I: Instances, R: Router, J: Journal>(
+    cx: &Ctx<'_, I, R>,
+    record: &mut Record,
+    journal: &J,
+) -> EngineResult<Stepped> {
+    let target = cx.target().await?;
+    let sides = Sides {
+        from: cx.attempt.from,
+        to: cx.attempt.to,
+        source: &cx.source,
+        target: &target,
+        admin: cx.admin(),
+        desired: cx.desired,
+    };
+    let router = &cx.parts.router;
+    let moved = switchover::recover(router, journal, record, &sides).await?;
+    let mut measurement = None;
+    if !moved {
+        cx.check_schema_unchanged().await?;
+        // Roles created on the source since the copy must exist on the target.
+        copy_roles(cx, &cx.connect(&target, "postgres").await?).await?;
+        let m = switchover::run(router, journal, record, &sides).await?;
+        tracing::info!(
+            pause_ms = m.pause_ms,
+            drain_ms = m.drain_ms,
+            catch_up_ms = m.catch_up_ms,
+            sequences_ms = m.sequences_ms,
+            "switched"
+        );
+        measurement = Some(m);
+    }
+    // The old source is now the standby, kept in reverse sync for the retention time.
+    let fingerprint = cx.fingerprint(&target).await?;
+    Ok(Stepped::Done(Learned::Switched {
+        measurement,
+        standby: Standby {
+            member: cx.attempt.from,
+            retain_until_ms: crate::state::now_ms() + cx.desired.retain_previous.as_millis() as u64,
+            serving_fingerprint: fingerprint,
+        },
+    }))
+}

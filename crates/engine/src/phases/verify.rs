@@ -1,0 +1,57 @@
+//! Verify: the schema still as copied, then every table compared at one consistent cut
+//! ([`crate::verify`]); materialized views (not replicated) refreshed on the target.
+
+use super::Ctx;
+use crate::driver::{Learned, Stepped};
+use crate::error::{EngineError, EngineResult};
+use crate::pg::qualified;
+use crate::ports::{Instances, Router};
+use crate::verify;
+use pgflip_core::spec::Verification;
+
+pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
+    cx.check_schema_unchanged().await?;
+    let target = cx.target().await?;
+    let mut tables = 0;
+    if cx.desired.verification != Verification::None {
+        for db in &cx.desired.databases {
+            let src = cx.connect(&cx.source, db).await?;
+            let tgt = cx.connect(&target, db).await?;
+            let list = verify::list_tables(&src).await?;
+            verify::consistent_cut(
+                &cx.source,
+                cx.admin(),
+                db,
+                &src,
+                &tgt,
+                &list,
+                cx.desired.switchover.pause_timeout,
+            )
+            .await?;
+            let report = verify::compare(&src, &tgt, &list, cx.desired.verification).await?;
+            let _ = tokio::join!(src.batch_execute("COMMIT"), tgt.batch_execute("COMMIT"));
+            if !report.mismatches.is_empty() {
+                return Err(EngineError::VerificationMismatch {
+                    database: db.clone(),
+                    mismatches: report.mismatches,
+                });
+            }
+            tables += report.tables;
+        }
+    }
+    for db in &cx.desired.databases {
+        let tgt = cx.connect(&target, db).await?;
+        let views = tgt
+            .query(
+                "SELECT schemaname, matviewname FROM pg_matviews WHERE schemaname <> '_pgflip'",
+                &[],
+            )
+            .await?;
+        for row in views {
+            let (s, n): (String, String) = (row.get(0), row.get(1));
+            tgt.batch_execute(&format!("REFRESH MATERIALIZED VIEW {}", qualified(&s, &n)))
+                .await?;
+        }
+    }
+    Ok(Stepped::Done(Learned::Verified { tables }))
+}

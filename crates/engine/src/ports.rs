@@ -1,0 +1,128 @@
+//! The ports: the small traits the engine drives and the types both sides of them share,
+//! so that local mode and Kubernetes mode run one engine, and the engine's driver can be
+//! tested against in-memory fakes. The engine imports these; the adapters implement them;
+//! neither imports the other.
+//!
+//! - [`Instances`]: where PostgreSQL servers live (local processes | StatefulSets).
+//! - [`Router`]: the one stable client endpoint (PgBouncer, via its admin console).
+//! - [`Source`]: where the desired state comes from (a Git branch | a Flux-applied object).
+//! - [`Journal`]: where the record is persisted before every step (a file | a ConfigMap).
+//! - [`StatusSink`]: where progress goes (git notes | forge commit statuses | Events).
+//!
+//! Adapters report failures as `anyhow::Error` with context for people; one kind is told
+//! apart: [`NotReady`], something the adapter waits for that is not there yet.
+
+use pgflip_core::plan::{Member, Record};
+use pgflip_core::report::Update;
+use pgflip_core::revision::Revision;
+use pgflip_core::spec::Desired;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+pub type Result<T> = anyhow::Result<T>;
+
+/// Where a server (or the endpoint) listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Addr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// A login. The password never appears in Debug output, logs, notes or statuses.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Credentials {{ user: {:?}, password: <redacted> }}",
+            self.user
+        )
+    }
+}
+
+/// What an adapter waits for is not there yet (a pod starting, a claim going away): not a
+/// failure. Returned inside an `anyhow::Error`; the engine reports it as waiting and the
+/// caller comes back later instead of blocking.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotReady(pub String);
+
+/// Whether an adapter's error is a [`NotReady`].
+pub fn is_not_ready(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<NotReady>().is_some())
+}
+
+pub trait Instances: Send + Sync {
+    /// Creates the instance if it does not exist, starts it if it is stopped, adopts it if
+    /// it runs; returns where it listens. Idempotent.
+    fn ensure(
+        &self,
+        member: &Member,
+        desired: &Desired,
+    ) -> impl Future<Output = Result<Addr>> + Send;
+    /// Where an existing instance listens, without creating or starting anything.
+    fn addr(
+        &self,
+        member: &Member,
+        desired: &Desired,
+    ) -> impl Future<Output = Result<Option<Addr>>> + Send;
+    /// Stops the instance and deletes its data. Idempotent.
+    fn remove(&self, member: &Member, desired: &Desired)
+    -> impl Future<Output = Result<()>> + Send;
+}
+
+pub trait Router: Send + Sync {
+    /// Starts (or adopts) the endpoint for `desired.databases`. A new endpoint points at
+    /// `initial`; an existing one keeps its target.
+    fn ensure(&self, desired: &Desired, initial: &Addr) -> impl Future<Output = Result<()>> + Send;
+    /// Where the endpoint sends clients now (its stored configuration).
+    fn target(&self) -> impl Future<Output = Result<Option<Addr>>> + Send;
+    /// Holds new transactions once in-flight ones finish. On `timeout` it resumes and fails,
+    /// so clients are never left hanging.
+    fn pause(&self, timeout: Duration) -> impl Future<Output = Result<()>> + Send;
+    /// Points the endpoint at `target` (stored configuration first, then reloaded).
+    fn repoint(&self, desired: &Desired, target: &Addr) -> impl Future<Output = Result<()>> + Send;
+    fn resume(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// One observation of the desired state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub revision: Revision,
+    /// `metadata.name` when it can be read, even from an invalid document: whom a report
+    /// about this revision concerns.
+    pub name: Option<String>,
+    /// The validated desired state, or why the revision carries none.
+    pub desired: std::result::Result<Desired, String>,
+}
+
+pub trait Source: Send {
+    fn observe(&mut self) -> impl Future<Output = Result<Observed>> + Send;
+}
+
+/// Where the [`Record`] is persisted before every step (local mode: a file written
+/// atomically; Kubernetes mode: a ConfigMap beside the object).
+pub trait Journal: Send + Sync {
+    fn save(&self, record: &Record) -> impl Future<Output = Result<()>> + Send;
+}
+
+pub trait StatusSink: Send + Sync {
+    fn publish(
+        &self,
+        revision: &Revision,
+        update: &Update,
+    ) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,61 @@
+//! The runner both modes loop around: take what the source observed, adopt what runs
+//! (once), then step. Local mode calls it after every look at the branch; the Kubernetes
+//! controller from each reconcile of the object.
+
+use super::driver::{Driver, Progress, Steps};
+use super::error::EngineResult;
+use super::intake;
+use crate::ports::{Journal, Observed, StatusSink};
+use pgflip_core::plan::Record;
+
+pub struct Runner<S, J, K> {
+    driver: Driver<S, J, K>,
+    record: Record,
+    /// Whether what runs (instances, endpoint) has been started or adopted since start-up.
+    adopted: bool,
+}
+
+impl<S: Steps, J: Journal, K: StatusSink> Runner<S, J, K> {
+    /// A runner over `record`, as last saved in the journal.
+    pub fn new(driver: Driver<S, J, K>, record: Record) -> Self {
+        Runner {
+            driver,
+            record,
+            adopted: false,
+        }
+    }
+
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+    pub fn driver(&self) -> &Driver<S, J, K> {
+        &self.driver
+    }
+
+    /// Takes a revision: its desired state becomes the target if valid (a bad one is
+    /// reported once and changes nothing).
+    pub async fn take(&mut self, observed: &Observed) -> EngineResult<()> {
+        intake::take_revision(
+            observed,
+            &mut self.record,
+            self.driver.journal(),
+            self.driver.sink(),
+        )
+        .await
+    }
+
+    /// One step towards the target; first, once, starts or adopts what runs (instances
+    /// and the endpoint outlive pgflip).
+    pub async fn step(&mut self) -> EngineResult<Progress> {
+        if !self.adopted
+            && let Some(wanted) = &self.record.wanted
+        {
+            self.driver
+                .steps()
+                .adopt(&self.record, &wanted.desired)
+                .await?;
+            self.adopted = true;
+        }
+        self.driver.step(&mut self.record).await
+    }
+}

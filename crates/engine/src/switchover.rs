@@ -1,0 +1,296 @@
+//! The switchover: moving clients from the source color to the target color in one short,
+//! bounded pause, with nothing lost and no write landing on the wrong side.
+//!
+//! Before the pause (clients unaffected): the target is unfenced, has the publication
+//! for the reverse link ready, and has caught up with a marker written just now.
+//!
+//! The pause (what clients feel), bounded by `pauseTimeout`:
+//! 1. `PAUSE` PgBouncer: in-flight transactions finish, new ones wait.
+//! 2. Fence the source against writes that bypass PgBouncer.
+//! 3. Write a marker row on the source and wait until the target has applied it: the
+//!    target now holds every transaction the source committed.
+//! 4. Disable the forward subscription (nothing more will come) and create the reverse
+//!    slot on the target: its start is exactly this point, so reverse replication carries
+//!    precisely the writes made after the switch.
+//! 5. Copy every sequence's state to the target (logical replication does not carry them).
+//! 6. Record "repointing" (the commit point), point PgBouncer at the target, `RESUME`.
+//!
+//! If anything in 1–5 fails or the bound expires, the source is unfenced, the forward
+//! subscription re-enabled, the reverse slot dropped and PgBouncer resumed on the source:
+//! clients never hang and never see an error from pgflip's side.
+//!
+//! Crash safety: the sub-step is recorded before it is taken. On restart, [`recover`]
+//! rolls a half-done pause back (step `Pausing`) or completes it (step `Repointing`).
+//! The endpoint's stored target is the single source of truth for which color serves.
+//! After the pause, [`start_reverse_replication`] subscribes the source to the reverse
+//! slot and drops the forward link.
+
+use super::error::{EngineError, EngineResult, PauseAbortCause};
+use super::pg::connect;
+use super::replication::{self as repl, link_name};
+use super::{fence, sequences};
+use crate::failpoint;
+use crate::ports::{Addr, Credentials, Journal, Router};
+use anyhow::Context;
+use pgflip_core::plan::{Member, Record, SwitchMeasurement, SwitchStep};
+use pgflip_core::spec::Desired;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// How long the target may take to catch up before the pause (the lag gate has passed,
+/// so this is seconds at most; beyond it the step fails and is retried).
+const CATCH_UP_BEFORE_PAUSE: Duration = Duration::from_secs(60);
+
+/// Everything the switchover needs to know about the two sides.
+pub struct Sides<'a> {
+    pub from: Member,
+    pub to: Member,
+    pub source: &'a Addr,
+    pub target: &'a Addr,
+    pub admin: &'a Credentials,
+    /// The carried databases, the pause's bound, the endpoint's configuration.
+    pub desired: &'a Desired,
+}
+
+impl Sides<'_> {
+    fn pause_timeout(&self) -> Duration {
+        self.desired.switchover.pause_timeout
+    }
+}
+
+/// Connections to one database on both sides, opened before the pause so that the pause
+/// itself spawns nothing and only sends statements on warm connections.
+struct DbPair {
+    db: String,
+    source: Client,
+    target: Client,
+}
+
+async fn open_pairs(s: &Sides<'_>) -> anyhow::Result<Vec<DbPair>> {
+    let mut out = Vec::new();
+    for db in &s.desired.databases {
+        out.push(DbPair {
+            db: db.clone(),
+            source: connect(s.source, s.admin, db).await?,
+            target: connect(s.target, s.admin, db).await?,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs the switchover. On success the endpoint points at the target and the record's
+/// `serving` is the target; reverse replication is started later by
+/// [`start_reverse_replication`]. [`EngineError::PauseAborted`] means clients are back on
+/// the source, nothing moved.
+pub async fn run<R: Router, J: Journal>(
+    router: &R,
+    journal: &J,
+    record: &mut Record,
+    s: &Sides<'_>,
+) -> EngineResult<SwitchMeasurement> {
+    // Before the pause: ready the target to serve and to be the reverse link's source.
+    let pairs = open_pairs(s).await?;
+    let target_admin = connect(s.target, s.admin, "postgres").await?;
+    let source_admin = connect(s.source, s.admin, "postgres").await?;
+    fence::unfence(&target_admin).await?;
+    let reverse: Vec<String> = pairs
+        .iter()
+        .map(|p| link_name(s.to.color, s.from.color, &p.db))
+        .collect();
+    for (p, name) in pairs.iter().zip(&reverse) {
+        repl::ensure_publication(&p.target, name).await?;
+    }
+    // Warm the statements used inside the pause, and let the target catch up with what
+    // the source committed during the verification, so the wait inside the pause covers
+    // only the transactions the pause drains.
+    let links: Vec<_> = pairs.iter().map(|p| (&p.source, &p.target)).collect();
+    repl::catch_up(&links, "switch-ahead", CATCH_UP_BEFORE_PAUSE).await?;
+
+    set_step(journal, record, Some(SwitchStep::Pausing)).await?;
+    failpoint::hit("switchover:before-pause");
+    let mut m = SwitchMeasurement::default();
+    let started = Instant::now();
+    if let Err(e) = router.pause(s.pause_timeout()).await {
+        set_step(journal, record, None).await?;
+        return Err(EngineError::PauseAborted {
+            source_member: s.from,
+            cause: PauseAbortCause::EndpointDidNotPause {
+                bound: s.pause_timeout(),
+                detail: format!("{e:#}"),
+            },
+        });
+    }
+    m.drain_ms = ms(started.elapsed());
+    failpoint::hit("switchover:paused");
+
+    let remaining = s.pause_timeout().saturating_sub(started.elapsed());
+    let inside = tokio::time::timeout(
+        remaining,
+        inside_pause(&source_admin, &pairs, &reverse, &mut m, s),
+    )
+    .await;
+    let failure = match inside {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(PauseAbortCause::Failed(format!("{e:#}"))),
+        Err(_) => Some(PauseAbortCause::BoundReached(s.pause_timeout())),
+    };
+    if let Some(cause) = failure {
+        roll_back_pause(router, &source_admin, &pairs, &reverse, s).await?;
+        set_step(journal, record, None).await?;
+        return Err(EngineError::PauseAborted {
+            source_member: s.from,
+            cause,
+        });
+    }
+
+    // The commit point: from here on, clients belong to the target.
+    let t = Instant::now();
+    set_step(journal, record, Some(SwitchStep::Repointing)).await?;
+    failpoint::hit("switchover:repointing");
+    router.repoint(s.desired, s.target).await?;
+    router.resume().await?;
+    m.repoint_resume_ms = ms(t.elapsed());
+    m.pause_ms = ms(started.elapsed());
+    record.serving = Some(s.to);
+    set_step(journal, record, None).await?;
+    Ok(m)
+}
+
+async fn inside_pause(
+    source_admin: &Client,
+    pairs: &[DbPair],
+    reverse: &[String],
+    m: &mut SwitchMeasurement,
+    s: &Sides<'_>,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    fence::fence(source_admin)
+        .await
+        .context("fencing the source")?;
+    m.fence_ms = ms(t.elapsed());
+    failpoint::hit("switchover:fenced");
+
+    let t = Instant::now();
+    let token = repl::marker_token("switch");
+    for p in pairs {
+        repl::write_marker(&p.source, &token).await?;
+    }
+    for p in pairs {
+        repl::wait_marker(&p.target, &token, s.pause_timeout()).await?;
+    }
+    m.catch_up_ms = ms(t.elapsed());
+
+    let t = Instant::now();
+    for (p, rev) in pairs.iter().zip(reverse) {
+        repl::set_subscription_enabled(
+            &p.target,
+            &link_name(s.from.color, s.to.color, &p.db),
+            false,
+        )
+        .await?;
+        repl::ensure_slot(&p.target, rev).await?;
+    }
+    m.reverse_setup_ms = ms(t.elapsed());
+
+    let t = Instant::now();
+    for p in pairs {
+        let states = sequences::read_all(&p.source).await?;
+        m.sequences_synced += sequences::apply_all(&p.target, &states).await?;
+    }
+    m.sequences_ms = ms(t.elapsed());
+    failpoint::hit("switchover:sequences-synced");
+    Ok(())
+}
+
+/// Undoes a pause that did not reach the commit point: clients go back to the source.
+async fn roll_back_pause<R: Router>(
+    router: &R,
+    source_admin: &Client,
+    pairs: &[DbPair],
+    reverse: &[String],
+    s: &Sides<'_>,
+) -> anyhow::Result<()> {
+    fence::unfence(source_admin).await?;
+    router.resume().await?;
+    for (p, rev) in pairs.iter().zip(reverse) {
+        repl::set_subscription_enabled(
+            &p.target,
+            &link_name(s.from.color, s.to.color, &p.db),
+            true,
+        )
+        .await?;
+        repl::drop_slot(&p.target, rev).await?;
+    }
+    Ok(())
+}
+
+/// Brings a switchover interrupted by a crash to a safe end. Returns whether clients were
+/// moved to the target.
+pub async fn recover<R: Router, J: Journal>(
+    router: &R,
+    journal: &J,
+    record: &mut Record,
+    s: &Sides<'_>,
+) -> anyhow::Result<bool> {
+    let step = record.attempt.as_ref().and_then(|a| a.switch_step);
+    match step {
+        None => Ok(record.serving == Some(s.to)),
+        Some(SwitchStep::Pausing) => {
+            let source_admin = connect(s.source, s.admin, "postgres").await?;
+            let pairs = open_pairs(s).await?;
+            let reverse: Vec<String> = pairs
+                .iter()
+                .map(|p| link_name(s.to.color, s.from.color, &p.db))
+                .collect();
+            roll_back_pause(router, &source_admin, &pairs, &reverse, s).await?;
+            set_step(journal, record, None).await?;
+            Ok(false)
+        }
+        Some(SwitchStep::Repointing) => {
+            // Sequences were synced and the source fenced before this step was recorded.
+            router.repoint(s.desired, s.target).await?;
+            router.resume().await?;
+            record.serving = Some(s.to);
+            set_step(journal, record, None).await?;
+            Ok(true)
+        }
+    }
+}
+
+/// After the switch, outside the pause: the source (now the standby) subscribes to the
+/// reverse slot, and the forward link is dropped on both sides.
+pub async fn start_reverse_replication(s: &Sides<'_>) -> anyhow::Result<()> {
+    let pairs = open_pairs(s).await?;
+    for p in &pairs {
+        let forward = link_name(s.from.color, s.to.color, &p.db);
+        let reverse = link_name(s.to.color, s.from.color, &p.db);
+        repl::drop_subscription(&p.target, &forward).await?;
+        repl::drop_slot(&p.source, &forward).await?;
+        repl::drop_publication(&p.source, &forward).await?;
+        repl::ensure_subscription(
+            &p.source,
+            &reverse,
+            s.target,
+            s.admin,
+            &p.db,
+            repl::Start::FromExistingSlot,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn set_step<J: Journal>(
+    journal: &J,
+    record: &mut Record,
+    step: Option<SwitchStep>,
+) -> anyhow::Result<()> {
+    if let Some(a) = record.attempt.as_mut() {
+        a.switch_step = step;
+    }
+    journal.save(record).await
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,138 @@
+//! A kill right after every recorded step: the restarted driver finishes the attempt,
+//! running again only the step that was recorded and not finished.
+
+use super::{FULL_ORDER, Harness, SWITCH_BACK_ORDER, assert_switched, member};
+use pgflip_core::plan::{AttemptKind, Color, Phase, Record, SwitchStep};
+
+/// Kills the driver right after the first save that recorded `at`, restarts it on the
+/// same servers from the journal, and checks that it finishes the attempt, running again
+/// only the step that was recorded and not finished.
+async fn crash_resumes(
+    kind: AttemptKind,
+    at: impl Fn(&Record) -> bool + Send + 'static,
+    rerun: &[&str],
+) {
+    let (h, to, from, switches) = match kind {
+        AttemptKind::Full => (
+            Harness::serving_15_wanting(16).await,
+            member(Color::Green, 16),
+            member(Color::Blue, 15),
+            1,
+        ),
+        AttemptKind::SwitchBack => {
+            let mut h = Harness::serving_15_wanting(16).await;
+            h.settle().await;
+            h.want(15, 3);
+            (h, member(Color::Blue, 15), member(Color::Green, 16), 2)
+        }
+    };
+    let (steps, journal) = (h.steps.clone(), h.journal.clone());
+    *journal.crash_when.lock().unwrap() = Some(Box::new(at));
+    let crashed = tokio::spawn(async move {
+        let mut h = h;
+        h.settle().await;
+    })
+    .await;
+    assert!(crashed.is_err(), "the driver was killed at the step");
+    let record = journal.last().unwrap();
+    let before = steps.world.lock().unwrap().calls.len();
+    let mut restarted = Harness::resume(steps, record);
+    restarted.settle().await;
+    assert_switched(&restarted, to, from);
+    let runs: Vec<_> = restarted.calls()[before..]
+        .iter()
+        .filter_map(|c| c.strip_prefix("run:").map(str::to_string))
+        .collect();
+    assert_eq!(runs, rerun, "steps run after the restart");
+    assert_eq!(restarted.record.history.len(), switches);
+}
+
+fn in_phase(phase: Phase) -> impl Fn(&Record) -> bool + Send + 'static {
+    move |r| {
+        r.attempt
+            .as_ref()
+            .is_some_and(|a| a.phase == phase && a.switch_step.is_none())
+    }
+}
+
+macro_rules! crash_tests {
+    ($($name:ident: $kind:expr, $phase:expr, $rerun:expr;)*) => {$(
+        #[tokio::test]
+        async fn $name() {
+            crash_resumes($kind, in_phase($phase), &$rerun).await;
+        }
+    )*};
+}
+
+crash_tests! {
+    crash_after_recording_preflight: AttemptKind::Full, Phase::Preflight, FULL_ORDER;
+    crash_after_recording_provision: AttemptKind::Full, Phase::Provision, FULL_ORDER[1..];
+    crash_after_recording_copy_schema: AttemptKind::Full, Phase::CopySchema, FULL_ORDER[2..];
+    crash_after_recording_replicate: AttemptKind::Full, Phase::Replicate, FULL_ORDER[3..];
+    crash_after_recording_initial_sync: AttemptKind::Full, Phase::InitialSync, FULL_ORDER[4..];
+    crash_after_recording_catch_up: AttemptKind::Full, Phase::CatchUp, FULL_ORDER[5..];
+    crash_after_recording_verify: AttemptKind::Full, Phase::Verify, FULL_ORDER[6..];
+    crash_after_recording_switchover: AttemptKind::Full, Phase::Switchover, FULL_ORDER[7..];
+    crash_after_recording_reverse_sync: AttemptKind::Full, Phase::ReverseSync, FULL_ORDER[8..];
+    crash_after_recording_done: AttemptKind::Full, Phase::Done, [] as [&str; 0];
+    crash_back_after_recording_preflight: AttemptKind::SwitchBack, Phase::Preflight, SWITCH_BACK_ORDER;
+    crash_back_after_recording_catch_up: AttemptKind::SwitchBack, Phase::CatchUp, SWITCH_BACK_ORDER[1..];
+    crash_back_after_recording_verify: AttemptKind::SwitchBack, Phase::Verify, SWITCH_BACK_ORDER[2..];
+    crash_back_after_recording_switchover: AttemptKind::SwitchBack, Phase::Switchover, SWITCH_BACK_ORDER[3..];
+    crash_back_after_recording_reverse_sync: AttemptKind::SwitchBack, Phase::ReverseSync, SWITCH_BACK_ORDER[4..];
+    crash_back_after_recording_done: AttemptKind::SwitchBack, Phase::Done, [] as [&str; 0];
+}
+
+fn in_switch_step(step: SwitchStep) -> impl Fn(&Record) -> bool + Send + 'static {
+    move |r| {
+        r.attempt
+            .as_ref()
+            .is_some_and(|a| a.switch_step == Some(step))
+    }
+}
+
+#[tokio::test]
+async fn crash_inside_the_pause_before_the_commit_point() {
+    crash_resumes(
+        AttemptKind::Full,
+        in_switch_step(SwitchStep::Pausing),
+        &FULL_ORDER[7..],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn crash_inside_the_pause_after_the_commit_point() {
+    crash_resumes(
+        AttemptKind::Full,
+        in_switch_step(SwitchStep::Repointing),
+        &FULL_ORDER[7..],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn crash_after_the_switch_before_the_standby_is_recorded() {
+    // The switch itself recorded (serving is green), the phase not yet completed.
+    crash_resumes(
+        AttemptKind::Full,
+        |r: &Record| {
+            r.serving == Some(member(Color::Green, 16))
+                && r.attempt
+                    .as_ref()
+                    .is_some_and(|a| a.phase == Phase::Switchover)
+        },
+        &FULL_ORDER[7..],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn crash_after_beginning_before_any_phase_ran() {
+    crash_resumes(
+        AttemptKind::Full,
+        |r: &Record| r.attempt.as_ref().is_some_and(|a| a.timings_ms.is_empty()),
+        &FULL_ORDER,
+    )
+    .await;
+}

@@ -1,0 +1,276 @@
+//! The controller's Prometheus metrics and its probes: `/metrics` (OpenMetrics text),
+//! `/healthz` (the process serves) and `/readyz` (it holds the lease and reconciles).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Database {
+    namespace: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Switch {
+    namespace: String,
+    name: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    namespace: String,
+    name: String,
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorKind {
+    kind: String,
+}
+
+struct Inner {
+    registry: Registry,
+    switches: Family<Switch, Counter>,
+    pause: Histogram,
+    phase: Family<PhaseLabels, Gauge>,
+    lag: Family<Database, Gauge>,
+    errors: Family<ErrorKind, Counter>,
+    leader: Gauge,
+}
+
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("pgflip");
+        let switches = Family::<Switch, Counter>::default();
+        registry.register("switches", "Completed switches", switches.clone());
+        // 1 ms … ~16 s.
+        let pause = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "switch_pause_seconds",
+            "How long clients were paused at a switch",
+            pause.clone(),
+        );
+        let phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "phase",
+            "1 for the phase each database is in (idle when no switch runs)",
+            phase.clone(),
+        );
+        let lag = Family::<Database, Gauge>::default();
+        registry.register(
+            "replication_lag_bytes",
+            "Bytes the replication target is behind its source",
+            lag.clone(),
+        );
+        let errors = Family::<ErrorKind, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles and steps",
+            errors.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the lease",
+            leader.clone(),
+        );
+        Metrics(Arc::new(Inner {
+            registry,
+            switches,
+            pause,
+            phase,
+            lag,
+            errors,
+            leader,
+        }))
+    }
+}
+
+impl Metrics {
+    pub fn switch_done(&self, namespace: &str, name: &str, direction: &str, pause: Duration) {
+        self.0
+            .switches
+            .get_or_create(&Switch {
+                namespace: namespace.into(),
+                name: name.into(),
+                direction: direction.into(),
+            })
+            .inc();
+        self.0.pause.observe(pause.as_secs_f64());
+    }
+
+    /// Sets the database's phase: its gauge 1, the one before it removed.
+    pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) {
+        let labels = |phase: &str| PhaseLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+            phase: phase.into(),
+        };
+        if self.0.phase.get(&labels(phase)).is_some() {
+            return;
+        }
+        // Only this database's series: found by trying the phases it can be in.
+        for p in pgflip_core::plan::Phase::ALL
+            .iter()
+            .map(|p| p.as_str())
+            .chain(["idle"])
+        {
+            self.0.phase.remove(&labels(p));
+        }
+        self.0.phase.get_or_create(&labels(phase)).set(1);
+    }
+
+    pub fn set_lag(&self, namespace: &str, name: &str, bytes: i64) {
+        self.0
+            .lag
+            .get_or_create(&Database {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .set(bytes);
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.0
+            .errors
+            .get_or_create(&ErrorKind { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.0.leader.set(i64::from(leading));
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.0.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    ready: tokio::sync::watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.encode();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = *ready.borrow();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not leading")
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_encoded_with_their_labels() {
+        let m = Metrics::default();
+        m.switch_done("shop", "orders", "upgrade", Duration::from_millis(42));
+        m.set_phase("shop", "orders", "verify");
+        m.set_phase("shop", "orders", "switchover");
+        m.set_lag("shop", "orders", 1234);
+        m.error("step");
+        m.set_leader(true);
+        let text = m.encode();
+        for line in [
+            r#"pgflip_switches_total{namespace="shop",name="orders",direction="upgrade"} 1"#,
+            r#"pgflip_switch_pause_seconds_count 1"#,
+            r#"pgflip_phase{namespace="shop",name="orders",phase="switchover"} 1"#,
+            r#"pgflip_replication_lag_bytes{namespace="shop",name="orders"} 1234"#,
+            r#"pgflip_reconcile_errors_total{kind="step"} 1"#,
+            "pgflip_leader 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"phase="verify""#),
+            "the old phase is gone:\n{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn probes_answer_and_readiness_follows_the_lease() {
+        let port = pgflip_engine::adapters::run_as::free_port().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let metrics = Metrics::default();
+        metrics.set_leader(false);
+        let server = tokio::spawn(serve(addr, metrics, ready, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+        let http = reqwest::Client::new();
+        let get = |path: &str| http.get(format!("http://{addr}{path}")).send();
+        let mut healthz = None;
+        for _ in 0..50 {
+            if let Ok(r) = get("/healthz").await {
+                healthz = Some(r.status());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(healthz, Some(reqwest::StatusCode::OK));
+        assert_eq!(get("/readyz").await.unwrap().status(), 503);
+        ready_tx.send(true).unwrap();
+        assert_eq!(get("/readyz").await.unwrap().status(), 200);
+        let metrics = get("/metrics").await.unwrap();
+        assert!(
+            metrics.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        assert!(metrics.text().await.unwrap().contains("pgflip_leader 0"));
+        stop_tx.send(true).unwrap();
+        server.await.unwrap().unwrap();
+    }
+}
