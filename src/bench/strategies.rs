@@ -18,7 +18,7 @@ use crate::adapters::Instances;
 use crate::adapters::Router;
 use crate::adapters::local_instances::LocalInstances;
 use crate::adapters::pgbouncer::PgBouncer;
-use crate::adapters::run_as::{RunAs, run};
+use crate::adapters::run_as::{RunAs, run_async};
 use crate::core::plan::{Color, Member, SwitchMeasurement};
 use crate::core::spec::Major;
 use crate::engine::pg::{Addr, connect};
@@ -232,17 +232,18 @@ pub async fn in_place(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Me
     let green = instances.ensure(&new).await?;
     let run_as = RunAs::detect()?;
     let instance_dir = |c: Color| env.state.dir("instances").join(c.as_str());
-    let pg_ctl = |major: Major, color: Color, verb: &str| -> anyhow::Result<String> {
-        run(run_as
-            .command(&toolchain.server_bin(major.0)?.join("pg_ctl"))
-            .arg(verb)
+    // Through tokio::process: the ledger clients run on this runtime meanwhile.
+    let pg_ctl = |major: Major, color: Color, verb: &str| -> anyhow::Result<_> {
+        let mut cmd = run_as.command(&toolchain.server_bin(major.0)?.join("pg_ctl"));
+        cmd.arg(verb)
             .arg("-D")
             .arg(instance_dir(color).join("data"))
             .arg("-l")
             .arg(instance_dir(color).join("server.log"))
-            .args(["-m", "fast", "-w", "-t", "300"]))
+            .args(["-m", "fast", "-w", "-t", "300"]);
+        Ok(run_async(cmd))
     };
-    pg_ctl(to, Color::Green, "stop")?;
+    pg_ctl(to, Color::Green, "stop")?.await?;
     let mut upgrade = run_as.command(&toolchain.upgrade_bin(to.0)?.join("pg_upgrade"));
     upgrade
         .current_dir(instance_dir(Color::Green))
@@ -256,9 +257,9 @@ pub async fn in_place(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Me
         .arg(instance_dir(Color::Green).join("data"))
         .args(["--link", "-U", &env.admin.user]);
     offline(env, &router, &green, load, async |_: &Env| {
-        pg_ctl(from.major, Color::Blue, "stop")?;
-        run(&mut upgrade).context("pg_upgrade --link")?;
-        pg_ctl(to, Color::Green, "start")?;
+        pg_ctl(from.major, Color::Blue, "stop")?.await?;
+        run_async(upgrade).await.context("pg_upgrade --link")?;
+        pg_ctl(to, Color::Green, "start")?.await?;
         Ok(())
     })
     .await
