@@ -6,6 +6,7 @@
 
 use anyhow::{Context, bail};
 use pgflip_core::plan::Record;
+use pgflip_core::report::Update;
 use pgflip_core::spec::{self, Major};
 use pgflip_engine::adapters::git_notes::GitNotes;
 use pgflip_engine::adapters::git_source::testing as git;
@@ -13,8 +14,9 @@ use pgflip_engine::load::{self, LoadConfig};
 use pgflip_engine::pg::connect;
 use pgflip_engine::ports::{Addr, Credentials};
 use pgflip_engine::state::StateDir;
+use pgflip_engine::state::blocking;
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -61,7 +63,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let keep = opts.keep;
     let result = run_in(&root, &opts).await;
     let state = StateDir::open(root.join("state"))?;
-    if let Err(e) = crate::local::stop(&state).await {
+    if let Err(e) = stop(&state).await {
         eprintln!("cleanup: {e:#}");
     }
     if keep {
@@ -71,7 +73,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let result = result?;
     print_table(&result);
     if let Some(path) = &opts.json {
-        std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
+        tokio::fs::write(path, serde_json::to_string_pretty(&result)?).await?;
         println!("wrote {}", path.display());
     }
     Ok(())
@@ -83,8 +85,15 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
         Major::parse(&opts.to.to_string())?,
     );
     let repo = root.join("repo");
-    std::fs::create_dir_all(&repo)?;
-    git::init_repo(&repo);
+    tokio::fs::create_dir_all(&repo).await?;
+    {
+        let repo = repo.clone();
+        blocking(move || {
+            git::init_repo(&repo);
+            Ok(())
+        })
+        .await?;
+    }
     let port = pgflip_engine::adapters::run_as::free_port()?;
     let extra = format!(
         "databases: [app]\nendpoint:\n  port: {port}\nretainPrevious: 1h\nswitchover:\n  pauseTimeout: 2s"
@@ -93,12 +102,12 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
     step(&format!(
         "commit: BlueGreenDatabase demo at PostgreSQL {from}"
     ));
-    git::commit_file(
+    commit(
         &repo,
-        "database.yaml",
-        &doc(from),
-        &format!("demo database at PostgreSQL {from}"),
-    );
+        doc(from),
+        format!("demo database at PostgreSQL {from}"),
+    )
+    .await?;
 
     let state = StateDir::open(root.join("state"))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -124,6 +133,7 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
         grant(&endpoint, &admin, &app).await?;
 
         step(&format!("write load: {} clients, {} tx/s through the endpoint on port {port}", opts.clients, opts.rate));
+        let watchdog = Watchdog::start();
         let handle = load::start(LoadConfig {
             endpoint: endpoint.clone(),
             creds: app.clone(),
@@ -134,7 +144,7 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
         tokio::time::sleep(Duration::from_secs(2)).await;
 
         step(&format!("commit: spec.version \"{from}\" → \"{to}\""));
-        let upgrade_rev = git::commit_file(&repo, "database.yaml", &doc(to), &format!("upgrade demo to PostgreSQL {to}"));
+        let upgrade_rev = commit(&repo, doc(to), format!("upgrade demo to PostgreSQL {to}")).await?;
         let r = wait_for(&state, "upgrade", Duration::from_secs(600), |r| r.history.len() == 1 && r.attempt.is_none(), Some((&repo, &upgrade_rev))).await?;
         let failed_up = handle.failed_so_far();
         let lost_up = handle.lost_commits(&endpoint, &admin, "app").await?;
@@ -143,10 +153,14 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
         tokio::time::sleep(Duration::from_secs(2)).await;
 
         step(&format!("git revert {}", &upgrade_rev[..12]));
-        let revert_rev = git::revert(&repo, &upgrade_rev);
+        let revert_rev = {
+            let (repo, rev) = (repo.clone(), upgrade_rev.clone());
+            blocking(move || Ok(git::revert(&repo, &rev))).await?
+        };
         let r = wait_for(&state, "rollback", Duration::from_secs(600), |r| r.history.len() == 2 && r.attempt.is_none(), Some((&repo, &revert_rev))).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let report = handle.stop().await;
+        let late = watchdog.stop();
         let lost_down = load::lost_commits(&report, &endpoint, &admin, "app").await?;
         check_sequences(&endpoint, &app).await?;
         let down = switch_result(&r, 1, report.failed - failed_up, lost_down);
@@ -154,6 +168,14 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
             "load: {} committed, {} failed, max latency {:.1} ms, longest gap without a commit {:.1} ms",
             report.committed, report.failed, report.max_latency_ms, report.longest_gap_ms
         );
+        println!(
+            "runtime: a task sleeping {} ms at a time woke at most {:.1} ms late ({:.1} s into the load); the longest gap ended {:.1} s into it",
+            WATCHDOG_STEP.as_millis(),
+            late.late_ms,
+            late.at_ms / 1000.0,
+            report.longest_gap_end_ms / 1000.0
+        );
+        println!("{}", gap_check(&report, opts));
         Ok(DemoResult { upgrade: up, rollback: down })
     }
     .await;
@@ -185,7 +207,7 @@ async fn wait_for(
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        let r = state.load()?;
+        let r = state.load_async().await?;
         if done(&r) {
             return Ok(r);
         }
@@ -194,7 +216,8 @@ async fn wait_for(
             None => String::new(),
         };
         if let Some((repo, rev)) = notes_of
-            && let Some(u) = GitNotes::read(repo, rev)
+            && let Some(u) = read_notes(repo, rev)
+                .await
                 .ok()
                 .and_then(|v| v.into_iter().last())
         {
@@ -213,6 +236,119 @@ async fn wait_for(
             bail!("{what} did not finish within {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Commits the document (git2, on the blocking pool: the load runs meanwhile).
+async fn commit(repo: &Path, document: String, message: String) -> anyhow::Result<String> {
+    let repo = repo.to_path_buf();
+    blocking(move || {
+        Ok(git::commit_file(
+            &repo,
+            "database.yaml",
+            &document,
+            &message,
+        ))
+    })
+    .await
+}
+
+/// The updates noted on a commit (git2, on the blocking pool).
+async fn read_notes(repo: &Path, revision: &str) -> anyhow::Result<Vec<Update>> {
+    let (repo, revision) = (repo.to_path_buf(), revision.to_string());
+    blocking(move || GitNotes::read(&repo, &revision)).await
+}
+
+/// Stops the endpoint and the instances, off the runtime's worker threads.
+async fn stop(state: &StateDir) -> anyhow::Result<()> {
+    pgflip_engine::adapters::pgbouncer::stop_endpoint_async(state).await?;
+    pgflip_engine::adapters::local_instances::stop_all_async(state).await
+}
+
+/// How often each watchdog task wakes.
+const WATCHDOG_STEP: Duration = Duration::from_millis(5);
+/// Watchdog tasks: more than the runtime's worker threads, so that one of them is likely
+/// queued behind whatever stalls a worker.
+const WATCHDOGS: usize = 4;
+
+/// Tasks that sleep in short steps and note how late they wake: a runtime worker thread
+/// stuck in blocking work (or a machine too busy to run the process) shows as a late
+/// wake-up, at a time that can be matched with the demo's phases.
+struct Watchdog {
+    worst: std::sync::Arc<std::sync::Mutex<Late>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Late {
+    late_ms: f64,
+    /// Since the watchdog started.
+    at_ms: f64,
+}
+
+impl Watchdog {
+    fn start() -> Watchdog {
+        let worst = std::sync::Arc::new(std::sync::Mutex::new(Late::default()));
+        let started = tokio::time::Instant::now();
+        let tasks = (0..WATCHDOGS)
+            .map(|_| {
+                let worst = worst.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let asleep = tokio::time::Instant::now();
+                        tokio::time::sleep(WATCHDOG_STEP).await;
+                        let late = asleep.elapsed().saturating_sub(WATCHDOG_STEP);
+                        let late_ms = late.as_secs_f64() * 1000.0;
+                        let mut w = worst.lock().unwrap();
+                        if late_ms > w.late_ms {
+                            *w = Late {
+                                late_ms,
+                                at_ms: started.elapsed().as_secs_f64() * 1000.0,
+                            };
+                        }
+                    }
+                })
+            })
+            .collect();
+        Watchdog { worst, tasks }
+    }
+
+    fn stop(self) -> Late {
+        for t in &self.tasks {
+            t.abort();
+        }
+        *self.worst.lock().unwrap()
+    }
+}
+
+/// Whether the clients' longest stretch without a commit is explained by their own
+/// transactions: while any transaction is in flight the clients wait on the database
+/// (a switchover's pause shows as one slow transaction), so a gap longer than the
+/// slowest transaction plus one client's tick means no client was even running: the
+/// runtime was blocked. A failed transaction (a reconnect) can also explain a gap.
+fn gap_check(report: &load::LoadReport, opts: &DemoOptions) -> String {
+    let tick_ms = if opts.rate > 0 {
+        1000.0 * opts.clients as f64 / f64::from(opts.rate)
+    } else {
+        0.0
+    };
+    // Timer granularity and waking a task: a few ms on a busy machine.
+    let slack_ms = tick_ms + 10.0;
+    let excess = report.longest_gap_ms - report.max_latency_ms;
+    if excess <= slack_ms {
+        format!(
+            "runtime check: ok, the longest gap ({:.1} ms) is within the slowest transaction ({:.1} ms) plus {slack_ms:.0} ms of scheduling",
+            report.longest_gap_ms, report.max_latency_ms
+        )
+    } else if report.failed > 0 {
+        format!(
+            "runtime check: the longest gap is {excess:.1} ms longer than the slowest transaction; {} failed transactions (reconnects) may explain it",
+            report.failed
+        )
+    } else {
+        format!(
+            "runtime check: WARNING: the longest gap is {excess:.1} ms longer than the slowest transaction: something blocked the runtime"
+        )
     }
 }
 

@@ -57,7 +57,7 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
             .map(|f| f.with_context(format!("pgflip/{name}"))),
     };
     // Until a first valid desired state there is no runner: bad revisions are only reported.
-    let mut unstarted = Some(state.load()?);
+    let mut unstarted = Some(state.load_async().await?);
     let mut runner: Option<LocalRunner> = None;
     loop {
         if *stop.borrow() {
@@ -139,6 +139,6 @@ fn build_driver(
 
 /// Stops the endpoint and every instance of a state directory.
 pub async fn stop(state: &StateDir) -> anyhow::Result<()> {
-    pgflip_engine::adapters::pgbouncer::stop_endpoint(state)?;
-    pgflip_engine::adapters::local_instances::stop_all(state)
+    pgflip_engine::adapters::pgbouncer::stop_endpoint_async(state).await?;
+    pgflip_engine::adapters::local_instances::stop_all_async(state).await
 }

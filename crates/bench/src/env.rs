@@ -135,7 +135,7 @@ impl Env {
     ) -> anyhow::Result<Record> {
         let started = Instant::now();
         loop {
-            let r = self.record()?;
+            let r = self.state.load_async().await?;
             if done(&r) {
                 return Ok(r);
             }

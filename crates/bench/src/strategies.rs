@@ -19,7 +19,7 @@ use pgflip_core::plan::{Color, Member, SwitchMeasurement};
 use pgflip_core::spec::{Desired, Major};
 use pgflip_engine::adapters::local_instances::LocalInstances;
 use pgflip_engine::adapters::pgbouncer::PgBouncer;
-use pgflip_engine::adapters::run_as::{RunAs, run};
+use pgflip_engine::adapters::run_as::{RunAs, run_async};
 use pgflip_engine::pg::connect;
 use pgflip_engine::ports::Addr;
 use pgflip_engine::ports::Instances;
@@ -247,17 +247,18 @@ pub async fn in_place(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Me
     let green = instances.ensure(&new, &desired).await?;
     let run_as = RunAs::detect()?;
     let instance_dir = |c: Color| env.state.dir("instances").join(c.as_str());
-    let pg_ctl = |major: Major, color: Color, verb: &str| -> anyhow::Result<String> {
-        run(run_as
-            .command(&toolchain.server_bin(major.0)?.join("pg_ctl"))
-            .arg(verb)
+    // Through tokio::process: the ledger clients run on this runtime meanwhile.
+    let pg_ctl = |major: Major, color: Color, verb: &str| -> anyhow::Result<_> {
+        let mut cmd = run_as.command(&toolchain.server_bin(major.0)?.join("pg_ctl"));
+        cmd.arg(verb)
             .arg("-D")
             .arg(instance_dir(color).join("data"))
             .arg("-l")
             .arg(instance_dir(color).join("server.log"))
-            .args(["-m", "fast", "-w", "-t", "300"]))
+            .args(["-m", "fast", "-w", "-t", "300"]);
+        Ok(run_async(cmd))
     };
-    pg_ctl(to, Color::Green, "stop")?;
+    pg_ctl(to, Color::Green, "stop")?.await?;
     let mut upgrade = run_as.command(&toolchain.upgrade_bin(to.0)?.join("pg_upgrade"));
     upgrade
         .current_dir(instance_dir(Color::Green))
@@ -271,9 +272,9 @@ pub async fn in_place(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Me
         .arg(instance_dir(Color::Green).join("data"))
         .args(["--link", "-U", &env.admin.user]);
     offline(env, &router, &desired, &green, load, async |_: &Env| {
-        pg_ctl(from.major, Color::Blue, "stop")?;
-        run(&mut upgrade).context("pg_upgrade --link")?;
-        pg_ctl(to, Color::Green, "start")?;
+        pg_ctl(from.major, Color::Blue, "stop")?.await?;
+        run_async(upgrade).await.context("pg_upgrade --link")?;
+        pg_ctl(to, Color::Green, "start")?.await?;
         Ok(())
     })
     .await

@@ -60,6 +60,8 @@ pub struct LoadReport {
     pub p99_latency_ms: f64,
     /// The longest window without a committed transaction, between the first and the last.
     pub longest_gap_ms: f64,
+    /// When that window ended (the commit after it), in ms since the load started.
+    pub longest_gap_end_ms: f64,
     pub latencies: Vec<Sample>,
     /// `(client, seq)` of every acknowledged commit.
     #[serde(skip)]
@@ -200,14 +202,17 @@ fn summarize(report: &mut LoadReport) {
     // Between the first and the last commit: connecting at the start and stopping at the
     // end are not outages.
     let mut commits = report.latencies.iter().filter(|s| s.ok).map(|s| s.at_ms);
-    let mut gap = 0.0f64;
+    let (mut gap, mut gap_end) = (0.0f64, 0.0f64);
     if let Some(mut last) = commits.next() {
         for at in commits {
-            gap = gap.max(at - last);
+            if at - last > gap {
+                (gap, gap_end) = (at - last, at);
+            }
             last = at;
         }
     }
     report.longest_gap_ms = gap;
+    report.longest_gap_end_ms = gap_end;
 }
 
 /// The `q` quantile of sorted values (nearest rank).
@@ -387,6 +392,7 @@ mod tests {
         assert_eq!(r.p99_latency_ms, 250.0);
         // 400 → 990: the failure at 300 is no commit.
         assert_eq!(r.longest_gap_ms, 590.0);
+        assert_eq!(r.longest_gap_end_ms, 990.0);
     }
 
     #[test]

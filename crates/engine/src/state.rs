@@ -45,6 +45,21 @@ impl StateDir {
         write_atomic(&self.record_path(), &bytes, 0o600)
     }
 
+    /// [`StateDir::load`] for async code: the read runs on the blocking pool.
+    pub async fn load_async(&self) -> anyhow::Result<Record> {
+        let state = self.clone();
+        blocking(move || state.load()).await
+    }
+
+    /// [`StateDir::save`] for async code: the record is serialized here, then written and
+    /// fsynced (file and directory) on the blocking pool, not on a runtime worker, where
+    /// a slow fsync would stall every other task (clients' connections among them).
+    pub async fn save_async(&self, record: &Record) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(record)?;
+        let path = self.record_path();
+        blocking(move || write_atomic(&path, &bytes, 0o600)).await
+    }
+
     /// The admin credentials: `$PGFLIP_ADMIN_PASSWORD`, else `secrets/admin-password`
     /// (generated on first use, mode 0600).
     pub fn admin_credentials(&self) -> anyhow::Result<Credentials> {
@@ -118,6 +133,23 @@ pub fn rfc3339_ms(ms: u64) -> String {
         .to_string()
 }
 
+/// Runs blocking work (file writes with fsync, directory trees, git2) on tokio's blocking
+/// pool, so that async code never stalls the runtime's worker threads.
+pub async fn blocking<T, F>(work: F) -> anyhow::Result<T>
+where
+    F: FnOnce() -> anyhow::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("a blocking worker thread failed")?
+}
+
+/// [`write_atomic`] for async code (on the blocking pool).
+pub async fn write_atomic_async(path: PathBuf, bytes: Vec<u8>, mode: u32) -> anyhow::Result<()> {
+    blocking(move || write_atomic(&path, &bytes, mode)).await
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -127,8 +159,6 @@ pub fn now_ms() -> u64 {
 
 impl crate::ports::Journal for StateDir {
     async fn save(&self, record: &Record) -> anyhow::Result<()> {
-        // The write and its fsyncs block: off the runtime.
-        let (dir, record) = (self.clone(), record.clone());
-        tokio::task::spawn_blocking(move || dir.save(&record)).await?
+        self.save_async(record).await
     }
 }

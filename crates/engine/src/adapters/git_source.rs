@@ -101,6 +101,21 @@ impl GitSource {
         })
     }
 
+    /// [`GitSource::open`] for async code: opening a repository, and creating or reusing
+    /// the clone of a URL, is git2 and file work, done on the blocking pool.
+    pub async fn open_async(
+        repo: String,
+        branch: String,
+        file: Option<String>,
+        cache_dir: PathBuf,
+    ) -> anyhow::Result<GitSource> {
+        tokio::task::spawn_blocking(move || {
+            GitSource::open(&repo, &branch, file.as_deref(), &cache_dir)
+        })
+        .await
+        .context("the Git worker thread failed")?
+    }
+
     /// The repository on disk actually read: the path given, or the clone of the URL.
     pub fn repo_dir(&self) -> PathBuf {
         match &self.location {

@@ -4,18 +4,18 @@
 //! Layout: `<state>/instances/<color>/{data/, instance.json, server.log}`; the socket
 //! directory is the instance directory itself (mode 0700, owned by the server user).
 
-use super::run_as::{RunAs, free_port, run};
+use super::run_as::{RunAs, free_port, run_async, succeeds};
 use crate::ports::{Addr, Credentials};
 use crate::ports::{Instances, Result};
 use crate::replication::SERVER_SETTINGS;
-use crate::state::{StateDir, write_atomic};
+use crate::state::{StateDir, blocking, write_atomic};
 use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};
 use pgflip_core::plan::Member;
 use pgflip_core::spec::Desired;
 use pgflip_core::spec::Major;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct InstanceFile {
@@ -57,8 +57,10 @@ impl LocalInstances {
         self.state.dir("instances").join(member.color.as_str())
     }
 
-    fn read_file(&self, member: &Member) -> Option<InstanceFile> {
-        let bytes = std::fs::read(self.dir(member).join("instance.json")).ok()?;
+    async fn read_file(&self, member: &Member) -> Option<InstanceFile> {
+        let bytes = tokio::fs::read(self.dir(member).join("instance.json"))
+            .await
+            .ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -66,36 +68,26 @@ impl LocalInstances {
         Ok(self.toolchain.server_bin(major.0)?.join("pg_ctl"))
     }
 
-    fn running(&self, member: &Member, major: Major) -> anyhow::Result<bool> {
+    async fn running(&self, member: &Member, major: Major) -> anyhow::Result<bool> {
         let data = self.dir(member).join("data");
-        let status = self
-            .run_as
-            .command(&self.pg_ctl(major)?)
-            .arg("status")
-            .arg("-D")
-            .arg(&data)
-            .output()?;
-        Ok(status.status.success())
+        let mut cmd = self.run_as.command(&self.pg_ctl(major)?);
+        cmd.arg("status").arg("-D").arg(&data);
+        succeeds(cmd).await
     }
 
-    fn init(&self, member: &Member) -> anyhow::Result<InstanceFile> {
+    async fn init(&self, member: &Member) -> anyhow::Result<InstanceFile> {
         let bin = self.toolchain.server_bin(member.major.0)?;
         let dir = self.dir(member);
-        // A half-made directory from an interrupted init is discarded and made again.
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
-        }
-        std::fs::create_dir_all(&dir)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        self.run_as.own(&dir)?;
+        let run_as = self.run_as;
         let pwfile = dir.join("pwfile");
-        write_atomic(&pwfile, self.admin.password.as_bytes(), 0o600)?;
-        self.run_as.own(&pwfile)?;
+        {
+            let (dir, pwfile) = (dir.clone(), pwfile.clone());
+            let password = self.admin.password.clone();
+            blocking(move || make_instance_dir(&dir, &pwfile, &password, run_as)).await?;
+        }
         let data = dir.join("data");
-        let result = run(self
-            .run_as
-            .command(&bin.join("initdb"))
+        let mut initdb = run_as.command(&bin.join("initdb"));
+        initdb
             .arg("-D")
             .arg(&data)
             .arg("-U")
@@ -109,61 +101,37 @@ impl LocalInstances {
                 "UTF8",
                 "--no-locale",
                 "--no-sync",
-            ]));
-        let _ = std::fs::remove_file(&pwfile);
+            ]);
+        let result = run_async(initdb).await;
+        let _ = tokio::fs::remove_file(&pwfile).await;
         result.context("initdb")?;
-        let port = free_port()?;
-        let mut conf = format!(
-            "\n# pgflip\nport = {port}\nunix_socket_directories = '{}'\n",
-            dir.display()
-        );
-        for (k, v) in SERVER_SETTINGS.iter().chain(LOCAL_SETTINGS) {
-            conf.push_str(&format!("{k} = {v}\n"));
-        }
-        let conf_path = data.join("postgresql.conf");
-        let mut existing = std::fs::read_to_string(&conf_path)?;
-        existing.push_str(&conf);
-        std::fs::write(&conf_path, existing)?;
-        let hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n";
-        std::fs::write(data.join("pg_hba.conf"), hba)?;
         let file = InstanceFile {
             major: member.major,
-            port,
+            port: free_port()?,
         };
-        write_atomic(
-            &dir.join("instance.json"),
-            &serde_json::to_vec(&file)?,
-            0o644,
-        )?;
+        let written = file.clone();
+        blocking(move || configure(&dir, &written)).await?;
         Ok(file)
     }
 
-    fn start(&self, member: &Member, file: &InstanceFile) -> anyhow::Result<()> {
+    async fn start(&self, member: &Member, file: &InstanceFile) -> anyhow::Result<()> {
         let dir = self.dir(member);
         // Another process may have taken the port while the server was down: move it.
         let mut file = file.clone();
         if std::net::TcpListener::bind(("127.0.0.1", file.port)).is_err() {
             file.port = free_port()?;
-            let conf_path = dir.join("data/postgresql.conf");
-            let mut conf = std::fs::read_to_string(&conf_path)?;
-            conf.push_str(&format!("port = {}\n", file.port));
-            std::fs::write(&conf_path, conf)?;
-            write_atomic(
-                &dir.join("instance.json"),
-                &serde_json::to_vec(&file)?,
-                0o644,
-            )?;
+            let (dir, file) = (dir.clone(), file.clone());
+            blocking(move || move_port(&dir, &file)).await?;
         }
-        run(self
-            .run_as
-            .command(&self.pg_ctl(file.major)?)
+        let mut pg_ctl = self.run_as.command(&self.pg_ctl(file.major)?);
+        pg_ctl
             .arg("start")
             .arg("-D")
             .arg(dir.join("data"))
             .arg("-l")
             .arg(dir.join("server.log"))
-            .args(["-w", "-t", "120"]))
-        .with_context(|| {
+            .args(["-w", "-t", "120"]);
+        run_async(pg_ctl).await.with_context(|| {
             format!(
                 "starting {member}; see {}",
                 dir.join("server.log").display()
@@ -173,10 +141,66 @@ impl LocalInstances {
     }
 }
 
+/// A fresh instance directory (mode 0700, owned by the server user) holding the password
+/// file for initdb. A half-made directory from an interrupted init is discarded first.
+fn make_instance_dir(
+    dir: &Path,
+    pwfile: &Path,
+    password: &str,
+    run_as: RunAs,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    run_as.own(dir)?;
+    write_atomic(pwfile, password.as_bytes(), 0o600)?;
+    run_as.own(pwfile)
+}
+
+/// After initdb: pgflip's settings, the access rules and `instance.json`.
+fn configure(dir: &Path, file: &InstanceFile) -> anyhow::Result<()> {
+    let data = dir.join("data");
+    let mut conf = format!(
+        "\n# pgflip\nport = {}\nunix_socket_directories = '{}'\n",
+        file.port,
+        dir.display()
+    );
+    for (k, v) in SERVER_SETTINGS.iter().chain(LOCAL_SETTINGS) {
+        conf.push_str(&format!("{k} = {v}\n"));
+    }
+    let conf_path = data.join("postgresql.conf");
+    let mut existing = std::fs::read_to_string(&conf_path)?;
+    existing.push_str(&conf);
+    std::fs::write(&conf_path, existing)?;
+    let hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n";
+    std::fs::write(data.join("pg_hba.conf"), hba)?;
+    write_atomic(
+        &dir.join("instance.json"),
+        &serde_json::to_vec(file)?,
+        0o644,
+    )
+}
+
+/// Moves a stopped instance to `file.port` (its own was taken meanwhile).
+fn move_port(dir: &Path, file: &InstanceFile) -> anyhow::Result<()> {
+    let conf_path = dir.join("data/postgresql.conf");
+    let mut conf = std::fs::read_to_string(&conf_path)?;
+    conf.push_str(&format!("port = {}\n", file.port));
+    std::fs::write(&conf_path, conf)?;
+    write_atomic(
+        &dir.join("instance.json"),
+        &serde_json::to_vec(file)?,
+        0o644,
+    )
+}
+
 impl Instances for LocalInstances {
     async fn ensure(&self, member: &Member, _desired: &Desired) -> Result<Addr> {
         let member = *member;
-        let file = match self.read_file(&member) {
+        let file = match self.read_file(&member).await {
             Some(f) if f.major == member.major => f,
             Some(f) => bail!(
                 "{} already holds PostgreSQL {}, not {}: remove it first",
@@ -184,12 +208,15 @@ impl Instances for LocalInstances {
                 f.major,
                 member.major
             ),
-            None => self.init(&member)?,
+            None => self.init(&member).await?,
         };
-        if !self.running(&member, file.major)? {
-            self.start(&member, &file)?;
+        if !self.running(&member, file.major).await? {
+            self.start(&member, &file).await?;
         }
-        let file = self.read_file(&member).context("instance.json vanished")?;
+        let file = self
+            .read_file(&member)
+            .await
+            .context("instance.json vanished")?;
         let addr = Addr {
             host: "127.0.0.1".into(),
             port: file.port,
@@ -201,6 +228,7 @@ impl Instances for LocalInstances {
     async fn addr(&self, member: &Member, _desired: &Desired) -> Result<Option<Addr>> {
         Ok(self
             .read_file(member)
+            .await
             .filter(|f| f.major == member.major)
             .map(|f| Addr {
                 host: "127.0.0.1".into(),
@@ -210,22 +238,33 @@ impl Instances for LocalInstances {
 
     async fn remove(&self, member: &Member, _desired: &Desired) -> Result<()> {
         let dir = self.dir(member);
-        if let Some(file) = self.read_file(member)
-            && self.running(member, file.major)?
+        if let Some(file) = self.read_file(member).await
+            && self.running(member, file.major).await?
         {
-            run(self
-                .run_as
-                .command(&self.pg_ctl(file.major)?)
+            let mut pg_ctl = self.run_as.command(&self.pg_ctl(file.major)?);
+            pg_ctl
                 .arg("stop")
                 .arg("-D")
                 .arg(dir.join("data"))
-                .args(["-m", "fast", "-w", "-t", "60"]))?;
+                .args(["-m", "fast", "-w", "-t", "60"]);
+            run_async(pg_ctl).await?;
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-        Ok(())
+        // A data directory of many gigabytes takes a while to unlink.
+        blocking(move || {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+            }
+            Ok(())
+        })
+        .await
     }
+}
+
+/// [`stop_all`] for async code (`pgflip stop`, the demo's cleanup): on the blocking pool.
+pub async fn stop_all_async(state: &StateDir) -> anyhow::Result<()> {
+    let state = state.clone();
+    blocking(move || stop_all(&state)).await
 }
 
 /// Stops every instance under a state directory (for tests and `pgflip local --stop`).

@@ -19,10 +19,10 @@
 
 pub use super::pgbouncer_console::AdminConsole;
 use super::pgbouncer_console::CONSOLE_DB;
-use super::run_as::{RunAs, run};
+use super::run_as::{RunAs, run_async};
 use crate::ports::{Addr, Credentials};
 use crate::ports::{Result, Router};
-use crate::state::{StateDir, write_atomic};
+use crate::state::{StateDir, blocking, write_atomic};
 use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};
 use pgflip_core::spec::Desired;
@@ -90,8 +90,8 @@ impl PgBouncer {
         self.dir.join("pgbouncer.ini")
     }
 
-    fn read_config(&self) -> anyhow::Result<Option<EndpointConfig>> {
-        let text = match std::fs::read_to_string(self.ini_path()) {
+    async fn read_config(&self) -> anyhow::Result<Option<EndpointConfig>> {
+        let text = match tokio::fs::read_to_string(self.ini_path()).await {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).context("reading pgbouncer.ini"),
@@ -105,41 +105,56 @@ impl PgBouncer {
         ))
     }
 
-    fn write_config(&self, config: &EndpointConfig) -> anyhow::Result<()> {
+    /// Writes (and fsyncs) the ini on the blocking pool: `repoint` does this while the
+    /// clients are paused, and nothing else may stall meanwhile.
+    async fn write_config(&self, config: &EndpointConfig) -> anyhow::Result<()> {
         let ini = render_ini(config, "127.0.0.1", &self.dir, &self.admin.user)?;
-        write_atomic(&self.ini_path(), ini.as_bytes(), 0o644)?;
-        self.run_as.own(&self.ini_path())
+        let (path, run_as) = (self.ini_path(), self.run_as);
+        blocking(move || {
+            write_atomic(&path, ini.as_bytes(), 0o644)?;
+            run_as.own(&path)
+        })
+        .await
     }
 
     /// The directory, socket directory and userlist, owned by the server user.
-    fn prepare_dir(&self) -> anyhow::Result<()> {
-        let socket = self.dir.join("socket");
-        std::fs::create_dir_all(&socket)
-            .with_context(|| format!("creating {}", socket.display()))?;
-        for d in [&self.dir, &socket] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
-            self.run_as.own(d)?;
-        }
+    async fn prepare_dir(&self) -> anyhow::Result<()> {
+        let (dir, run_as) = (self.dir.clone(), self.run_as);
         // Plaintext, so PgBouncer can both answer the admin's SCRAM login and log in to
         // the servers as the admin (which `auth_query` needs for every other role).
-        let userlist = self.dir.join("userlist.txt");
         let line = format!(
             "{} {}\n",
             userlist_field(&self.admin.user),
             userlist_field(&self.admin.password)
         );
-        write_atomic(&userlist, line.as_bytes(), 0o600)?;
-        self.run_as.own(&userlist)
+        blocking(move || {
+            let socket = dir.join("socket");
+            std::fs::create_dir_all(&socket)
+                .with_context(|| format!("creating {}", socket.display()))?;
+            for d in [&dir, &socket] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+                run_as.own(d)?;
+            }
+            let userlist = dir.join("userlist.txt");
+            write_atomic(&userlist, line.as_bytes(), 0o600)?;
+            run_as.own(&userlist)
+        })
+        .await
     }
 
     /// The pid in the pidfile, if that process is alive.
-    fn pid(&self) -> Option<nix::unistd::Pid> {
-        read_live_pid(&self.dir.join("pgbouncer.pid"))
+    async fn pid(&self) -> Option<nix::unistd::Pid> {
+        let text = tokio::fs::read_to_string(self.dir.join("pgbouncer.pid"))
+            .await
+            .ok()?;
+        live_pid(&text)
     }
 
     async fn start(&self) -> anyhow::Result<()> {
         let bin = self.toolchain.pgbouncer()?;
-        run(self.run_as.command(&bin).arg("-d").arg(self.ini_path())).with_context(|| {
+        let mut cmd = self.run_as.command(&bin);
+        cmd.arg("-d").arg(self.ini_path());
+        run_async(cmd).await.with_context(|| {
             format!(
                 "starting PgBouncer; see {}",
                 self.dir.join("pgbouncer.log").display()
@@ -159,8 +174,8 @@ impl PgBouncer {
     /// Stops the PgBouncer process (tests, demo cleanup). Clients are disconnected.
     pub async fn stop(&self) -> anyhow::Result<()> {
         self.console.forget().await;
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || stop_pidfile(&dir.join("pgbouncer.pid"))).await?
+        let pidfile = self.dir.join("pgbouncer.pid");
+        blocking(move || stop_pidfile(&pidfile)).await
     }
 }
 
@@ -169,7 +184,7 @@ impl Router for PgBouncer {
         let mut databases = desired.databases.clone();
         databases.sort();
         databases.dedup();
-        let stored = self.read_config()?;
+        let stored = self.read_config().await?;
         let target = stored
             .as_ref()
             .map_or_else(|| initial.clone(), |c| c.target.clone());
@@ -178,7 +193,7 @@ impl Router for PgBouncer {
             target,
             databases,
         };
-        let running = self.pid().is_some();
+        let running = self.pid().await.is_some();
         if let Some(stored) = stored.as_ref().filter(|_| running)
             && stored.listen_port != self.listen_port
         {
@@ -188,9 +203,9 @@ impl Router for PgBouncer {
                 self.listen_port
             );
         }
-        self.prepare_dir()?;
+        self.prepare_dir().await?;
         if stored.as_ref() != Some(&wanted) {
-            self.write_config(&wanted)?;
+            self.write_config(&wanted).await?;
         }
         if running {
             self.console
@@ -207,7 +222,7 @@ impl Router for PgBouncer {
     }
 
     async fn target(&self) -> Result<Option<Addr>> {
-        Ok(self.read_config()?.map(|c| c.target))
+        Ok(self.read_config().await?.map(|c| c.target))
     }
 
     async fn pause(&self, timeout: Duration) -> Result<()> {
@@ -216,10 +231,11 @@ impl Router for PgBouncer {
 
     async fn repoint(&self, _desired: &Desired, target: &Addr) -> Result<()> {
         let mut config = self
-            .read_config()?
+            .read_config()
+            .await?
             .context("the endpoint has no configuration yet: ensure it first")?;
         config.target = target.clone();
-        self.write_config(&config)?;
+        self.write_config(&config).await?;
         self.console.command("RELOAD").await
     }
 
@@ -311,7 +327,11 @@ pub fn render_ini(
 }
 
 fn read_live_pid(pidfile: &Path) -> Option<nix::unistd::Pid> {
-    let text = std::fs::read_to_string(pidfile).ok()?;
+    live_pid(&std::fs::read_to_string(pidfile).ok()?)
+}
+
+/// The pid written in a pidfile's `text`, if that process is alive.
+fn live_pid(text: &str) -> Option<nix::unistd::Pid> {
     let pid = nix::unistd::Pid::from_raw(text.trim().parse().ok()?);
     nix::sys::signal::kill(pid, None).ok().map(|()| pid)
 }
@@ -337,6 +357,13 @@ fn stop_pidfile(pidfile: &Path) -> anyhow::Result<()> {
 /// Stops the endpoint of a state directory, if one runs (for tests and `pgflip local --stop`).
 pub fn stop_endpoint(state: &StateDir) -> anyhow::Result<()> {
     stop_pidfile(&endpoint_dir(state).join("pgbouncer.pid"))
+}
+
+/// [`stop_endpoint`] for async code: its wait for the process to exit runs on the
+/// blocking pool.
+pub async fn stop_endpoint_async(state: &StateDir) -> anyhow::Result<()> {
+    let pidfile = endpoint_dir(state).join("pgbouncer.pid");
+    blocking(move || stop_pidfile(&pidfile)).await
 }
 
 #[cfg(test)]

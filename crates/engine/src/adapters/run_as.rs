@@ -112,6 +112,48 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// [`run`] for async code: the process is spawned and waited for through
+/// `tokio::process`, so the runtime's worker thread is free while it runs (`pg_ctl start
+/// -w`, `initdb` take seconds). Everything set on `cmd` (the user, process group,
+/// environment) is kept. Not killed if the future is dropped, as [`run`] could not be
+/// interrupted either: a server start half-done is finished rather than torn.
+pub async fn run_async(cmd: Command) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::from(cmd);
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .with_context(|| format!("running {}", describe(cmd.as_std())))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!(
+            "{:?} failed ({}): {}",
+            cmd.as_std().get_program(),
+            out.status,
+            text.trim()
+        );
+    }
+    Ok(text)
+}
+
+/// Whether a command exits successfully (its output discarded), waited for without
+/// blocking the runtime.
+pub async fn succeeds(cmd: Command) -> anyhow::Result<bool> {
+    let mut cmd = tokio::process::Command::from(cmd);
+    let status = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("running {}", describe(cmd.as_std())))?;
+    Ok(status.success())
+}
+
 /// Asks the OS for a free TCP port on loopback.
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
