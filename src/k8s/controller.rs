@@ -8,10 +8,14 @@
 //! before it reports, so an object read after a revision is at least that revision's) →
 //! take a new revision's spec (a bad one: Stalled, a failure on the commit, nothing
 //! touched) → run engine steps for up to a couple of seconds → write status, annotations.
+//! Nothing waits inside a reconcile: a pod not Ready yet, a claim not gone yet is
+//! [`NotReady`](crate::adapters::NotReady), and the object is looked at again shortly.
+//! A deleted object is forgotten (its engine and the endpoint's console session dropped);
+//! its data is not touched.
 //! Only the lease holder reconciles; a controller that loses its lease stops at once,
 //! which the engine survives like a kill.
 
-use super::api::{FIELD_MANAGER, apply_params};
+use super::api::{FIELD_MANAGER, apply_params, is_not_ready};
 use super::crd::BlueGreenDatabase;
 use super::endpoint::KubeEndpoint;
 use super::flux::{KustomizationStatus, NAME_LABEL, NAMESPACE_LABEL, Revision};
@@ -77,6 +81,8 @@ pub struct ControllerOptions {
 
 /// How long one reconcile runs engine steps before it lets go (other objects, status).
 const STEPS_PER_RECONCILE: Duration = Duration::from_secs(2);
+/// When to look again at what is not there yet (a pod starting, a claim going away).
+const WAITING_REQUEUE: Duration = Duration::from_millis(1500);
 
 type KubeEngine = Engine<KubeInstances, KubeEndpoint, KubeSinks, ConfigMapJournal>;
 
@@ -167,7 +173,10 @@ pub async fn run(
     let objects: Api<BlueGreenDatabase> = Api::all(client.clone());
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=pgflip");
     let mut shutdown = stop.clone();
-    let controller = Controller::new(objects, watcher::Config::default())
+    let controller = Controller::new(objects, watcher::Config::default());
+    let store = controller.store();
+    let forgetting = context.clone();
+    let controller = controller
         .owns(Api::<Service>::all(client.clone()), managed.clone())
         // StatefulSets carry no owner reference (data outlives the object): found by label.
         .watches(Api::<StatefulSet>::all(client.clone()), managed, |sts| {
@@ -178,9 +187,21 @@ pub async fn run(
             let _ = shutdown.wait_for(|s| *s).await;
         })
         .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile");
+        .for_each(|result| {
+            let (store, shared) = (store.clone(), forgetting.clone());
+            async move {
+                let Err(e) = result else { return };
+                // A deleted object is never reconciled again (kube-runtime finds it gone
+                // from its store): its requeue or a watched object's change says so here.
+                if let Some((namespace, name)) = deleted_object(&e)
+                    && store
+                        .get(&ObjectRef::new(&name).within(&namespace))
+                        .is_none()
+                {
+                    shared.forget(&namespace, &name).await;
+                } else {
+                    tracing::debug!(error = %e, "reconcile");
+                }
             }
         });
     let outcome = tokio::select! {
@@ -314,6 +335,7 @@ async fn reconcile(
     // The Kustomization first, then the object (see the module comment).
     let origin = origin(&context.client, &object).await?;
     let Some(object) = api.get_opt(&name).await.map_err(anyhow::Error::from)? else {
+        context.forget(&namespace, &name).await;
         return Ok(Action::await_change());
     };
     let live = object.desired();
@@ -341,19 +363,24 @@ async fn reconcile(
     let waiting_for_flux = waiting_for_flux(&origin, live.is_ok(), &record, &document);
 
     let mut busy = false;
+    // What the engine waits for, not there yet: not a failure, looked at again soon.
+    let mut waiting: Option<anyhow::Error> = None;
     if let Some(taken) = record.desired.clone() {
         let desired = spec::parse(&taken.document).context("a stored document was valid")?;
         *database.current.write().unwrap() = (object.clone(), desired.clone());
         if !database.adopted.load(Ordering::Relaxed) {
-            database.engine.adopt(&record, &desired).await?;
-            database.adopted.store(true, Ordering::Relaxed);
+            match database.engine.adopt(&record, &desired).await {
+                Ok(()) => database.adopted.store(true, Ordering::Relaxed),
+                Err(e) if is_not_ready(&e) => waiting = Some(e),
+                Err(e) => return Err(e.into()),
+            }
         }
         let wanted = Wanted {
             revision: &taken.revision,
             desired: &desired,
         };
         let started = Instant::now();
-        while started.elapsed() < STEPS_PER_RECONCILE {
+        while waiting.is_none() && started.elapsed() < STEPS_PER_RECONCILE {
             let progress = database.engine.reconcile(&mut record, &wanted).await;
             publish_status(&api, &object, &record, waiting_for_flux).await?;
             let phase = record.attempt.as_ref().map_or("idle", |a| a.phase.as_str());
@@ -364,12 +391,16 @@ async fn reconcile(
                     busy = false;
                     break;
                 }
+                Err(e) if is_not_ready(&e) => waiting = Some(e),
                 Err(e) => {
                     context.metrics.error("step");
                     return Err(e.into());
                 }
             }
         }
+    }
+    if let Some(why) = &waiting {
+        tracing::debug!(object = %name, "waiting: {why:#}");
     }
     let taken = record
         .desired
@@ -381,13 +412,34 @@ async fn reconcile(
         context.metrics.set_lag(&namespace, &name, lag);
     }
     publish_status(&api, &object, &record, waiting_for_flux).await?;
-    Ok(if busy {
+    Ok(next_reconcile(busy, waiting.is_some(), waiting_for_flux))
+}
+
+/// When to reconcile again: at once while steps remain, soon while something is not
+/// there yet or Flux has not reported the revision, else at a steady pace (lag, standby
+/// retention).
+fn next_reconcile(busy: bool, waiting: bool, waiting_for_flux: bool) -> Action {
+    if waiting {
+        Action::requeue(WAITING_REQUEUE)
+    } else if busy {
         Action::requeue(Duration::from_millis(10))
     } else if waiting_for_flux {
         Action::requeue(Duration::from_secs(1))
     } else {
         Action::requeue(Duration::from_secs(10))
-    })
+    }
+}
+
+/// The object a scheduled reconcile found deleted: (namespace, name).
+fn deleted_object<R, Q>(
+    error: &kube::runtime::controller::Error<R, Q>,
+) -> Option<(String, String)> {
+    match error {
+        kube::runtime::controller::Error::ObjectNotFound(r) => {
+            Some((r.namespace.clone()?, r.name.clone()))
+        }
+        _ => None,
+    }
 }
 
 /// The replication lag that matters now: the running attempt's link once data flows,
@@ -482,6 +534,15 @@ async fn publish_status(
 }
 
 impl Shared {
+    /// Drops a deleted object's engine, and with it the endpoint's console session. Its
+    /// data, endpoint and journal stay: an object created again under the name takes them up.
+    async fn forget(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        if self.databases.lock().await.remove(&key).is_some() {
+            tracing::info!(%namespace, %name, "the object is gone: forgot its database");
+        }
+    }
+
     /// The database's engine, made on first sight (its admin Secret created if absent).
     /// None while the object has never been valid: nothing is created for it.
     async fn database(
@@ -690,6 +751,46 @@ mod tests {
             "conditions": [{"type": "Ready", "status": "True", "reason": "ReconciliationSucceeded", "message": ""}],
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn waiting_requeues_soon_and_wins_over_busy() {
+        assert_eq!(
+            next_reconcile(true, true, false),
+            Action::requeue(WAITING_REQUEUE)
+        );
+        assert_eq!(
+            next_reconcile(false, true, true),
+            Action::requeue(WAITING_REQUEUE)
+        );
+        assert_eq!(
+            next_reconcile(true, false, false),
+            Action::requeue(Duration::from_millis(10))
+        );
+        assert_eq!(
+            next_reconcile(false, false, true),
+            Action::requeue(Duration::from_secs(1))
+        );
+        assert_eq!(
+            next_reconcile(false, false, false),
+            Action::requeue(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn a_reconcile_of_a_gone_object_names_it() {
+        type E = kube::runtime::controller::Error<ReconcileError, std::io::Error>;
+        let gone = ObjectRef::<BlueGreenDatabase>::new("orders").within("shop");
+        let e = E::ObjectNotFound(Box::new(gone.clone().erase()));
+        assert_eq!(
+            deleted_object(&e),
+            Some(("shop".to_string(), "orders".to_string()))
+        );
+        let failed = E::ReconcilerFailed(
+            ReconcileError(anyhow::anyhow!("boom")),
+            Box::new(gone.erase()),
+        );
+        assert_eq!(deleted_object(&failed), None);
     }
 
     #[test]
