@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::database::{admin, condition, endpoint, is_ready_at, server_version};
+use common::database::{
+    admin, condition, endpoint, is_ready_at, other_console_sessions, server_version,
+};
 use common::kube::Cluster;
 use common::node_agent::NodeAgent;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -591,6 +593,19 @@ async fn an_object_without_flux_switches_on_each_generation() {
         ("16", "17")
     );
 
+    // The controller keeps the endpoint's console session open between reconciles (and
+    // the endpoint process one of its own, for its RELOADs).
+    let endpoint_addr = endpoint(&client, NS)
+        .await
+        .expect("the endpoint pod is Ready");
+    let creds = admin(&client, NS, DB).await;
+    let sessions = other_console_sessions(&endpoint_addr, &creds).await;
+    assert!(
+        sessions >= 2,
+        "the controller and the endpoint hold console sessions\n{}",
+        logs()
+    );
+
     // Deleted and created again: the database outlives the object (it owns nothing but
     // Services) and is taken up again; from then on everything refers to the new object.
     objects.delete(DB, &Default::default()).await.unwrap();
@@ -601,6 +616,22 @@ async fn an_object_without_flux_switches_on_each_generation() {
         async || matches!(objects.get_opt(DB).await, Ok(None)).then_some(()),
     )
     .await;
+    // A deleted object is forgotten: its engine dropped, and with it the console session
+    // (the endpoint itself keeps serving: it outlives the object like the data).
+    wait_for(
+        "the deleted object's console session closed",
+        Duration::from_secs(30),
+        &logs,
+        async || (other_console_sessions(&endpoint_addr, &creds).await < sessions).then_some(()),
+    )
+    .await;
+    let whole_log =
+        std::fs::read_to_string(cluster.dir().join("controller-first.log")).unwrap_or_default();
+    assert!(
+        whole_log.contains("forgot its database"),
+        "the controller says it forgot the object\n{}",
+        logs()
+    );
     apply("17").await;
     let again = wait_ready_at(
         &objects,

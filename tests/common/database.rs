@@ -66,3 +66,23 @@ pub async fn server_version(addr: &Addr, creds: &Credentials, database: &str) ->
         })
         .unwrap()
 }
+
+/// How many sessions other than this probe's own are open on the PgBouncer admin console
+/// at `addr` (the controller keeps one between reconciles, so a pause is one round trip).
+pub async fn other_console_sessions(addr: &Addr, creds: &Credentials) -> usize {
+    let client = pgflip_engine::pg::connect(addr, creds, "pgbouncer")
+        .await
+        .unwrap();
+    let console = client
+        .simple_query("SHOW CLIENTS")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("database") == Some("pgbouncer"),
+            _ => false,
+        })
+        .count();
+    // This probe is one of them.
+    console.saturating_sub(1)
+}

@@ -155,10 +155,20 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         (self.clock)()
     }
 
-    /// Runs one step towards what `record` wants. An error here is one the driver could
-    /// not handle itself (the record could not be saved, a cleanup failed): the caller
-    /// tries again later.
+    /// Runs one step towards what `record` wants. Something not there yet (a pod starting
+    /// during a cleanup, say) is a wait; an error is one the driver could not handle itself
+    /// (the record could not be saved, a cleanup failed): the caller tries again later.
     pub async fn step(&self, record: &mut Record) -> EngineResult<Progress> {
+        match self.decide_and_act(record).await {
+            Err(e) if e.is_waiting() => {
+                tracing::debug!("{e}");
+                Ok(Progress::After(NOT_READY_RECHECK))
+            }
+            other => other,
+        }
+    }
+
+    async fn decide_and_act(&self, record: &mut Record) -> EngineResult<Progress> {
         let Some(wanted) = record.wanted.clone() else {
             return Ok(Progress::Idle);
         };
@@ -209,6 +219,11 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
                         .between(attempt.from.major, attempt.to.major),
                 )
                 .await;
+                Ok(Progress::Busy)
+            }
+            Decision::Fail { attempt, reason } => {
+                self.finish_failure(record, &attempt, desired, reason)
+                    .await?;
                 Ok(Progress::Busy)
             }
             Decision::Decommission {
@@ -345,7 +360,8 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         }
     }
 
-    /// The attempt failed for good: clean up, keep the source serving, tell the revision.
+    /// The attempt failed for good: recorded as failing first (so an interrupted cleanup
+    /// resumes as a cleanup), then cleaned up ([`Self::finish_failure`]).
     async fn fail(
         &self,
         record: &mut Record,
@@ -357,8 +373,25 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         };
         let reason = error.to_string();
         tracing::error!(revision = %attempt.revision.short(), kind = error.metric_label(), %reason, "attempt failed");
+        self.record(record, |r| {
+            if let Some(a) = r.attempt.as_mut() {
+                a.failure = Some(reason.clone());
+            }
+        })
+        .await?;
+        self.finish_failure(record, &attempt, desired, reason).await
+    }
+
+    /// Cleans up after a failed attempt, keeps the source serving, tells the revision.
+    async fn finish_failure(
+        &self,
+        record: &mut Record,
+        attempt: &Attempt,
+        desired: &Desired,
+        reason: String,
+    ) -> EngineResult<()> {
         if !attempt.phase.is_committed() || record.serving == Some(attempt.from) {
-            self.steps.clean_up(&attempt, desired).await?;
+            self.steps.clean_up(attempt, desired).await?;
         }
         self.record(record, |r| {
             r.attempt = None;

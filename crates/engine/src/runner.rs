@@ -7,6 +7,10 @@ use super::error::EngineResult;
 use super::intake;
 use crate::ports::{Journal, Observed, StatusSink};
 use pgflip_core::plan::Record;
+use std::time::Duration;
+
+/// How soon to try adopting again what is not there yet.
+const ADOPT_RECHECK: Duration = Duration::from_secs(1);
 
 pub struct Runner<S, J, K> {
     driver: Driver<S, J, K>,
@@ -50,11 +54,17 @@ impl<S: Steps, J: Journal, K: StatusSink> Runner<S, J, K> {
         if !self.adopted
             && let Some(wanted) = &self.record.wanted
         {
-            self.driver
+            match self
+                .driver
                 .steps()
                 .adopt(&self.record, &wanted.desired)
-                .await?;
-            self.adopted = true;
+                .await
+            {
+                Ok(()) => self.adopted = true,
+                // A pod still starting: adopted on a later step.
+                Err(e) if e.is_waiting() => return Ok(Progress::After(ADOPT_RECHECK)),
+                Err(e) => return Err(e),
+            }
         }
         self.driver.step(&mut self.record).await
     }

@@ -112,6 +112,11 @@ pub async fn run<R: Router, J: Journal>(
     let started = Instant::now();
     if let Err(e) = router.pause(s.pause_timeout()).await {
         set_step(journal, record, None).await?;
+        if crate::ports::is_not_ready(&e) {
+            // No endpoint to pause yet (its pod restarting): nothing paused, nothing to
+            // count against the attempt; the switch is tried again shortly.
+            return Err(EngineError::NotReady(e));
+        }
         return Err(EngineError::PauseAborted {
             source_member: s.from,
             cause: PauseAbortCause::EndpointDidNotPause {

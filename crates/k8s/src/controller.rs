@@ -8,6 +8,10 @@
 //! before it reports, so an object read after a revision is at least that revision's) →
 //! take a new revision's spec (a bad one: Stalled, a failure on the commit, nothing
 //! touched) → run engine steps for up to a couple of seconds → write status, annotations.
+//! Nothing waits inside a reconcile: a pod not Ready yet, a claim not gone yet is
+//! [`NotReady`](pgflip_engine::ports::NotReady), and the object is looked at again shortly.
+//! A deleted object is forgotten (its engine and the endpoint's console session dropped);
+//! its data is not touched.
 //! Only the lease holder reconciles; a controller that loses its lease stops at once,
 //! which the engine survives like a kill.
 
@@ -79,6 +83,8 @@ pub struct ControllerOptions {
 
 /// How long one reconcile runs engine steps before it lets go (other objects, status).
 const STEPS_PER_RECONCILE: Duration = Duration::from_secs(2);
+/// When to look again with nothing to do: lag metrics, standby retention.
+const IDLE_REQUEUE: Duration = Duration::from_secs(10);
 
 type KubeSteps = Phases<KubeInstances, KubeEndpoint>;
 type KubeRunner = Runner<KubeSteps, ConfigMapJournal, KubeSinks>;
@@ -194,7 +200,10 @@ pub async fn run(
     let objects: Api<BlueGreenDatabase> = Api::all(client.clone());
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=pgflip");
     let mut shutdown = stop.clone();
-    let controller = Controller::new(objects, watcher::Config::default())
+    let controller = Controller::new(objects, watcher::Config::default());
+    let store = controller.store();
+    let forgetting = context.clone();
+    let controller = controller
         .owns(Api::<Service>::all(client.clone()), managed.clone())
         // StatefulSets carry no owner reference (data outlives the object): found by label.
         .watches(Api::<StatefulSet>::all(client.clone()), managed, |sts| {
@@ -205,9 +214,21 @@ pub async fn run(
             let _ = shutdown.wait_for(|s| *s).await;
         })
         .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile");
+        .for_each(|result| {
+            let (store, shared) = (store.clone(), forgetting.clone());
+            async move {
+                let Err(e) = result else { return };
+                // A deleted object is never reconciled again (kube-runtime finds it gone
+                // from its store): its requeue or a watched object's change says so here.
+                if let Some((namespace, name)) = deleted_object(&e)
+                    && store
+                        .get(&ObjectRef::new(&name).within(&namespace))
+                        .is_none()
+                {
+                    shared.forget(&namespace, &name).await;
+                } else {
+                    tracing::debug!(error = %e, "reconcile");
+                }
             }
         });
     let outcome = tokio::select! {
@@ -327,9 +348,7 @@ async fn reconcile(
     // The Kustomization first, then the object (see the module comment).
     let origin = origin(&context.client, &object).await.map_err(kube_error)?;
     let Some(object) = api.get_opt(&name).await.map_err(kube_error)? else {
-        // Deleted: forget it (its runner, the endpoint's console session). The databases
-        // outlive the object; a new object of that name adopts them from the journal.
-        context.databases.lock().await.remove(&(namespace, name));
+        context.forget(&namespace, &name).await;
         return Ok(Action::await_change());
     };
     let live = object.desired();
@@ -353,9 +372,10 @@ async fn reconcile(
     let waiting_for_flux = waiting_for_flux(&origin, live.as_ref().ok(), runner.record());
 
     let started = Instant::now();
-    let mut next = Duration::from_secs(10);
+    let mut next = IDLE_REQUEUE;
     while runner.record().wanted.is_some() {
-        let progress = runner.step().await;
+        // Something not there yet (a pod starting) comes back as a wait, not an error.
+        let progress = runner.step().await?;
         publish_status(&api, &object, runner.record(), waiting_for_flux)
             .await
             .map_err(kube_error)?;
@@ -365,18 +385,13 @@ async fn reconcile(
             .as_ref()
             .map_or("idle", |a| a.phase.as_str());
         context.metrics.set_phase(&namespace, &name, phase);
-        let left = STEPS_PER_RECONCILE.saturating_sub(started.elapsed());
-        match progress? {
-            Progress::Idle => break,
-            Progress::Busy if !left.is_zero() => continue,
-            Progress::Busy => {
-                next = Duration::from_millis(10);
-                break;
-            }
-            // A short wait is taken here (the lag gate polls every few hundred ms);
-            // a longer one returns, so other objects are reconciled meanwhile.
-            Progress::After(d) if d < left => tokio::time::sleep(d).await,
-            Progress::After(d) => {
+        match pace(
+            progress,
+            STEPS_PER_RECONCILE.saturating_sub(started.elapsed()),
+        ) {
+            Pace::Continue => {}
+            Pace::Sleep(d) => tokio::time::sleep(d).await,
+            Pace::Requeue(d) => {
                 next = d;
                 break;
             }
@@ -398,6 +413,43 @@ async fn reconcile(
         next = next.min(Duration::from_secs(1));
     }
     Ok(Action::requeue(next))
+}
+
+/// What a reconcile does after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    /// Step again now.
+    Continue,
+    /// A short wait, taken here (the lag gate polls every few hundred ms).
+    Sleep(Duration),
+    /// Return, and reconcile the object again after this long: other objects are
+    /// reconciled meanwhile, and nothing waits long inside a reconcile.
+    Requeue(Duration),
+}
+
+/// Waits up to this long are taken inside a reconcile; longer ones requeue.
+const INLINE_WAIT: Duration = Duration::from_millis(300);
+
+fn pace(progress: Progress, left: Duration) -> Pace {
+    match progress {
+        Progress::Idle => Pace::Requeue(IDLE_REQUEUE),
+        Progress::Busy if left.is_zero() => Pace::Requeue(Duration::from_millis(10)),
+        Progress::Busy => Pace::Continue,
+        Progress::After(d) if d <= INLINE_WAIT && d < left => Pace::Sleep(d),
+        Progress::After(d) => Pace::Requeue(d),
+    }
+}
+
+/// The object a scheduled reconcile found deleted: (namespace, name).
+fn deleted_object<R, Q>(
+    error: &kube::runtime::controller::Error<R, Q>,
+) -> Option<(String, String)> {
+    match error {
+        kube::runtime::controller::Error::ObjectNotFound(r) => {
+            Some((r.namespace.clone()?, r.name.clone()))
+        }
+        _ => None,
+    }
 }
 
 /// Writes the status (and the annotations mirroring it) when it changed.
@@ -461,6 +513,15 @@ async fn publish_status(
 }
 
 impl Shared {
+    /// Drops a deleted object's runner, and with it the endpoint's console session. Its
+    /// data, endpoint and journal stay: an object created again under the name takes them up.
+    async fn forget(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        if self.databases.lock().await.remove(&key).is_some() {
+            tracing::info!(%namespace, %name, "the object is gone: forgot its database");
+        }
+    }
+
     /// The database's runner, made on first sight (its admin Secret created if absent).
     /// None while the object has never been valid: nothing is created for it.
     async fn database(
@@ -672,6 +733,47 @@ mod tests {
             "conditions": [{"type": "Ready", "status": "True", "reason": "ReconciliationSucceeded", "message": ""}],
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn short_waits_are_taken_long_ones_requeue() {
+        let second = Duration::from_secs(1);
+        assert_eq!(pace(Progress::Busy, second), Pace::Continue);
+        assert_eq!(
+            pace(Progress::Busy, Duration::ZERO),
+            Pace::Requeue(Duration::from_millis(10))
+        );
+        let lag_gate = Duration::from_millis(200);
+        assert_eq!(
+            pace(Progress::After(lag_gate), second),
+            Pace::Sleep(lag_gate)
+        );
+        assert_eq!(
+            pace(Progress::After(lag_gate), Duration::from_millis(100)),
+            Pace::Requeue(lag_gate)
+        );
+        // A pod not Ready yet: looked at again in a second, not waited for.
+        assert_eq!(
+            pace(Progress::After(second), second * 2),
+            Pace::Requeue(second)
+        );
+        assert_eq!(pace(Progress::Idle, second), Pace::Requeue(IDLE_REQUEUE));
+    }
+
+    #[test]
+    fn a_reconcile_of_a_gone_object_names_it() {
+        type E = kube::runtime::controller::Error<ControllerError, std::io::Error>;
+        let gone = ObjectRef::<BlueGreenDatabase>::new("orders").within("shop");
+        let e = E::ObjectNotFound(Box::new(gone.clone().erase()));
+        assert_eq!(
+            deleted_object(&e),
+            Some(("shop".to_string(), "orders".to_string()))
+        );
+        let failed = E::ReconcilerFailed(
+            ControllerError::Kube(anyhow::anyhow!("boom")),
+            Box::new(gone.erase()),
+        );
+        assert_eq!(deleted_object(&failed), None);
     }
 
     #[test]

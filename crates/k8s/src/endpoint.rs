@@ -11,7 +11,7 @@
 //! Why a push and not the ConfigMap alone: the kubelet refreshes a mounted ConfigMap a
 //! minute or so after it changes, and a repoint happens inside the pause, in milliseconds.
 
-use super::api::{apply, ready_pod_ip};
+use super::api::{apply, not_ready, ready_pod_ip};
 use super::crd::BlueGreenDatabase;
 use super::objects::{
     self, CONTROL_PORT, ENDPOINT_CONFIG_KEY, PORT, endpoint_config_name, endpoint_labels,
@@ -32,8 +32,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a new endpoint pod may take to become Ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a Ready endpoint pod's admin console may take to answer.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct KubeEndpoint {
     client: kube::Client,
@@ -103,35 +103,35 @@ impl KubeEndpoint {
         Ok(())
     }
 
-    /// The Ready endpoint pod's IP. There is at most one (`Recreate`).
-    async fn pod_ip(&self, timeout: Duration) -> anyhow::Result<String> {
+    /// The Ready endpoint pod's IP, checked once; [`NotReady`](pgflip_engine::ports::NotReady)
+    /// if there is none yet. There is at most one (`Recreate`).
+    async fn pod_ip(&self) -> anyhow::Result<String> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let selector = endpoint_labels(&self.database())
+        let database = self.database();
+        let selector = endpoint_labels(&database)
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(",");
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let list = pods.list(&ListParams::default().labels(&selector)).await?;
-            if let Some(ip) = list.items.iter().find_map(ready_pod_ip) {
-                return Ok(ip);
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("no endpoint pod was Ready within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .context("listing the endpoint's pods")?;
+        list.items
+            .iter()
+            .find_map(ready_pod_ip)
+            .ok_or_else(|| not_ready(format!("no endpoint pod of {database} is Ready yet")))
     }
 
-    /// Finds the Ready endpoint pod and opens its console.
-    async fn locate(&self, timeout: Duration) -> anyhow::Result<()> {
-        let ip = self.pod_ip(timeout).await?;
+    /// Finds the Ready endpoint pod and opens its console (a Ready pod's PgBouncer
+    /// listens: the wait is for a login, bounded by [`CONSOLE_TIMEOUT`]).
+    async fn locate(&self) -> anyhow::Result<()> {
+        let ip = self.pod_ip().await?;
         self.console.set_addr(Addr {
             host: ip,
             port: PORT as u16,
         });
-        self.console.wait_ready(Duration::from_secs(30)).await
+        self.console.wait_ready(CONSOLE_TIMEOUT).await
     }
 
     /// Tells the pod its new target; it answers once PgBouncer has reloaded.
@@ -177,7 +177,7 @@ impl Router for KubeEndpoint {
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         apply(&services, &service).await?;
         apply(&deployments, &deployment).await?;
-        self.locate(READY_TIMEOUT).await?;
+        self.locate().await?;
         // Always: a controller killed between storing a target and pushing it left the
         // pod on the older one. Pushing the same target again changes nothing.
         self.push(&target).await
@@ -188,9 +188,10 @@ impl Router for KubeEndpoint {
     }
 
     async fn pause(&self, timeout: Duration) -> Result<()> {
-        // A restarted endpoint pod has a new address (and closed the cached session).
+        // A restarted endpoint pod has a new address (and closed the cached session). One
+        // not Ready yet is NotReady: nothing was paused, clients were never held.
         if !self.console.is_connected().await {
-            self.locate(Duration::from_secs(30)).await?;
+            self.locate().await?;
         }
         self.console.pause(timeout).await
     }

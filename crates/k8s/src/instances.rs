@@ -6,7 +6,7 @@
 //! existing data would start the wrong server on it. The engine removes a color before it
 //! creates it again at another major, and removing deletes the data (the claim) too.
 
-use super::api::{apply, wait_pod_ready};
+use super::api::{apply, not_ready, ready_pod};
 use super::crd::BlueGreenDatabase;
 use super::objects::{self, PORT, VERSION_LABEL, instance_name};
 use anyhow::bail;
@@ -19,9 +19,10 @@ use pgflip_core::spec::Desired;
 use pgflip_engine::ports::{Addr, Credentials};
 use pgflip_engine::ports::{Instances, Result};
 use std::time::Duration;
+use tokio_postgres::error::SqlState;
 
-/// How long a new server may take to become Ready (image pull, initdb).
-const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long one login probe of a Ready pod's server may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct KubeInstances {
     client: kube::Client,
@@ -58,15 +59,20 @@ impl KubeInstances {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// The existing StatefulSet of this color, refused if it runs another major.
-    async fn existing(&self, member: &Member) -> anyhow::Result<Option<StatefulSet>> {
+    /// The StatefulSet of this color as it is now; one of another major is refused.
+    async fn existing(&self, member: &Member) -> anyhow::Result<Found> {
         let Some(sts) = self
             .api::<StatefulSet>()
             .get_opt(&self.name(member))
             .await?
         else {
-            return Ok(None);
+            return Ok(Found::Absent);
         };
+        // Being removed (foreground deletion waits for its pod): neither serving nor to be
+        // applied over, whatever major it ran.
+        if sts.metadata.deletion_timestamp.is_some() {
+            return Ok(Found::Terminating);
+        }
         let runs = sts
             .spec
             .as_ref()
@@ -81,24 +87,85 @@ impl KubeInstances {
                 member.major
             );
         }
-        Ok(Some(sts))
+        Ok(Found::Present)
     }
 
+    /// The server's address if its pod is Ready and it accepts a login now; else
+    /// [`NotReady`](pgflip_engine::ports::NotReady). Checked once, never waited for.
     async fn ready_addr(&self, member: &Member) -> anyhow::Result<Addr> {
         let pod = format!("{}-0", self.name(member));
-        let ip = wait_pod_ready(&self.api::<Pod>(), &pod, READY_TIMEOUT).await?;
+        let ip = ready_pod(&self.api::<Pod>(), &pod).await?;
         let addr = Addr {
             host: ip,
             port: PORT as u16,
         };
-        pgflip_engine::pg::wait_ready(&addr, &self.admin).await?;
+        accepts_login(&addr, &self.admin)
+            .await
+            .map_err(|e| match e {
+                Probe::NotYet(why) => not_ready(format!(
+                    "PostgreSQL in pod {pod} does not accept logins yet: {why}"
+                )),
+                Probe::Refused(e) => e.context(format!("logging in to PostgreSQL in pod {pod}")),
+            })?;
         Ok(addr)
     }
 }
 
+/// What there is of a color's StatefulSet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Absent,
+    /// Deleted, waiting for its pod to go.
+    Terminating,
+    /// There, at the member's major.
+    Present,
+}
+
+/// Why a login probe did not succeed.
+enum Probe {
+    /// The server is not up yet (nothing listens, still starting, no answer in time).
+    NotYet(String),
+    /// It answered and refused (a wrong password, say): waiting would not help.
+    Refused(anyhow::Error),
+}
+
+/// One login and `SELECT 1`, bounded by [`PROBE_TIMEOUT`].
+async fn accepts_login(addr: &Addr, admin: &Credentials) -> std::result::Result<(), Probe> {
+    let mut config = pgflip_engine::pg::config(addr, admin, "postgres");
+    config.connect_timeout(PROBE_TIMEOUT);
+    let probe = async {
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        let connection = tokio::spawn(connection);
+        let answer = client.simple_query("SELECT 1").await.map(|_| ());
+        drop(client);
+        connection.abort();
+        answer
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Err(_) => Err(Probe::NotYet(format!("no answer within {PROBE_TIMEOUT:?}"))),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if still_starting(e.as_db_error().map(|d| d.code())) => {
+            Err(Probe::NotYet(e.to_string()))
+        }
+        Ok(Err(e)) => Err(Probe::Refused(e.into())),
+    }
+}
+
+/// Whether a failed login means "come back later": no answer from the server at all
+/// (refused, reset, timed out: no SQLSTATE), or the server saying it is starting up or
+/// shutting down.
+fn still_starting(code: Option<&SqlState>) -> bool {
+    code.is_none_or(|c| *c == SqlState::CANNOT_CONNECT_NOW)
+}
+
 impl Instances for KubeInstances {
     async fn ensure(&self, member: &Member, desired: &Desired) -> Result<Addr> {
-        self.existing(member).await?;
+        if self.existing(member).await? == Found::Terminating {
+            return Err(not_ready(format!(
+                "StatefulSet {} is still being deleted",
+                self.name(member)
+            )));
+        }
         let service = objects::headless_service(&self.owner, desired, member.color);
         let sts = objects::statefulset(&self.owner, desired, member);
         apply(&self.api::<Service>(), &service).await?;
@@ -108,56 +175,67 @@ impl Instances for KubeInstances {
 
     async fn addr(&self, member: &Member, _desired: &Desired) -> Result<Option<Addr>> {
         match self.existing(member).await? {
-            None => Ok(None),
-            Some(_) => Ok(Some(self.ready_addr(member).await?)),
+            Found::Absent | Found::Terminating => Ok(None),
+            Found::Present => Ok(Some(self.ready_addr(member).await?)),
         }
     }
 
+    /// Issues the deletions that are due and checks, once, whether they are done; called
+    /// again after [`NotReady`](pgflip_engine::ports::NotReady), it issues them again
+    /// (deleting what is already going or gone changes nothing) and checks again.
     async fn remove(&self, member: &Member, _desired: &Desired) -> Result<()> {
         let name = self.name(member);
-        let gone = |r: kube::Result<_>| match r {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-            Err(e) => Err(e),
-        };
-        gone(
-            self.api::<StatefulSet>()
-                .delete(&name, &DeleteParams::foreground())
-                .await
-                .map(|_| ()),
-        )?;
-        gone(
-            self.api::<Service>()
-                .delete(&name, &DeleteParams::default())
-                .await
-                .map(|_| ()),
-        )?;
-        // The pod must be gone before its claim: a claim in use is only marked for deletion.
-        let pods = self.api::<Pod>();
         let pod = format!("{name}-0");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while pods.get_opt(&pod).await?.is_some() {
-            if tokio::time::Instant::now() > deadline {
-                bail!("pod {pod} did not go away within 120 s");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let claim = format!("data-{pod}");
+        delete_if_present(
+            &self.api::<StatefulSet>(),
+            &name,
+            &DeleteParams::foreground(),
+        )
+        .await?;
+        delete_if_present(&self.api::<Service>(), &name, &DeleteParams::default()).await?;
+        // The pod must be gone before its claim is deleted: a claim in use is only marked
+        // for deletion. The StatefulSet too, or it would make the pod again.
+        if self.api::<StatefulSet>().get_opt(&name).await?.is_some() {
+            return Err(not_ready(format!("StatefulSet {name} is not gone yet")));
+        }
+        if self.api::<Pod>().get_opt(&pod).await?.is_some() {
+            return Err(not_ready(format!("pod {pod} is not gone yet")));
         }
         // And the claim must be gone before this color is created again: a new pod bound
         // to a claim still terminating would find the old data or none.
         let claims = self.api::<PersistentVolumeClaim>();
-        let claim = format!("data-{pod}");
-        gone(
-            claims
-                .delete(&claim, &DeleteParams::default())
-                .await
-                .map(|_| ()),
-        )?;
-        while claims.get_opt(&claim).await?.is_some() {
-            if tokio::time::Instant::now() > deadline {
-                bail!("volume claim {claim} did not go away within 120 s");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        delete_if_present(&claims, &claim, &DeleteParams::default()).await?;
+        if claims.get_opt(&claim).await?.is_some() {
+            return Err(not_ready(format!("volume claim {claim} is not gone yet")));
         }
         Ok(())
+    }
+}
+
+/// Deletes the object; one that is gone already is fine.
+async fn delete_if_present<K>(api: &Api<K>, name: &str, params: &DeleteParams) -> kube::Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_not_up_yet_is_waited_for_a_refusal_is_not() {
+        assert!(still_starting(None), "nothing listens yet");
+        assert!(still_starting(Some(&SqlState::CANNOT_CONNECT_NOW)));
+        assert!(!still_starting(Some(&SqlState::INVALID_PASSWORD)));
+        assert!(!still_starting(Some(
+            &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        )));
     }
 }

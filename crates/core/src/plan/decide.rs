@@ -15,6 +15,8 @@ pub enum Decision {
     Run(Attempt),
     /// Drop the attempt (nothing was switched yet) and clean up after it.
     Abandon { attempt: Attempt, reason: String },
+    /// The attempt failed for good: clean up after it, and record the failure.
+    Fail { attempt: Attempt, reason: String },
     /// The standby's time is up, or it is in the way of a new attempt: remove it.
     Decommission {
         serving: Member,
@@ -40,6 +42,12 @@ pub fn decide(record: &Record, now_ms: u64) -> Decision {
         };
     };
     if let Some(attempt) = &record.attempt {
+        if let Some(reason) = &attempt.failure {
+            return Decision::Fail {
+                attempt: attempt.clone(),
+                reason: reason.clone(),
+            };
+        }
         if attempt.to.major != target && !attempt.phase.is_committed() {
             return Decision::Abandon {
                 attempt: attempt.clone(),
@@ -145,11 +153,25 @@ mod tests {
             retain_until_ms: 1000,
             serving_fingerprint: "f".into(),
         });
+        let mut failing = with_attempt.clone();
+        failing.attempt.as_mut().unwrap().failure = Some("preflight refused".into());
         let mut failed = serving15.clone();
         failed.failed_revision = Some(rev(1));
 
         type Check = dyn Fn(&Decision) -> bool;
-        let cases: [(&str, Record, u64, &Check); 14] = [
+        let cases: [(&str, Record, u64, &Check); 16] = [
+            (
+                "a failing attempt is cleaned up, whatever is wanted now",
+                wanting(&failing, 17, 3),
+                0,
+                &|d| matches!(d, Decision::Fail { reason, .. } if reason == "preflight refused"),
+            ),
+            (
+                "a failing attempt under the same target too",
+                wanting(&failing, 16, 1),
+                0,
+                &|d| matches!(d, Decision::Fail { .. }),
+            ),
             ("nothing wanted idles", Record::default(), 0, &|d| {
                 *d == Decision::Idle
             }),

@@ -193,6 +193,10 @@ pub struct Attempt {
     pub switch: Option<SwitchMeasurement>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_tables: Option<u64>,
+    /// Why the attempt failed for good, recorded before its cleanup: a cleanup that is
+    /// interrupted (a crash, a pod not there yet) is resumed, not the failed phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// What one switchover measured (milliseconds).
@@ -284,6 +288,7 @@ impl Attempt {
             timings_ms: Default::default(),
             switch: None,
             verified_tables: None,
+            failure: None,
         }
     }
 

@@ -1,8 +1,10 @@
 //! A kill right after every recorded step: the restarted driver finishes the attempt,
 //! running again only the step that was recorded and not finished.
 
+use super::fakes::Scripted;
 use super::{FULL_ORDER, Harness, SWITCH_BACK_ORDER, assert_switched, member};
 use pgflip_core::plan::{AttemptKind, Color, Phase, Record, SwitchStep};
+use pgflip_core::revision::Revision;
 
 /// Kills the driver right after the first save that recorded `at`, restarts it on the
 /// same servers from the journal, and checks that it finishes the attempt, running again
@@ -135,4 +137,33 @@ async fn crash_after_beginning_before_any_phase_ran() {
         &FULL_ORDER,
     )
     .await;
+}
+
+#[tokio::test]
+async fn crash_after_recording_a_failure_finishes_the_cleanup() {
+    let h = Harness::serving_15_wanting(16).await;
+    h.steps.script(Phase::Verify, &[Scripted::Refused]);
+    let (steps, journal) = (h.steps.clone(), h.journal.clone());
+    *journal.crash_when.lock().unwrap() = Some(Box::new(|r: &Record| {
+        r.attempt.as_ref().is_some_and(|a| a.failure.is_some())
+    }));
+    let crashed = tokio::spawn(async move {
+        let mut h = h;
+        h.settle().await;
+    })
+    .await;
+    assert!(crashed.is_err(), "the driver was killed at the step");
+    let before = steps.world.lock().unwrap().calls.len();
+    let mut restarted = Harness::resume(steps, journal.last().unwrap());
+    restarted.settle().await;
+    assert_eq!(restarted.calls()[before..], ["clean_up"]);
+    assert_eq!(restarted.record.serving, Some(member(Color::Blue, 15)));
+    assert_eq!(
+        restarted.record.failed_revision,
+        Some(Revision::Generation(2))
+    );
+    assert!(restarted.record.attempt.is_none());
+    let w = restarted.steps.world.lock().unwrap();
+    assert_eq!(w.instances, [member(Color::Blue, 15)].into_iter().collect());
+    assert!(w.links.is_empty());
 }

@@ -390,3 +390,32 @@ async fn each_step_is_recorded_before_the_next_acts_on_it() {
     }
     assert_eq!(saved.last().unwrap(), &h.record);
 }
+
+#[tokio::test]
+async fn an_interrupted_cleanup_resumes_as_a_cleanup() {
+    let mut h = Harness::serving_15_wanting(16).await;
+    h.steps.script(Phase::Provision, &[Scripted::Refused]);
+    h.steps.world.lock().unwrap().clean_ups_not_ready = 2;
+    h.settle().await;
+    assert_eq!(
+        h.runs(),
+        vec!["preflight", "provision"],
+        "the failed phase is not rerun"
+    );
+    let clean_ups = h.calls().iter().filter(|c| *c == "clean_up").count();
+    assert_eq!(clean_ups, 3);
+    assert_eq!(h.record.failed_revision, Some(Revision::Generation(2)));
+    assert!(h.steps.world.lock().unwrap().instances.len() == 1);
+}
+
+#[tokio::test]
+async fn a_pause_with_no_endpoint_to_pause_is_a_wait() {
+    let mut h = Harness::serving_15_wanting(16).await;
+    h.steps.script(
+        Phase::Switchover,
+        &[Scripted::NotReady; MAX_PAUSE_FAILURES as usize + 1],
+    );
+    h.settle().await;
+    assert_switched(&h, member(Color::Green, 16), member(Color::Blue, 15));
+    assert_eq!(h.record.history[0].pause_breakdown.pause_ms, 0.0);
+}

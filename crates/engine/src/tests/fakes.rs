@@ -29,6 +29,8 @@ pub struct World {
     pub script: BTreeMap<Phase, VecDeque<Scripted>>,
     /// Whether the endpoint and instances were (re)adopted.
     pub adopted: u32,
+    /// Cleanups that find something not there yet before one goes through.
+    pub clean_ups_not_ready: u32,
 }
 
 /// A scripted outcome of one pass of a phase.
@@ -179,6 +181,10 @@ impl Steps for FakeSteps {
     async fn clean_up(&self, attempt: &Attempt, _desired: &Desired) -> EngineResult<()> {
         self.call("clean_up".into());
         let mut w = self.world.lock().unwrap();
+        if w.clean_ups_not_ready > 0 {
+            w.clean_ups_not_ready -= 1;
+            return Err(anyhow::Error::from(NotReady("green's pod is going away".into())).into());
+        }
         w.links.remove(&link(attempt.from, attempt.to));
         if attempt.kind == AttemptKind::Full {
             w.instances.remove(&attempt.to);
