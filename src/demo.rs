@@ -94,7 +94,7 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
         })
         .await?;
     }
-    let port = pgflip_engine::adapters::run_as::free_port()?;
+    let port = pgflip_engine::run_as::free_port()?;
     let extra = format!(
         "databases: [app]\nendpoint:\n  port: {port}\nretainPrevious: 1h\nswitchover:\n  pauseTimeout: 2s"
     );

@@ -136,8 +136,8 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
 
     // The kubeconfig (and the CA it names) can be read by the unprivileged user that runs
     // the pods' processes (pgflip pods get it as KUBECONFIG).
-    let run_as = pgflip_engine::adapters::run_as::RunAs::detect().unwrap();
-    let out = pgflip_engine::adapters::run_as::run(
+    let run_as = pgflip_engine::run_as::RunAs::detect().unwrap();
+    let out = pgflip_engine::run_as::run(
         run_as
             .command(std::path::Path::new("/bin/cat"))
             .arg(cluster.kubeconfig())

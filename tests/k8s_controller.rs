@@ -145,7 +145,7 @@ impl Controller {
     ) -> Controller {
         let log = cluster.dir().join(format!("controller-{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let port = pgflip_engine::adapters::run_as::free_port().unwrap();
+        let port = pgflip_engine::run_as::free_port().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgflip"));
         cmd.args(["controller", "--lease-namespace", "pgflip-system"])
             .args(["--identity", name, "--lease-duration", "4s"])

@@ -9,7 +9,7 @@ fn crd_yaml_matches_the_rust_type() {
     let checked_in = std::fs::read_to_string("manifests/crd.yaml").unwrap();
     assert!(
         checked_in == pgflip_k8s::crd::crd_yaml(),
-        "manifests/crd.yaml drifted from src/k8s/crd.rs: run `cargo run -- crd > manifests/crd.yaml`"
+        "manifests/crd.yaml drifted from crates/k8s/src/crd.rs: run `cargo run -- crd > manifests/crd.yaml`"
     );
 }
 

@@ -7,7 +7,7 @@
 //! printed when a test fails.
 
 use super::kube::{Cluster, cache_dir};
-use pgflip_engine::adapters::run_as::free_port;
+use pgflip_engine::run_as::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -55,7 +55,7 @@ impl Harness {
         std::fs::create_dir_all(&repo).unwrap();
         git::init_repo(&repo);
         let state = StateDir::open(dir.path().join("state")).unwrap();
-        let port = pgflip_engine::adapters::run_as::free_port().unwrap();
+        let port = pgflip_engine::run_as::free_port().unwrap();
         let extra_spec = format!("endpoint:\n  port: {port}\n{extra_spec}");
         Harness {
             dir,

@@ -36,7 +36,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, PersistentVolumeCla
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use pgflip_engine::adapters::run_as::RunAs;
+use pgflip_engine::run_as::RunAs;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -957,7 +957,7 @@ fn initdb(
     let pwfile = volume.join("pwfile");
     pgflip_engine::state::write_atomic(&pwfile, password.as_bytes(), 0o600)?;
     run_as.own(&pwfile)?;
-    let result = pgflip_engine::adapters::run_as::run(
+    let result = pgflip_engine::run_as::run(
         run_as
             .command(&bin.join("initdb"))
             .arg("-D")

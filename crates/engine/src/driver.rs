@@ -408,6 +408,28 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         Ok(())
     }
 
+    /// What wanted all this is gone (the object deleted): an attempt that has not switched
+    /// is abandoned — its slots, publications and green removed, blue serving untouched —
+    /// so nothing is left holding WAL. One that switched is left to a new owner.
+    pub async fn release(&self, record: &mut Record, reason: &str) -> EngineResult<()> {
+        let (Some(attempt), Some(wanted)) = (record.attempt.clone(), record.wanted.clone()) else {
+            return Ok(());
+        };
+        if attempt.phase.is_committed() {
+            return Ok(());
+        }
+        tracing::info!(%reason, "abandoning attempt");
+        self.steps.clean_up(&attempt, &wanted.desired).await?;
+        self.record(record, |r| r.attempt = None).await?;
+        self.report(
+            &attempt.revision,
+            Update::failure(attempt.phase.as_str(), reason)
+                .between(attempt.from.major, attempt.to.major),
+        )
+        .await;
+        Ok(())
+    }
+
     /// The attempt reached Done: into the history, and success on its revision.
     async fn finish(&self, record: &mut Record, attempt: &Attempt) -> EngineResult<()> {
         let m = attempt.switch.clone().unwrap_or_default();

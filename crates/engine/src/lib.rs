@@ -9,7 +9,7 @@
 //!   [`sequences`], [`fence`], over [`pg`] (connections, quoting) and [`catalog`].
 //! - [`adapters`]: local processes, PgBouncer, Git, forge statuses.
 //! - [`state`] (the state directory and its record), [`toolchain`] (the PostgreSQL
-//!   binaries), [`load`] (a client write load with its ledger), [`failpoint`] (test crashes).
+//!   binaries), [`run_as`] (processes as the unprivileged user), [`load`] (a client write load with its ledger), [`failpoint`] (test crashes).
 
 pub mod adapters;
 pub mod catalog;
@@ -24,6 +24,7 @@ pub mod phases;
 pub mod ports;
 pub mod preflight;
 pub mod replication;
+pub mod run_as;
 pub mod runner;
 pub mod schema;
 pub mod sequences;

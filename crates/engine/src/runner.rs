@@ -68,4 +68,10 @@ impl<S: Steps, J: Journal, K: StatusSink> Runner<S, J, K> {
         }
         self.driver.step(&mut self.record).await
     }
+
+    /// The owner is gone: abandons an attempt that has not switched (see
+    /// [`Driver::release`]).
+    pub async fn release(&mut self, reason: &str) -> EngineResult<()> {
+        self.driver.release(&mut self.record, reason).await
+    }
 }

@@ -515,11 +515,21 @@ async fn publish_status(
 impl Shared {
     /// Drops a deleted object's runner, and with it the endpoint's console session. Its
     /// data, endpoint and journal stay: an object created again under the name takes them up.
+    /// An attempt that has not switched is abandoned first: its slots would otherwise
+    /// hold blue's WAL with no one left to drop them.
     async fn forget(&self, namespace: &str, name: &str) {
         let key = (namespace.to_string(), name.to_string());
-        if self.databases.lock().await.remove(&key).is_some() {
-            tracing::info!(%namespace, %name, "the object is gone: forgot its database");
+        let Some(database) = self.databases.lock().await.remove(&key) else {
+            return;
+        };
+        let mut runner = database.runner.lock().await;
+        if let Err(e) = runner
+            .release("the BlueGreenDatabase was deleted: the attempt is abandoned")
+            .await
+        {
+            tracing::warn!(%namespace, %name, kind = e.metric_label(), error = %e, "could not clean up after the deleted object's attempt");
         }
+        tracing::info!(%namespace, %name, "the object is gone: forgot its database");
     }
 
     /// The database's runner, made on first sight (its admin Secret created if absent).

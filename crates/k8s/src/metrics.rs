@@ -239,7 +239,7 @@ mod tests {
 
     #[tokio::test]
     async fn probes_answer_and_readiness_follows_the_lease() {
-        let port = pgflip_engine::adapters::run_as::free_port().unwrap();
+        let port = pgflip_engine::run_as::free_port().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let (ready_tx, ready) = tokio::sync::watch::channel(false);
         let (stop_tx, mut stop) = tokio::sync::watch::channel(false);

@@ -4,10 +4,10 @@
 //! Layout: `<state>/instances/<color>/{data/, instance.json, server.log}`; the socket
 //! directory is the instance directory itself (mode 0700, owned by the server user).
 
-use super::run_as::{RunAs, free_port, run_async, succeeds};
 use crate::ports::{Addr, Credentials};
 use crate::ports::{Instances, Result};
 use crate::replication::SERVER_SETTINGS;
+use crate::run_as::{RunAs, free_port, run_async, succeeds};
 use crate::state::{StateDir, blocking, write_atomic};
 use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};

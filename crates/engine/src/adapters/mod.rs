@@ -5,7 +5,6 @@
 //! - [`pgbouncer`] (over [`pgbouncer_console`]): the client endpoint ([`Router`](crate::ports::Router)).
 //! - [`git_source`] (over [`git_remote`]): the desired state from a Git branch ([`Source`](crate::ports::Source)).
 //! - [`git_notes`], [`forge_status`]: progress on the commit ([`StatusSink`](crate::ports::StatusSink)).
-//! - [`run_as`]: starting servers as the unprivileged user.
 
 pub mod forge_status;
 pub mod git_notes;
@@ -14,4 +13,3 @@ pub mod git_source;
 pub mod local_instances;
 pub mod pgbouncer;
 pub mod pgbouncer_console;
-pub mod run_as;

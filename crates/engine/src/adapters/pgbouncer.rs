@@ -19,9 +19,9 @@
 
 pub use super::pgbouncer_console::AdminConsole;
 use super::pgbouncer_console::CONSOLE_DB;
-use super::run_as::{RunAs, run_async};
 use crate::ports::{Addr, Credentials};
 use crate::ports::{Result, Router};
+use crate::run_as::{RunAs, run_async};
 use crate::state::{StateDir, blocking, write_atomic};
 use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};

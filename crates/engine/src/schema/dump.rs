@@ -9,9 +9,9 @@
 //! is why no `std::process::Command` is ever formatted here: its Debug output lists the
 //! environment it sets).
 
-use crate::adapters::run_as::RunAs;
 use crate::catalog::PGFLIP_SCHEMA;
 use crate::ports::{Addr, Credentials};
+use crate::run_as::RunAs;
 use crate::toolchain::Toolchain;
 use anyhow::{Context, anyhow, bail};
 use pgflip_core::spec::Major;

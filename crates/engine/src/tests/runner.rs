@@ -7,7 +7,7 @@ use crate::phases::Phases;
 use crate::ports::{Credentials, Observed};
 use crate::runner::Runner;
 use crate::toolchain::Toolchain;
-use pgflip_core::plan::{Color, Record, Standby};
+use pgflip_core::plan::{Color, Phase, Record, Standby};
 use pgflip_core::revision::Revision;
 use pgflip_core::spec::{Desired, Major};
 
@@ -148,4 +148,27 @@ async fn adopting_a_starting_instance_waits() {
     let err = phases.adopt(&record, &desired(15)).await.unwrap_err();
     assert!(err.is_waiting() && !err.is_final(), "{err}");
     assert!(phases.router().target.lock().unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_released_runner_abandons_an_attempt_that_has_not_switched() {
+    let (mut runner, steps, sink) = runner();
+    runner.take(&observed(1, Ok(desired(15)))).await.unwrap();
+    runner.step().await.unwrap();
+    runner.take(&observed(2, Ok(desired(16)))).await.unwrap();
+    while runner
+        .record()
+        .attempt
+        .as_ref()
+        .is_none_or(|a| a.phase < Phase::InitialSync)
+    {
+        runner.step().await.unwrap();
+    }
+    runner.release("the object was deleted").await.unwrap();
+    assert!(runner.record().attempt.is_none());
+    let w = steps.world.lock().unwrap();
+    assert!(w.links.is_empty(), "no slot left holding WAL");
+    assert_eq!(w.instances, [member(Color::Blue, 15)].into_iter().collect());
+    let last = sink.updates.lock().unwrap().last().unwrap().1.clone();
+    assert_eq!(last.message, "the object was deleted");
 }
