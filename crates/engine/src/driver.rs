@@ -6,15 +6,13 @@
 //! killed pgflip resumes where it stopped.
 
 use super::error::{EngineError, EngineResult};
+use super::steps::{Stepped, Steps, learn};
 use crate::failpoint;
 use crate::ports::{Journal, StatusSink};
-use pgflip_core::plan::{
-    Attempt, Decision, Member, Phase, Record, Standby, SwitchMeasurement, SwitchRecord, decide,
-};
+use pgflip_core::plan::{Attempt, Decision, Phase, Record, SwitchRecord, decide};
 use pgflip_core::report::{State, Update};
 use pgflip_core::revision::Revision;
 use pgflip_core::spec::Desired;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,80 +24,6 @@ pub const MAX_PAUSE_FAILURES: u32 = 3;
 const REPORT_EVERY: Duration = Duration::from_secs(2);
 /// How soon to look again at something not ready yet (a pod starting).
 const NOT_READY_RECHECK: Duration = Duration::from_secs(1);
-
-/// What each step does to the databases.
-pub trait Steps: Send + Sync {
-    /// Starts or adopts what runs after a restart: the serving and standby instances, the
-    /// target of an attempt under way, and the endpoint.
-    fn adopt(
-        &self,
-        record: &Record,
-        desired: &Desired,
-    ) -> impl Future<Output = EngineResult<()>> + Send;
-    /// Creates the first instance and the endpoint in front of it.
-    fn bootstrap(
-        &self,
-        member: Member,
-        desired: &Desired,
-    ) -> impl Future<Output = EngineResult<()>> + Send;
-    /// Runs one pass of `attempt`'s current phase. The switchover records its sub-steps
-    /// (and the switch itself) in `record` through `journal` as it goes.
-    fn run<J: Journal>(
-        &self,
-        attempt: &Attempt,
-        desired: &Desired,
-        record: &mut Record,
-        journal: &J,
-    ) -> impl Future<Output = EngineResult<Stepped>> + Send;
-    /// Drops what an attempt that never switched created; the source keeps serving.
-    fn clean_up(
-        &self,
-        attempt: &Attempt,
-        desired: &Desired,
-    ) -> impl Future<Output = EngineResult<()>> + Send;
-    /// Ends reverse replication to the standby and removes it.
-    fn decommission(
-        &self,
-        serving: Member,
-        standby: &Member,
-        desired: &Desired,
-    ) -> impl Future<Output = EngineResult<()>> + Send;
-}
-
-/// What one pass of a phase achieved.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Stepped {
-    /// The phase is complete; what it learned goes into the attempt.
-    Done(Learned),
-    /// Still under way (initial sync, the lag gate): look again after `recheck`.
-    Waiting {
-        message: String,
-        percent: Option<f64>,
-        recheck: Duration,
-    },
-}
-
-/// What a completed phase learned, kept in the attempt (or the record) for later phases.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Learned {
-    Nothing,
-    /// Preflight passed with these warnings (what is not carried over, said loudly).
-    Warnings(Vec<String>),
-    /// The schema was copied from a source with this fingerprint (a later change blocks
-    /// the switch).
-    SchemaCopied {
-        source_fingerprint: String,
-    },
-    /// Green matched blue at one consistent cut.
-    Verified {
-        tables: u64,
-    },
-    /// Clients were moved; the old source is now the standby in reverse sync.
-    Switched {
-        measurement: Option<SwitchMeasurement>,
-        standby: Standby,
-    },
-}
 
 /// Whether the caller should call again, and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,30 +427,6 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         tracing::info!(revision = %revision.short(), state = update.state.as_str(), phase = %update.phase, "{}", update.message);
         if let Err(e) = self.sink.publish(revision, &update).await {
             tracing::warn!(error = %format!("{e:#}"), "could not publish the status");
-        }
-    }
-}
-
-/// Keeps what a completed phase learned.
-fn learn(record: &mut Record, learned: Learned) {
-    let Some(attempt) = record.attempt.as_mut() else {
-        return;
-    };
-    match learned {
-        Learned::Nothing => {}
-        Learned::Warnings(w) => attempt.warnings = w,
-        Learned::SchemaCopied { source_fingerprint } => {
-            attempt.source_fingerprint = Some(source_fingerprint)
-        }
-        Learned::Verified { tables } => attempt.verified_tables = Some(tables),
-        Learned::Switched {
-            measurement,
-            standby,
-        } => {
-            if measurement.is_some() {
-                attempt.switch = measurement;
-            }
-            record.standby = Some(standby);
         }
     }
 }

@@ -2,7 +2,8 @@
 //! driver that runs it step by step, the ports it drives and local mode's adapters.
 //!
 //! - [`ports`]: the traits the engine drives and the adapters implement.
-//! - [`runner`] → [`driver`] → [`phases`]: take a revision, decide, record, act.
+//! - [`runner`] → [`driver`] → [`phases`]: take a revision, decide, record, act; [`steps`]:
+//!   what the driver asks of the phases.
 //! - [`switchover`]: the switchover sequence (the pause), in one file.
 //! - [`error`]: how a step goes wrong, final or not.
 //! - The SQL work the phases use: [`preflight`], [`schema`], [`replication`], [`verify`],
@@ -30,6 +31,7 @@ pub mod schema;
 pub mod sequences;
 pub mod sql_script;
 pub mod state;
+pub mod steps;
 pub mod switchover;
 #[cfg(test)]
 mod tests;

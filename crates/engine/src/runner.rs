@@ -2,9 +2,10 @@
 //! (once), then step. Local mode calls it after every look at the branch; the Kubernetes
 //! controller from each reconcile of the object.
 
-use super::driver::{Driver, Progress, Steps};
+use super::driver::{Driver, Progress};
 use super::error::EngineResult;
 use super::intake;
+use super::steps::Steps;
 use crate::ports::{Journal, Observed, StatusSink};
 use pgflip_core::plan::Record;
 use std::time::Duration;

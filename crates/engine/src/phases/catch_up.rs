@@ -2,10 +2,10 @@
 //! the attempt gives up after `catchUpTimeout`.
 
 use super::Ctx;
-use crate::driver::{Learned, Stepped};
 use crate::error::{EngineError, EngineResult};
 use crate::ports::{Instances, Router};
 use crate::replication as repl;
+use crate::steps::{Learned, Stepped};
 use anyhow::Context;
 use std::time::Duration;
 

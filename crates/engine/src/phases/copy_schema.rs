@@ -3,12 +3,12 @@
 //! later change there blocks the switch.
 
 use super::Ctx;
-use crate::driver::{Learned, Stepped};
 use crate::error::{EngineError, EngineResult};
 use crate::pg::ensure_database;
 use crate::ports::{Instances, Router};
 use crate::replication as repl;
 use crate::schema;
+use crate::steps::{Learned, Stepped};
 use tokio_postgres::Client;
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {

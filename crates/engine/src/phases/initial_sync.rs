@@ -1,10 +1,10 @@
 //! Initial sync: waits until every subscribed table has been copied and is streaming.
 
 use super::Ctx;
-use crate::driver::{Learned, Stepped};
 use crate::error::EngineResult;
 use crate::ports::{Instances, Router};
 use crate::replication as repl;
+use crate::steps::{Learned, Stepped};
 use std::time::Duration;
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {

@@ -14,11 +14,11 @@ mod reverse_sync;
 mod switchover;
 mod verify;
 
-use super::driver::{Stepped, Steps};
 use super::error::{EngineError, EngineResult};
 use super::pg::connect;
 use super::replication::{self as repl, link_name};
 use super::schema;
+use super::steps::{Stepped, Steps};
 use crate::ports::{Addr, Credentials, Instances, Journal, Router};
 use crate::toolchain::Toolchain;
 use pgflip_core::plan::{Attempt, Member, Phase, Record};
@@ -180,7 +180,7 @@ impl<I: Instances, R: Router> Steps for Phases<I, R> {
             Phase::Switchover => switchover::run(&cx, record, journal).await,
             Phase::ReverseSync => reverse_sync::run(&cx).await,
             // The driver completes an attempt itself: nothing to do on the servers.
-            Phase::Done => Ok(Stepped::Done(super::driver::Learned::Nothing)),
+            Phase::Done => Ok(Stepped::Done(super::steps::Learned::Nothing)),
         }
     }
 

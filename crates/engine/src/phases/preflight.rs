@@ -3,11 +3,11 @@
 //! is the source prepared: replica identities set, pgflip's own schema created.
 
 use super::Ctx;
-use crate::driver::{Learned, Stepped};
 use crate::error::{EngineError, EngineResult};
 use crate::ports::{Instances, Router};
 use crate::preflight;
 use crate::replication as repl;
+use crate::steps::{Learned, Stepped};
 use pgflip_core::plan::AttemptKind;
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {

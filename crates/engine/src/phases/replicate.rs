@@ -2,10 +2,10 @@
 //! copying every table's rows, then streaming what the source commits.
 
 use super::Ctx;
-use crate::driver::{Learned, Stepped};
 use crate::error::EngineResult;
 use crate::ports::{Instances, Router};
 use crate::replication as repl;
+use crate::steps::{Learned, Stepped};
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     let target = cx.target().await?;

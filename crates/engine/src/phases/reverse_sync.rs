@@ -2,9 +2,9 @@
 //! and the forward link is dropped, so a revert switches back without losing a write.
 
 use super::Ctx;
-use crate::driver::{Learned, Stepped};
 use crate::error::EngineResult;
 use crate::ports::{Instances, Router};
+use crate::steps::{Learned, Stepped};
 use crate::switchover::{self, Sides};
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {

@@ -4,9 +4,9 @@
 
 use super::Ctx;
 use super::copy_schema::copy_roles;
-use crate::driver::{Learned, Stepped};
 use crate::error::EngineResult;
 use crate::ports::{Instances, Journal, Router};
+use crate::steps::{Learned, Stepped};
 use crate::switchover::{self, Sides};
 use pgflip_core::plan::{Record, Standby};
 

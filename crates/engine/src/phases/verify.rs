@@ -2,10 +2,10 @@
 //! ([`crate::verify`]); materialized views (not replicated) refreshed on the target.
 
 use super::Ctx;
-use crate::driver::{Learned, Stepped};
 use crate::error::{EngineError, EngineResult};
 use crate::pg::qualified;
 use crate::ports::{Instances, Router};
+use crate::steps::{Learned, Stepped};
 use crate::verify;
 use pgflip_core::spec::Verification;
 

@@ -3,9 +3,9 @@
 //! without PostgreSQL. What PostgreSQL, PgBouncer and Git do is tested on the real ones
 //! (`tests/`); these fakes only keep the state the driver's decisions are judged by.
 
-use crate::driver::{Learned, Stepped, Steps};
 use crate::error::{EngineError, EngineResult, PauseAbortCause};
 use crate::ports::{Addr, Instances, Journal, NotReady, Router, StatusSink};
+use crate::steps::{Learned, Stepped, Steps};
 use pgflip_core::plan::{Attempt, AttemptKind, Member, Phase, Record, Standby, SwitchStep};
 use pgflip_core::report::Update;
 use pgflip_core::revision::Revision;

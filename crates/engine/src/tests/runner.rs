@@ -2,10 +2,10 @@
 
 use super::fakes::{FakeInstances, FakeRouter, FakeSteps, MemoryJournal, RecordingSink};
 use super::{Harness, desired, member};
-use crate::driver::Steps;
 use crate::phases::Phases;
 use crate::ports::{Credentials, Observed};
 use crate::runner::Runner;
+use crate::steps::Steps;
 use crate::toolchain::Toolchain;
 use pgflip_core::plan::{Color, Phase, Record, Standby};
 use pgflip_core::revision::Revision;

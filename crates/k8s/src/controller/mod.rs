@@ -15,43 +15,43 @@
 //! Only the lease holder reconciles; a controller that loses its lease stops at once,
 //! which the engine survives like a kill.
 
-use super::api::{FIELD_MANAGER, apply_params};
 use super::crd::BlueGreenDatabase;
 use super::endpoint::KubeEndpoint;
-use super::flux::{KustomizationStatus, NAME_LABEL, NAMESPACE_LABEL, SourceRevision};
 use super::instances::KubeInstances;
 use super::journal::ConfigMapJournal;
 use super::leader::LeaderElection;
 use super::metrics::Metrics;
-use super::objects::{self, PASSWORD_KEY, admin_secret_name};
-use super::status;
 use anyhow::Context;
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ObjectReference, Secret, Service};
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PostParams};
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
 use pgflip_core::plan::Record;
-use pgflip_core::report::{State, Update};
-use pgflip_core::revision::Revision;
-use pgflip_core::spec::Desired;
 use pgflip_engine::adapters::forge_status::{ForgeArgs, ForgeStatus};
-use pgflip_engine::driver::{Driver, Progress, system_clock};
+use pgflip_engine::driver::Progress;
 use pgflip_engine::error::EngineError;
 use pgflip_engine::phases::Phases;
-use pgflip_engine::ports::Credentials;
-use pgflip_engine::ports::{Observed, StatusSink};
+use pgflip_engine::ports::Observed;
 use pgflip_engine::runner::Runner;
-use pgflip_engine::state::ADMIN_USER;
 use pgflip_engine::toolchain::Toolchain;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod database;
+mod origin;
+mod publish;
+mod sinks;
+
+use origin::{origin, waiting_for_flux};
+use publish::publish_status;
+pub use sinks::{KubeEvents, KubeSinks};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControllerOptions {
@@ -261,81 +261,6 @@ fn error_policy(
     }
 }
 
-/// Where the object's current spec came from.
-#[derive(Debug, Clone, PartialEq)]
-enum Origin {
-    /// No Kustomization manages it: every generation is a revision of its own.
-    Unmanaged,
-    /// Flux applied it at this source revision.
-    Applied(Revision),
-    /// Its Kustomization has not reported any revision applied yet.
-    NotYetApplied,
-}
-
-async fn origin(client: &kube::Client, object: &BlueGreenDatabase) -> anyhow::Result<Origin> {
-    let labels = object.labels();
-    let (Some(name), Some(namespace)) = (labels.get(NAME_LABEL), labels.get(NAMESPACE_LABEL))
-    else {
-        return Ok(Origin::Unmanaged);
-    };
-    let gvk = GroupVersionKind::gvk("kustomize.toolkit.fluxcd.io", "v1", "Kustomization");
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), namespace, &ApiResource::from_gvk(&gvk));
-    let Some(kustomization) = api
-        .get_opt(name)
-        .await
-        .with_context(|| format!("reading Kustomization {namespace}/{name}"))?
-    else {
-        return Ok(Origin::NotYetApplied);
-    };
-    let status: KustomizationStatus = kustomization
-        .data
-        .get("status")
-        .cloned()
-        .map(serde_json::from_value)
-        .transpose()
-        .context("reading the Kustomization's status")?
-        .unwrap_or_default();
-    Ok(Origin::from_status(&status))
-}
-
-impl Origin {
-    fn from_status(status: &KustomizationStatus) -> Origin {
-        match status.applied_revision() {
-            None => Origin::NotYetApplied,
-            Some(r) => Origin::Applied(
-                SourceRevision::parse(r)
-                    .ok()
-                    .and_then(|parsed| parsed.commit().and_then(Revision::commit))
-                    .unwrap_or_else(|| Revision::Flux(r.to_string())),
-            ),
-        }
-    }
-
-    /// The revision the object's current spec stands for, if one is known yet. A Git
-    /// revision is named by its commit: that is where progress is reported.
-    fn revision(&self, generation: Option<i64>) -> Option<Revision> {
-        match self {
-            Origin::Unmanaged => Some(Revision::Generation(generation.unwrap_or(0))),
-            Origin::Applied(revision) => Some(revision.clone()),
-            Origin::NotYetApplied => None,
-        }
-    }
-}
-
-/// Whether the object holds a (valid) spec that Flux has not reported applied yet: the
-/// revision it reports was taken already, with another desired state.
-fn waiting_for_flux(origin: &Origin, live: Option<&Desired>, record: &Record) -> bool {
-    match origin {
-        Origin::NotYetApplied => true,
-        Origin::Unmanaged => false,
-        Origin::Applied(revision) => {
-            live.is_some_and(|live| record.wanted.as_ref().is_some_and(|w| w.desired != *live))
-                && record.observed_revision.as_ref() == Some(revision)
-        }
-    }
-}
-
 async fn reconcile(
     object: Arc<BlueGreenDatabase>,
     context: Arc<Shared>,
@@ -452,194 +377,6 @@ fn deleted_object<R, Q>(
     }
 }
 
-/// Writes the status (and the annotations mirroring it) when it changed.
-async fn publish_status(
-    api: &Api<BlueGreenDatabase>,
-    object: &BlueGreenDatabase,
-    record: &Record,
-    waiting_for_flux: bool,
-) -> anyhow::Result<()> {
-    let live = object.desired();
-    let previous = object.status.clone().unwrap_or_default();
-    let invalid = live.as_ref().err().map(|e| e.to_string());
-    let revision = record
-        .wanted
-        .as_ref()
-        .map(|w| &w.revision)
-        .filter(|r| !matches!(r, Revision::Generation(_)))
-        .map(Revision::to_string);
-    let observed = status::Observed {
-        generation: object.metadata.generation,
-        desired: match (&live, &invalid) {
-            (Ok(d), _) => Ok(d),
-            (Err(_), Some(why)) => Err(why.as_str()),
-            (Err(_), None) => unreachable!("an invalid spec has a reason"),
-        },
-        record,
-        revision: revision.as_deref(),
-        waiting_for_flux,
-    };
-    let next = status::compute(&observed, &previous, k8s_openapi::jiff::Timestamp::now());
-    // The annotations first: whoever sees the new status finds them already there.
-    let annotations: serde_json::Map<String, serde_json::Value> = status::annotations(&next)
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.into()))
-        .collect();
-    let current = object.annotations();
-    if annotations
-        .iter()
-        .any(|(k, v)| current.get(k).map(String::as_str) != v.as_str())
-    {
-        let body = serde_json::json!({
-            "apiVersion": BlueGreenDatabase::api_version(&()),
-            "kind": BlueGreenDatabase::kind(&()),
-            "metadata": { "name": object.name_any(), "annotations": annotations },
-        });
-        api.patch(&object.name_any(), &apply_params(), &Patch::Apply(&body))
-            .await
-            .context("writing the annotations")?;
-    }
-    if next != previous {
-        let body = serde_json::json!({
-            "apiVersion": BlueGreenDatabase::api_version(&()),
-            "kind": BlueGreenDatabase::kind(&()),
-            "status": next,
-        });
-        api.patch_status(&object.name_any(), &apply_params(), &Patch::Apply(&body))
-            .await
-            .context("writing the status")?;
-    }
-    Ok(())
-}
-
-impl Shared {
-    /// Drops a deleted object's runner, and with it the endpoint's console session. Its
-    /// data, endpoint and journal stay: an object created again under the name takes them up.
-    /// An attempt that has not switched is abandoned first: its slots would otherwise
-    /// hold blue's WAL with no one left to drop them.
-    async fn forget(&self, namespace: &str, name: &str) {
-        let key = (namespace.to_string(), name.to_string());
-        let Some(database) = self.databases.lock().await.remove(&key) else {
-            return;
-        };
-        let mut runner = database.runner.lock().await;
-        if let Err(e) = runner
-            .release("the BlueGreenDatabase was deleted: the attempt is abandoned")
-            .await
-        {
-            tracing::warn!(%namespace, %name, kind = e.metric_label(), error = %e, "could not clean up after the deleted object's attempt");
-        }
-        tracing::info!(%namespace, %name, "the object is gone: forgot its database");
-    }
-
-    /// The database's runner, made on first sight (its admin Secret created if absent).
-    /// None while the object has never been valid: nothing is created for it.
-    async fn database(
-        &self,
-        object: &BlueGreenDatabase,
-        live: Option<&Desired>,
-    ) -> Result<Option<Arc<Database>>, ControllerError> {
-        let namespace = object.namespace().unwrap_or_default();
-        let name = object.name_any();
-        let key = (namespace.clone(), name.clone());
-        let mut databases = self.databases.lock().await;
-        if let Some(d) = databases.get(&key)
-            && d.uid == object.metadata.uid
-        {
-            return Ok(Some(d.clone()));
-        }
-        // New, or deleted and created again under its name: its parts are (re)built, its
-        // record read back from the journal, so that nothing, events included, still
-        // refers to an old object.
-        let journal = ConfigMapJournal::new(self.client.clone(), &namespace, &name);
-        let record = journal.load().await.map_err(kube_error)?;
-        let desired = match (live, &record.wanted) {
-            (Some(d), _) => d.clone(),
-            (None, Some(wanted)) => wanted.desired.clone(),
-            (None, None) => return Ok(None),
-        };
-        let admin = self
-            .admin_credentials(object, &desired)
-            .await
-            .map_err(kube_error)?;
-        let instances = KubeInstances::new(
-            self.client.clone(),
-            &namespace,
-            object.clone(),
-            admin.clone(),
-        );
-        let endpoint = KubeEndpoint::new(
-            self.client.clone(),
-            &namespace,
-            object.clone(),
-            &self.options.endpoint_image,
-            admin.clone(),
-        )
-        .map_err(kube_error)?;
-        let sinks = KubeSinks {
-            events: KubeEvents {
-                recorder: Recorder::new(self.client.clone(), self.reporter.clone()),
-                reference: object.object_ref(&()),
-                metrics: self.metrics.clone(),
-                namespace: namespace.clone(),
-                name: name.clone(),
-            },
-            forge: self
-                .forge
-                .as_ref()
-                .map(|f| f.with_context(format!("pgflip/{namespace}/{name}"))),
-        };
-        let driver = Driver::new(
-            Phases::new(instances, endpoint, self.toolchain.clone(), admin),
-            journal,
-            sinks,
-            system_clock(),
-        );
-        let database = Arc::new(Database {
-            uid: object.metadata.uid.clone(),
-            runner: tokio::sync::Mutex::new(Runner::new(driver, record)),
-        });
-        databases.insert(key, database.clone());
-        Ok(Some(database))
-    }
-
-    /// pgflip's admin login for the database's servers: from its Secret, which is created
-    /// with a random password if absent and never overwritten.
-    async fn admin_credentials(
-        &self,
-        object: &BlueGreenDatabase,
-        desired: &Desired,
-    ) -> anyhow::Result<Credentials> {
-        let namespace = object.namespace().context("the object has no namespace")?;
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
-        let name = admin_secret_name(&desired.name);
-        if secrets.get_opt(&name).await?.is_none() {
-            let secret =
-                objects::admin_secret(object, desired, &pgflip_engine::state::random_token(32));
-            let params = PostParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            };
-            match secrets.create(&params, &secret).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e).context("creating the admin Secret"),
-            }
-        }
-        let secret = secrets.get(&name).await?;
-        let password = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(PASSWORD_KEY))
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            .with_context(|| format!("Secret {name} has no {PASSWORD_KEY}"))?;
-        Ok(Credentials {
-            user: ADMIN_USER.into(),
-            password,
-        })
-    }
-}
-
 /// `host:port`, the host an IP address; an IPv6 one with or without brackets (the port is
 /// whatever follows the last colon).
 fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
@@ -652,98 +389,9 @@ fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port.parse().map_err(|_| bad())?))
 }
 
-/// Where progress goes: Events on the object, and the commit's status on the forge when
-/// the revision is a Git commit (an object no Kustomization manages has none).
-pub struct KubeSinks {
-    events: KubeEvents,
-    forge: Option<ForgeStatus>,
-}
-
-impl StatusSink for KubeSinks {
-    async fn publish(&self, revision: &Revision, update: &Update) -> anyhow::Result<()> {
-        let events = self.events.publish(revision, update).await;
-        if let Some(forge) = self
-            .forge
-            .as_ref()
-            .filter(|_| revision.as_commit().is_some())
-        {
-            forge.publish(revision, update).await?;
-        }
-        events
-    }
-}
-
-/// Progress as Kubernetes Events on the object (and counted in the metrics).
-pub struct KubeEvents {
-    recorder: Recorder,
-    reference: ObjectReference,
-    metrics: Metrics,
-    namespace: String,
-    name: String,
-}
-
-impl StatusSink for KubeEvents {
-    async fn publish(&self, _revision: &Revision, update: &Update) -> anyhow::Result<()> {
-        let reason: String = update
-            .phase
-            .split('-')
-            .map(|w| {
-                let mut c = w.chars();
-                c.next()
-                    .map(|f| f.to_uppercase().chain(c).collect::<String>())
-                    .unwrap_or_default()
-            })
-            .collect();
-        let (type_, reason) = match update.state {
-            State::Failure => (EventType::Warning, format!("{reason}Failed")),
-            State::Success => (EventType::Normal, "Switched".to_string()),
-            State::Pending => (EventType::Normal, reason),
-        };
-        if update.state == State::Success
-            && let Some(pause) = update.pause_ms
-        {
-            let direction = match (&update.from, &update.to) {
-                (Some(f), Some(t)) if t.parse::<u32>().ok() < f.parse::<u32>().ok() => "downgrade",
-                _ => "upgrade",
-            };
-            self.metrics.switch_done(
-                &self.namespace,
-                &self.name,
-                direction,
-                Duration::from_secs_f64(pause / 1000.0),
-            );
-        }
-        let mut note = update.message.clone();
-        note.truncate(1000);
-        self.recorder
-            .publish(
-                &Event {
-                    type_,
-                    reason,
-                    note: Some(note),
-                    action: "Reconcile".into(),
-                    secondary: None,
-                },
-                &self.reference,
-            )
-            .await
-            .context("publishing an event")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
-
-    fn flux(revision: &str) -> KustomizationStatus {
-        serde_json::from_value(serde_json::json!({
-            "lastAppliedRevision": revision,
-            "conditions": [{"type": "Ready", "status": "True", "reason": "ReconciliationSucceeded", "message": ""}],
-        }))
-        .unwrap()
-    }
 
     #[test]
     fn short_waits_are_taken_long_ones_requeue() {
@@ -802,63 +450,5 @@ mod tests {
         );
         assert!(parse_listen_addr("pod:8080").is_err());
         assert!(parse_listen_addr("10.1.2.3").is_err());
-    }
-
-    #[test]
-    fn a_flux_revision_is_named_by_its_commit() {
-        let origin = Origin::from_status(&flux(&format!("main@sha1:{SHA}")));
-        assert_eq!(origin.revision(Some(4)), Some(Revision::Commit(SHA.into())));
-        let oci = Origin::from_status(&flux(&format!("latest@sha256:{SHA}{}", &SHA[..24])));
-        assert!(
-            matches!(oci.revision(None), Some(Revision::Flux(r)) if r.starts_with("latest@sha256:"))
-        );
-        assert_eq!(
-            Origin::from_status(&KustomizationStatus::default()),
-            Origin::NotYetApplied
-        );
-        assert_eq!(Origin::NotYetApplied.revision(Some(4)), None);
-        assert_eq!(
-            Origin::Unmanaged.revision(Some(4)),
-            Some(Revision::Generation(4))
-        );
-    }
-
-    fn desired(major: u32) -> Desired {
-        pgflip_core::spec::parse(&pgflip_core::spec::render(
-            "db",
-            pgflip_core::spec::Major(major),
-            "",
-        ))
-        .unwrap()
-    }
-
-    #[test]
-    fn a_spec_ahead_of_flux_waits_for_its_revision() {
-        let origin = Origin::from_status(&flux(&format!("main@sha1:{SHA}")));
-        let revision = Revision::Commit(SHA.into());
-        let taken = Record {
-            observed_revision: Some(revision.clone()),
-            wanted: Some(pgflip_core::plan::Wanted {
-                revision,
-                desired: desired(15),
-            }),
-            ..Default::default()
-        };
-        // Flux applied the object at a new commit but still reports the old one.
-        assert!(waiting_for_flux(&origin, Some(&desired(16)), &taken));
-        // The object is what that revision carried.
-        assert!(!waiting_for_flux(&origin, Some(&desired(15)), &taken));
-        // An invalid spec is Stalled, not waiting.
-        assert!(!waiting_for_flux(&origin, None, &taken));
-        assert!(waiting_for_flux(
-            &Origin::NotYetApplied,
-            Some(&desired(16)),
-            &taken
-        ));
-        assert!(!waiting_for_flux(
-            &Origin::Unmanaged,
-            Some(&desired(16)),
-            &taken
-        ));
     }
 }
