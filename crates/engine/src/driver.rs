@@ -134,15 +134,7 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
                 Ok(Progress::Busy)
             }
             Decision::Abandon { attempt, reason } => {
-                tracing::info!(%reason, "abandoning attempt");
-                self.steps.clean_up(&attempt, desired).await?;
-                self.record(record, |r| r.attempt = None).await?;
-                self.report(
-                    &attempt.revision,
-                    Update::failure(attempt.phase.as_str(), reason)
-                        .between(attempt.from.major, attempt.to.major),
-                )
-                .await;
+                self.abandon(record, &attempt, desired, &reason).await?;
                 Ok(Progress::Busy)
             }
             Decision::Fail { attempt, reason } => {
@@ -323,12 +315,7 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
             r.failed_reason = Some(reason.clone());
         })
         .await?;
-        self.report(
-            &attempt.revision,
-            Update::failure(attempt.phase.as_str(), reason)
-                .between(attempt.from.major, attempt.to.major),
-        )
-        .await;
+        self.report_failure(attempt, &reason).await;
         Ok(())
     }
 
@@ -342,16 +329,29 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         if attempt.phase.is_committed() {
             return Ok(());
         }
+        self.abandon(record, &attempt, &wanted.desired, reason)
+            .await
+    }
+
+    /// Drops an attempt that has not switched: cleaned up, forgotten, the revision told why.
+    async fn abandon(
+        &self,
+        record: &mut Record,
+        attempt: &Attempt,
+        desired: &Desired,
+        reason: &str,
+    ) -> EngineResult<()> {
         tracing::info!(%reason, "abandoning attempt");
-        self.steps.clean_up(&attempt, &wanted.desired).await?;
+        self.steps.clean_up(attempt, desired).await?;
         self.record(record, |r| r.attempt = None).await?;
-        self.report(
-            &attempt.revision,
-            Update::failure(attempt.phase.as_str(), reason)
-                .between(attempt.from.major, attempt.to.major),
-        )
-        .await;
+        self.report_failure(attempt, reason).await;
         Ok(())
+    }
+
+    async fn report_failure(&self, attempt: &Attempt, reason: &str) {
+        let update = Update::failure(attempt.phase.as_str(), reason)
+            .between(attempt.from.major, attempt.to.major);
+        self.report(&attempt.revision, update).await;
     }
 
     /// The attempt reached Done: into the history, and success on its revision.

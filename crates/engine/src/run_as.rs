@@ -96,6 +96,11 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
         .stderr(Stdio::piped())
         .output()
         .with_context(|| format!("running {}", describe(cmd)))?;
+    outcome(cmd, out)
+}
+
+/// The output of a finished command (stdout, then stderr), or its failure with that output.
+fn outcome(cmd: &Command, out: std::process::Output) -> anyhow::Result<String> {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -125,20 +130,7 @@ pub async fn run_async(cmd: Command) -> anyhow::Result<String> {
         .output()
         .await
         .with_context(|| format!("running {}", describe(cmd.as_std())))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        bail!(
-            "{:?} failed ({}): {}",
-            cmd.as_std().get_program(),
-            out.status,
-            text.trim()
-        );
-    }
-    Ok(text)
+    outcome(cmd.as_std(), out)
 }
 
 /// Whether a command exits successfully (its output discarded), waited for without

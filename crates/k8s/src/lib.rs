@@ -1,8 +1,14 @@
-//! Kubernetes mode, its pure parts: the `BlueGreenDatabase` custom resource ([`crd`]),
-//! Flux as the source of the revision ([`flux`]), the object's status ([`status`]) and
-//! the objects pgflip owns ([`objects`]). They take values and return values; the
-//! controller that reads and writes them through the API server is an adapter around
-//! the same engine local mode runs.
+//! Kubernetes mode: the same engine local mode runs, with the cluster behind its ports.
+//!
+//! - Pure, tested from fixtures: the `BlueGreenDatabase` custom resource ([`crd`]), Flux's
+//!   source revisions and Kustomization status ([`flux`]), the object's status
+//!   ([`status`]) and the objects pgflip owns ([`objects`]).
+//! - The controller ([`controller`]): a kube-runtime controller that runs one
+//!   [`Runner`](pgflip_engine::runner::Runner) per object, leader-elected ([`leader`]),
+//!   with its metrics ([`metrics`]).
+//! - The adapters: StatefulSets as instances ([`instances`]), a PgBouncer Deployment as
+//!   the endpoint ([`endpoint`], also the endpoint pod's own process), a ConfigMap as the
+//!   journal ([`journal`]); server-side apply helpers in [`api`].
 
 pub mod api;
 pub mod controller;

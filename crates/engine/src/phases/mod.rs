@@ -19,6 +19,7 @@ use super::pg::connect;
 use super::replication::{self as repl, link_name};
 use super::schema;
 use super::steps::{Stepped, Steps};
+use super::switchover::Sides;
 use crate::ports::{Addr, Credentials, Instances, Journal, Router};
 use crate::toolchain::Toolchain;
 use pgflip_core::plan::{Attempt, Member, Phase, Record};
@@ -101,6 +102,18 @@ impl<I: Instances, R: Router> Ctx<'_, I, R> {
 
     async fn connect(&self, addr: &Addr, db: &str) -> EngineResult<Client> {
         Ok(connect(addr, self.admin(), db).await?)
+    }
+
+    /// The two sides, as the switchover sequence takes them.
+    fn sides<'a>(&'a self, target: &'a Addr) -> Sides<'a> {
+        Sides {
+            from: self.attempt.from,
+            to: self.attempt.to,
+            source: &self.source,
+            target,
+            admin: self.admin(),
+            desired: self.desired,
+        }
     }
 
     /// The forward link's name (publication, slot and subscription) for `db`.

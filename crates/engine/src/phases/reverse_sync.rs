@@ -5,18 +5,10 @@ use super::Ctx;
 use crate::error::EngineResult;
 use crate::ports::{Instances, Router};
 use crate::steps::{Learned, Stepped};
-use crate::switchover::{self, Sides};
+use crate::switchover;
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     let target = cx.target().await?;
-    switchover::start_reverse_replication(&Sides {
-        from: cx.attempt.from,
-        to: cx.attempt.to,
-        source: &cx.source,
-        target: &target,
-        admin: cx.admin(),
-        desired: cx.desired,
-    })
-    .await?;
+    switchover::start_reverse_replication(&cx.sides(&target)).await?;
     Ok(Stepped::Done(Learned::Nothing))
 }

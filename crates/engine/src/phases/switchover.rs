@@ -7,7 +7,7 @@ use super::copy_schema::copy_roles;
 use crate::error::EngineResult;
 use crate::ports::{Instances, Journal, Router};
 use crate::steps::{Learned, Stepped};
-use crate::switchover::{self, Sides};
+use crate::switchover;
 use pgflip_core::plan::{Record, Standby};
 
 pub(super) async fn run<I: Instances, R: Router, J: Journal>(
@@ -16,14 +16,7 @@ pub(super) async fn run<I: Instances, R: Router, J: Journal>(
     journal: &J,
 ) -> EngineResult<Stepped> {
     let target = cx.target().await?;
-    let sides = Sides {
-        from: cx.attempt.from,
-        to: cx.attempt.to,
-        source: &cx.source,
-        target: &target,
-        admin: cx.admin(),
-        desired: cx.desired,
-    };
+    let sides = cx.sides(&target);
     let router = &cx.parts.router;
     let moved = switchover::recover(router, journal, record, &sides).await?;
     let mut measurement = None;
