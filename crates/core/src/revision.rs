@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", from = "Stored")]
 pub enum Revision {
     /// A Git commit, by its full hexadecimal id (local mode's branch head, or the commit a
     /// Flux source revision names).
@@ -15,6 +15,39 @@ pub enum Revision {
     Flux(String),
     /// Kubernetes mode, an object no Kustomization manages: its `metadata.generation`.
     Generation(i64),
+}
+
+/// How a revision is read back: as written now, or as pgflip 0.1 wrote it (a string: a
+/// commit id, `generation-N`, or a Flux revision), so an upgraded pgflip resumes.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Tagged(Tagged),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Tagged {
+    Commit(String),
+    Flux(String),
+    Generation(i64),
+}
+
+impl From<Stored> for Revision {
+    fn from(stored: Stored) -> Revision {
+        match stored {
+            Stored::Tagged(Tagged::Commit(id)) => Revision::Commit(id),
+            Stored::Tagged(Tagged::Flux(r)) => Revision::Flux(r),
+            Stored::Tagged(Tagged::Generation(g)) => Revision::Generation(g),
+            Stored::Text(text) => text
+                .strip_prefix("generation-")
+                .and_then(|g| g.parse().ok())
+                .map(Revision::Generation)
+                .or_else(|| Revision::commit(&text))
+                .unwrap_or(Revision::Flux(text)),
+        }
+    }
 }
 
 impl Revision {
@@ -88,5 +121,16 @@ mod tests {
         assert_eq!(json, r#"{"generation":3}"#);
         let back: Revision = serde_json::from_str(&format!(r#"{{"commit":"{SHA}"}}"#)).unwrap();
         assert_eq!(back, Revision::Commit(SHA.into()));
+    }
+
+    #[test]
+    fn revisions_written_as_text_by_an_older_pgflip_are_read() {
+        let read = |text: &str| serde_json::from_str::<Revision>(&format!("{text:?}")).unwrap();
+        assert_eq!(read(SHA), Revision::Commit(SHA.into()));
+        assert_eq!(read("generation-7"), Revision::Generation(7));
+        assert_eq!(
+            read("latest@sha256:ab"),
+            Revision::Flux("latest@sha256:ab".into())
+        );
     }
 }

@@ -22,7 +22,13 @@ pub struct Runner<S, J, K> {
 
 impl<S: Steps, J: Journal, K: StatusSink> Runner<S, J, K> {
     /// A runner over `record`, as last saved in the journal.
-    pub fn new(driver: Driver<S, J, K>, record: Record) -> Self {
+    pub fn new(driver: Driver<S, J, K>, mut record: Record) -> Self {
+        // A record of pgflip 0.1 has no phase start: the attempt's start stands in.
+        if let Some(a) = record.attempt.as_mut()
+            && a.phase_started_ms == 0
+        {
+            a.phase_started_ms = a.started_ms;
+        }
         Runner {
             driver,
             record,

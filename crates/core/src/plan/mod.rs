@@ -174,7 +174,9 @@ pub struct Attempt {
     pub phase: Phase,
     pub started_ms: u64,
     /// When the current phase began (Unix ms): its wall time, waits and retries included,
-    /// goes into `timings_ms` when it completes, and bounds the lag gate.
+    /// goes into `timings_ms` when it completes, and bounds the lag gate. (Absent from a
+    /// record of pgflip 0.1: the attempt's start stands in.)
+    #[serde(default)]
     pub phase_started_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch_step: Option<SwitchStep>,
@@ -252,16 +254,46 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_revision: Option<Revision>,
     /// What pgflip works towards: the last valid desired state, also while newer revisions
-    /// carry bad documents.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// carry bad documents. (`desired`: as pgflip 0.1 wrote it.)
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "desired")]
     pub wanted: Option<Wanted>,
 }
 
 /// A validated desired state and the revision it came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "StoredWanted")]
 pub struct Wanted {
     pub revision: Revision,
     pub desired: Desired,
+}
+
+/// How [`Wanted`] is read back: as written now, or as pgflip 0.1 wrote it (the document's
+/// text, validated again on the way in).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredWanted {
+    Validated {
+        revision: Revision,
+        desired: Desired,
+    },
+    Document {
+        revision: Revision,
+        document: String,
+    },
+}
+
+impl TryFrom<StoredWanted> for Wanted {
+    type Error = super::spec::SpecError;
+
+    fn try_from(stored: StoredWanted) -> Result<Wanted, Self::Error> {
+        Ok(match stored {
+            StoredWanted::Validated { revision, desired } => Wanted { revision, desired },
+            StoredWanted::Document { revision, document } => Wanted {
+                revision,
+                desired: super::spec::parse(&document)?,
+            },
+        })
+    }
 }
 
 impl Attempt {
@@ -338,5 +370,35 @@ mod tests {
         }
         assert!(!Phase::Verify.is_committed());
         assert!(Phase::Switchover.is_committed());
+    }
+
+    /// A record as pgflip 0.1 wrote it (revisions as text, the document as text): an
+    /// upgraded pgflip resumes from it.
+    #[test]
+    fn a_record_of_pgflip_0_1_is_read() {
+        const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+        let document = crate::spec::render("orders", Major(16), "");
+        let old = serde_json::json!({
+            "serving": {"color": "blue", "major": 15},
+            "attempt": {
+                "revision": SHA, "kind": "full",
+                "from": {"color": "blue", "major": 15}, "to": {"color": "green", "major": 16},
+                "phase": "catchUp", "started_ms": 1000, "pause_failures": 0, "timings_ms": {}
+            },
+            "history": [],
+            "observed_revision": SHA,
+            "desired": {"revision": SHA, "document": document},
+        });
+        let r: Record = serde_json::from_value(old).unwrap();
+        let commit = Revision::Commit(SHA.into());
+        let wanted = r.wanted.unwrap();
+        assert_eq!(wanted.revision, commit);
+        assert_eq!(wanted.desired.major, Major(16));
+        let attempt = r.attempt.unwrap();
+        assert_eq!(
+            (attempt.phase, attempt.phase_started_ms),
+            (Phase::CatchUp, 0)
+        );
+        assert_eq!(r.observed_revision, Some(commit));
     }
 }
