@@ -126,7 +126,7 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
         wait_for(&state, "bootstrap", Duration::from_secs(120), |r| r.serving.is_some(), None).await?;
         let endpoint = Addr { host: "127.0.0.1".into(), port };
         let admin = state.admin_credentials()?;
-        let app = Credentials { user: "app".into(), password: pgflip_engine::state::random_token(16) };
+        let app = Credentials { user: "app".into(), password: pgflip_engine::random::token(16) };
         step("loading sample data (types, partitions, sequences, trigger, views, materialized view)");
         load_sample(&endpoint, &admin, &app).await?;
         load::prepare(&endpoint, &admin, "app").await?;

@@ -165,7 +165,7 @@ fn render_status(r: &Record) -> String {
     if let Some(s) = &r.standby {
         let left = s
             .retain_until_ms
-            .saturating_sub(pgflip_engine::state::now_ms())
+            .saturating_sub(pgflip_engine::clock::now_ms())
             / 1000;
         out.push_str(&format!(
             "standby:  {} (PostgreSQL {}) in reverse sync, retained {left}s more\n",

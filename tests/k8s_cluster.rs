@@ -163,7 +163,7 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         node.status
     );
 
-    let password = pgflip_engine::state::random_token(24);
+    let password = pgflip_engine::random::token(24);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "pg-auth"},

@@ -114,10 +114,10 @@ impl Cluster {
         write("apiserver.key", &serving_key.serialize_pem(), 0o600);
         write("sa.key", &sa_key.serialize_pem(), 0o600);
         write("sa.pub", &sa_key.public_key_pem(), 0o644);
-        let token = pgflip_engine::state::random_token(32);
+        let token = pgflip_engine::random::token(32);
         // The controller's own identity: the user name a token of its ServiceAccount
         // carries, so manifests/rbac.yaml is what authorizes it in the tests.
-        let controller_token = pgflip_engine::state::random_token(32);
+        let controller_token = pgflip_engine::random::token(32);
         write(
             "tokens.csv",
             &format!(

@@ -299,7 +299,7 @@ impl Harness {
             .unwrap();
         let app = Credentials {
             user: "app".into(),
-            password: pgflip_engine::state::random_token(12),
+            password: pgflip_engine::random::token(12),
         };
         c.batch_execute(&format!(
             "CREATE ROLE app LOGIN PASSWORD '{}'; GRANT USAGE ON SCHEMA public TO app;

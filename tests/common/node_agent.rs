@@ -156,10 +156,7 @@ impl NodeAgent {
         options: Options,
     ) -> NodeAgent {
         let client = cluster.client();
-        let node = format!(
-            "node-{}",
-            pgflip_engine::state::random_token(6).to_lowercase()
-        );
+        let node = format!("node-{}", pgflip_engine::random::token(6).to_lowercase());
         register_node(&client, &node).await;
         let dir = tempfile::Builder::new()
             .prefix("pgflip-node-")

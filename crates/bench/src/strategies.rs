@@ -105,11 +105,11 @@ pub async fn pgflip(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Meas
     let scan_mb_s = sequential_scan_mb_s(env, &blue).await?;
 
     let watch = PhaseWatch::start(env.state.clone());
-    let committed = pgflip_engine::state::now_ms() as f64;
+    let committed = pgflip_engine::clock::now_ms() as f64;
     let upgrade = env.commit(to, "upgrade");
     let (up_from, up_to) = switch_window(env, 1).await?;
     Traffic::settle(SETTLE).await;
-    let reverted = pgflip_engine::state::now_ms() as f64;
+    let reverted = pgflip_engine::clock::now_ms() as f64;
     env.revert(&upgrade);
     let (down_from, down_to) = switch_window(env, 2).await?;
     let phases = watch.stop().await;
@@ -187,7 +187,7 @@ async fn switch_window(env: &Env, n: usize) -> anyhow::Result<(f64, f64)> {
                     .is_some_and(|a| a.phase >= pgflip_core::plan::Phase::Switchover)
         })
         .await?;
-    let begun = pgflip_engine::state::now_ms() as f64;
+    let begun = pgflip_engine::clock::now_ms() as f64;
     let r = if r.history.len() >= n {
         r
     } else {
@@ -292,14 +292,14 @@ async fn offline(
 ) -> anyhow::Result<Measured> {
     let traffic = Traffic::start(env, load.rate, load.clients)?;
     Traffic::settle(SETTLE).await;
-    let stop_ms = pgflip_engine::state::now_ms() as f64;
+    let stop_ms = pgflip_engine::clock::now_ms() as f64;
     let started = Instant::now();
     router.pause(SWITCH_TIMEOUT).await?;
     downtime_work(env).await?;
     router.repoint(desired, new_server).await?;
     router.resume().await?;
     let stop_to_resume_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let resumed_ms = pgflip_engine::state::now_ms() as f64;
+    let resumed_ms = pgflip_engine::clock::now_ms() as f64;
     Traffic::settle(SETTLE).await;
     let outcome = traffic.stop(env).await?;
     let window = outcome.window(stop_ms - MARGIN_MS, resumed_ms + MARGIN_MS);

@@ -52,7 +52,7 @@ impl PhaseWatch {
                     };
                     if marks.last().is_none_or(|m| m.phase != phase) {
                         marks.push(PhaseMark {
-                            at_ms: pgflip_engine::state::now_ms() as f64,
+                            at_ms: pgflip_engine::clock::now_ms() as f64,
                             phase,
                         });
                     }

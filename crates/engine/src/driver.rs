@@ -40,7 +40,7 @@ pub enum Progress {
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 pub fn system_clock() -> Clock {
-    Arc::new(crate::state::now_ms)
+    Arc::new(crate::clock::now_ms)
 }
 
 pub struct Driver<S, J, K> {
@@ -423,7 +423,7 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
             }
             *last = Some((revision.clone(), update.phase.clone(), Instant::now()));
         }
-        update.at = crate::state::rfc3339_ms(self.now_ms());
+        update.at = crate::clock::rfc3339_ms(self.now_ms());
         tracing::info!(revision = %revision.short(), state = update.state.as_str(), phase = %update.phase, "{}", update.message);
         if let Err(e) = self.sink.publish(revision, &update).await {
             tracing::warn!(error = %format!("{e:#}"), "could not publish the status");

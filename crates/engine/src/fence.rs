@@ -3,7 +3,7 @@
 //! reverse replication) gets `default_transaction_read_only = on`, and open client
 //! sessions are ended so they pick it up. Unfencing resets it. Both are idempotent.
 
-use crate::state::ADMIN_USER;
+use crate::ports::ADMIN_USER;
 use tokio_postgres::Client;
 
 pub async fn fence(client: &Client) -> anyhow::Result<()> {

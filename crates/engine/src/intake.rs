@@ -58,7 +58,7 @@ pub async fn take_revision(
 
 async fn report_bad(sink: &impl StatusSink, revision: &Revision, reason: &str) {
     let mut u = Update::failure("document", format!("{reason}; nothing was changed"));
-    u.at = crate::state::rfc3339_ms(crate::state::now_ms());
+    u.at = crate::clock::rfc3339_ms(crate::clock::now_ms());
     if let Err(e) = sink.publish(revision, &u).await {
         tracing::warn!(error = %format!("{e:#}"), "could not publish the status");
     }

@@ -14,6 +14,7 @@
 
 pub mod adapters;
 pub mod catalog;
+pub mod clock;
 pub mod driver;
 pub mod error;
 pub mod failpoint;
@@ -24,6 +25,7 @@ pub mod pg;
 pub mod phases;
 pub mod ports;
 pub mod preflight;
+pub mod random;
 pub mod replication;
 pub mod run_as;
 pub mod runner;

@@ -117,7 +117,7 @@ pub fn start(cfg: LoadConfig) -> LoadHandle {
     let live = Arc::new(Mutex::new(Live::default()));
     let started = Instant::now();
     // Runs against one table never collide: seqs start at the start time (ms) × 10⁶.
-    let seq_base = crate::state::now_ms() as i64 * 1_000_000;
+    let seq_base = crate::clock::now_ms() as i64 * 1_000_000;
     let period = cfg
         .rate_per_sec
         .filter(|r| *r > 0)

@@ -36,6 +36,9 @@ impl fmt::Display for Addr {
     }
 }
 
+/// The superuser pgflip creates on every instance it runs and uses for its own work.
+pub const ADMIN_USER: &str = "pgflip";
+
 /// A login. The password never appears in Debug output, logs, notes or statuses.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {

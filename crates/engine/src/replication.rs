@@ -254,8 +254,8 @@ pub async fn lag_bytes(source: &Client, slot: &str) -> anyhow::Result<Option<i64
 pub fn marker_token(purpose: &str) -> String {
     format!(
         "{purpose}-{}-{}",
-        crate::state::now_ms(),
-        crate::state::random_token(8)
+        crate::clock::now_ms(),
+        crate::random::token(8)
     )
 }
 

@@ -2,15 +2,12 @@
 //! files of the local instances and endpoint. The record is written atomically (temp file,
 //! fsync, rename) so a crash leaves either the old or the new one, never half of each.
 
-use crate::ports::Credentials;
+use crate::ports::{ADMIN_USER, Credentials};
 use anyhow::Context;
 use pgflip_core::plan::Record;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-
-/// The superuser pgflip creates on every instance and uses for its own work.
-pub const ADMIN_USER: &str = "pgflip";
 
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -80,7 +77,7 @@ impl StateDir {
                     path.parent().unwrap(),
                     std::fs::Permissions::from_mode(0o700),
                 )?;
-                let p = random_token(32);
+                let p = crate::random::token(32);
                 write_atomic(&path, p.as_bytes(), 0o600)?;
                 p
             }
@@ -94,15 +91,6 @@ impl StateDir {
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
-}
-
-pub fn random_token(len: usize) -> String {
-    use rand::Rng;
-    const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut rng = rand::thread_rng();
-    (0..len)
-        .map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char)
-        .collect()
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
@@ -127,12 +115,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `ms` (Unix milliseconds) as an RFC 3339 time, e.g. `2026-12-02T10:00:00.000Z`.
-pub fn rfc3339_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
-}
-
 /// Runs blocking work (file writes with fsync, directory trees, git2) on tokio's blocking
 /// pool, so that async code never stalls the runtime's worker threads.
 pub async fn blocking<T, F>(work: F) -> anyhow::Result<T>
@@ -148,13 +130,6 @@ where
 /// [`write_atomic`] for async code (on the blocking pool).
 pub async fn write_atomic_async(path: PathBuf, bytes: Vec<u8>, mode: u32) -> anyhow::Result<()> {
     blocking(move || write_atomic(&path, &bytes, mode)).await
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl crate::ports::Journal for StateDir {

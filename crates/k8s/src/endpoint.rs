@@ -25,9 +25,10 @@ use pgflip_core::spec::Desired;
 use pgflip_engine::adapters::pgbouncer::{
     AdminConsole, EndpointConfig, render_ini, userlist_field,
 };
+use pgflip_engine::ports::ADMIN_USER;
 use pgflip_engine::ports::{Addr, Credentials};
 use pgflip_engine::ports::{Result, Router};
-use pgflip_engine::state::{ADMIN_USER, write_atomic};
+use pgflip_engine::state::write_atomic;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

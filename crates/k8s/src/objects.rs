@@ -26,8 +26,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use pgflip_core::plan::{Color, Member};
 use pgflip_core::spec::Desired;
+use pgflip_engine::ports::ADMIN_USER;
 use pgflip_engine::replication::SERVER_SETTINGS;
-use pgflip_engine::state::ADMIN_USER;
 use std::collections::BTreeMap;
 
 pub const PORT: i32 = 5432;

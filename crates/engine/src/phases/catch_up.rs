@@ -22,7 +22,7 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     if worst as u64 <= switchover.max_lag_bytes {
         return Ok(Stepped::Done(Learned::Nothing));
     }
-    let waited = crate::state::now_ms().saturating_sub(cx.attempt.phase_started_ms);
+    let waited = crate::clock::now_ms().saturating_sub(cx.attempt.phase_started_ms);
     if Duration::from_millis(waited) > switchover.catch_up_timeout {
         return Err(EngineError::CatchUpTimeout {
             target: cx.attempt.to,

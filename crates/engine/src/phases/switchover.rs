@@ -40,7 +40,7 @@ pub(super) async fn run<I: Instances, R: Router, J: Journal>(
         measurement,
         standby: Standby {
             member: cx.attempt.from,
-            retain_until_ms: crate::state::now_ms() + cx.desired.retain_previous.as_millis() as u64,
+            retain_until_ms: crate::clock::now_ms() + cx.desired.retain_previous.as_millis() as u64,
             serving_fingerprint: fingerprint,
         },
     }))

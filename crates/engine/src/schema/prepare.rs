@@ -17,8 +17,8 @@
 //!   `INHERIT FALSE` and `SET FALSE` are kept: 15 cannot express them, and the load fails
 //!   naming the statement rather than quietly granting more than blue did.
 
+use crate::ports::ADMIN_USER;
 use crate::sql_script::{Chunk, Word, leading_words, split};
-use crate::state::ADMIN_USER;
 use pgflip_core::spec::Major;
 
 /// Server parameters pg_dump may `SET`, with the first major that knows them.

@@ -16,9 +16,9 @@ use kube::{Resource, ResourceExt};
 use pgflip_core::spec::Desired;
 use pgflip_engine::driver::{Driver, system_clock};
 use pgflip_engine::phases::Phases;
+use pgflip_engine::ports::ADMIN_USER;
 use pgflip_engine::ports::Credentials;
 use pgflip_engine::runner::Runner;
-use pgflip_engine::state::ADMIN_USER;
 use std::sync::Arc;
 
 impl Shared {
@@ -123,8 +123,7 @@ impl Shared {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
         let name = admin_secret_name(&desired.name);
         if secrets.get_opt(&name).await?.is_none() {
-            let secret =
-                objects::admin_secret(object, desired, &pgflip_engine::state::random_token(32));
+            let secret = objects::admin_secret(object, desired, &pgflip_engine::random::token(32));
             let params = PostParams {
                 field_manager: Some(FIELD_MANAGER.into()),
                 ..Default::default()

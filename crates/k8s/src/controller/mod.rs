@@ -151,7 +151,7 @@ pub async fn run(
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "pgflip".into()),
-            pgflip_engine::state::random_token(6)
+            pgflip_engine::random::token(6)
         )
     });
     let metrics = Metrics::default();
