@@ -6,6 +6,27 @@ use super::{FULL_ORDER, Harness, SWITCH_BACK_ORDER, assert_switched, member};
 use pgflip_core::plan::{AttemptKind, Color, Phase, Record, SwitchStep};
 use pgflip_core::revision::Revision;
 
+/// Runs `h` until the first save that recorded `at` and kills it right there, then
+/// restarts a driver on the same servers from the journal and lets it settle. Returns it,
+/// with how many calls the servers had seen before the restart.
+async fn killed_and_restarted(
+    h: Harness,
+    at: impl Fn(&Record) -> bool + Send + 'static,
+) -> (Harness, usize) {
+    let (steps, journal) = (h.steps.clone(), h.journal.clone());
+    *journal.crash_when.lock().unwrap() = Some(Box::new(at));
+    let crashed = tokio::spawn(async move {
+        let mut h = h;
+        h.settle().await;
+    })
+    .await;
+    assert!(crashed.is_err(), "the driver was killed at the step");
+    let before = steps.world.lock().unwrap().calls.len();
+    let mut restarted = Harness::resume(steps, journal.last().unwrap());
+    restarted.settle().await;
+    (restarted, before)
+}
+
 /// Kills the driver right after the first save that recorded `at`, restarts it on the
 /// same servers from the journal, and checks that it finishes the attempt, running again
 /// only the step that was recorded and not finished.
@@ -28,18 +49,7 @@ async fn crash_resumes(
             (h, member(Color::Blue, 15), member(Color::Green, 16), 2)
         }
     };
-    let (steps, journal) = (h.steps.clone(), h.journal.clone());
-    *journal.crash_when.lock().unwrap() = Some(Box::new(at));
-    let crashed = tokio::spawn(async move {
-        let mut h = h;
-        h.settle().await;
-    })
-    .await;
-    assert!(crashed.is_err(), "the driver was killed at the step");
-    let record = journal.last().unwrap();
-    let before = steps.world.lock().unwrap().calls.len();
-    let mut restarted = Harness::resume(steps, record);
-    restarted.settle().await;
+    let (restarted, before) = killed_and_restarted(h, at).await;
     assert_switched(&restarted, to, from);
     let runs: Vec<_> = restarted.calls()[before..]
         .iter()
@@ -143,19 +153,10 @@ async fn crash_after_beginning_before_any_phase_ran() {
 async fn crash_after_recording_a_failure_finishes_the_cleanup() {
     let h = Harness::serving_15_wanting(16).await;
     h.steps.script(Phase::Verify, &[Scripted::Refused]);
-    let (steps, journal) = (h.steps.clone(), h.journal.clone());
-    *journal.crash_when.lock().unwrap() = Some(Box::new(|r: &Record| {
+    let (restarted, before) = killed_and_restarted(h, |r: &Record| {
         r.attempt.as_ref().is_some_and(|a| a.failure.is_some())
-    }));
-    let crashed = tokio::spawn(async move {
-        let mut h = h;
-        h.settle().await;
     })
     .await;
-    assert!(crashed.is_err(), "the driver was killed at the step");
-    let before = steps.world.lock().unwrap().calls.len();
-    let mut restarted = Harness::resume(steps, journal.last().unwrap());
-    restarted.settle().await;
     assert_eq!(restarted.calls()[before..], ["clean_up"]);
     assert_eq!(restarted.record.serving, Some(member(Color::Blue, 15)));
     assert_eq!(
