@@ -31,7 +31,7 @@ setup-flux:
 # All tests: unit tests of the pure core, and integration tests against real PostgreSQL
 # 15/16/17/18, a real PgBouncer, real Git repositories, a real kube-apiserver and real Flux.
 test: setup setup-kube setup-flux
-	$(CARGO) test --workspace -- --test-threads=2
+	$(CARGO) test --workspace --all-targets -- --test-threads=2
 
 # The Kubernetes-mode tests only: every tests/k8s_*.rs (cargo expands the quoted glob, so a
 # new file is picked up by itself), one test at a time (each starts its own control plane).
