@@ -98,6 +98,14 @@ impl Default for Metrics {
     }
 }
 
+fn phase_labels(namespace: &str, name: &str, phase: &str) -> PhaseLabels {
+    PhaseLabels {
+        namespace: namespace.into(),
+        name: name.into(),
+        phase: phase.into(),
+    }
+}
+
 impl Metrics {
     pub fn switch_done(&self, namespace: &str, name: &str, direction: &str, pause: Duration) {
         self.0
@@ -113,23 +121,33 @@ impl Metrics {
 
     /// Sets the database's phase: its gauge 1, the one before it removed.
     pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) {
-        let labels = |phase: &str| PhaseLabels {
-            namespace: namespace.into(),
-            name: name.into(),
-            phase: phase.into(),
-        };
-        if self.0.phase.get(&labels(phase)).is_some() {
+        let labels = phase_labels(namespace, name, phase);
+        if self.0.phase.get(&labels).is_some() {
             return;
         }
-        // Only this database's series: found by trying the phases it can be in.
+        self.remove_phases(namespace, name);
+        self.0.phase.get_or_create(&labels).set(1);
+    }
+
+    /// Removes a deleted database's phase and lag series (its switch counts stay: they
+    /// are counters of what happened).
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.remove_phases(namespace, name);
+        self.0.lag.remove(&Database {
+            namespace: namespace.into(),
+            name: name.into(),
+        });
+    }
+
+    /// Only this database's series: found by trying the phases it can be in.
+    fn remove_phases(&self, namespace: &str, name: &str) {
         for p in pgflip_core::plan::Phase::ALL
             .iter()
             .map(|p| p.as_str())
             .chain(["idle"])
         {
-            self.0.phase.remove(&labels(p));
+            self.0.phase.remove(&phase_labels(namespace, name, p));
         }
-        self.0.phase.get_or_create(&labels(phase)).set(1);
     }
 
     pub fn set_lag(&self, namespace: &str, name: &str, bytes: i64) {
@@ -234,6 +252,33 @@ mod tests {
         assert!(
             !text.contains(r#"phase="verify""#),
             "the old phase is gone:\n{text}"
+        );
+    }
+
+    #[test]
+    fn a_forgotten_database_leaves_no_phase_or_lag_series() {
+        let m = Metrics::default();
+        for name in ["orders", "billing"] {
+            m.set_phase("shop", name, "catch-up");
+            m.set_lag("shop", name, 7);
+        }
+        m.switch_done("shop", "orders", "upgrade", Duration::from_millis(42));
+        m.forget("shop", "orders");
+        let text = m.encode();
+        assert!(!text.contains(r#"name="orders",phase"#), "{text}");
+        assert!(
+            !text.contains(r#"pgflip_replication_lag_bytes{namespace="shop",name="orders"}"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pgflip_phase{namespace="shop",name="billing",phase="catch-up"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"pgflip_switches_total{namespace="shop",name="orders",direction="upgrade"} 1"#
+            ),
+            "{text}"
         );
     }
 
