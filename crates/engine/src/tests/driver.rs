@@ -171,12 +171,7 @@ async fn a_new_target_supersedes_an_attempt_before_the_switch() {
     let mut h = Harness::serving_15_wanting(16).await;
     h.steps
         .script(Phase::InitialSync, &[Scripted::Waiting(40.0)]);
-    h.step_until(|r| {
-        r.attempt
-            .as_ref()
-            .is_some_and(|a| a.phase == Phase::InitialSync)
-    })
-    .await;
+    h.step_until_phase(Phase::InitialSync).await;
     h.want(17, 3);
     h.settle().await;
     let updates = h.sink.updates.lock().unwrap().clone();
@@ -191,12 +186,7 @@ async fn a_new_target_supersedes_an_attempt_before_the_switch() {
 #[tokio::test]
 async fn a_revert_before_the_switch_abandons_and_leaves_blue_alone() {
     let mut h = Harness::serving_15_wanting(16).await;
-    h.step_until(|r| {
-        r.attempt
-            .as_ref()
-            .is_some_and(|a| a.phase == Phase::CatchUp)
-    })
-    .await;
+    h.step_until_phase(Phase::CatchUp).await;
     h.want(15, 3);
     h.settle().await;
     assert_eq!(h.record.serving, Some(member(Color::Blue, 15)));
@@ -209,12 +199,7 @@ async fn a_revert_before_the_switch_abandons_and_leaves_blue_alone() {
 #[tokio::test]
 async fn a_switchover_under_way_is_finished_even_when_superseded() {
     let mut h = Harness::serving_15_wanting(16).await;
-    h.step_until(|r| {
-        r.attempt
-            .as_ref()
-            .is_some_and(|a| a.phase == Phase::Switchover)
-    })
-    .await;
+    h.step_until_phase(Phase::Switchover).await;
     h.want(17, 3);
     h.step().await;
     assert_eq!(h.record.serving, Some(member(Color::Green, 16)));

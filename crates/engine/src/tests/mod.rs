@@ -10,7 +10,7 @@ mod runner;
 
 use super::driver::{Driver, Progress};
 use fakes::{FakeSteps, MemoryJournal, RecordingSink};
-use pgflip_core::plan::{Color, Member, Record, Wanted};
+use pgflip_core::plan::{Color, Member, Phase, Record, Wanted};
 use pgflip_core::revision::Revision;
 use pgflip_core::spec::{self, Desired, Major};
 use std::sync::Arc;
@@ -113,10 +113,21 @@ impl Harness {
     }
 
     pub(super) fn runs(&self) -> Vec<String> {
-        self.calls()
-            .into_iter()
+        self.runs_since(0)
+    }
+
+    /// The phases run since the servers had seen `calls` calls.
+    pub(super) fn runs_since(&self, calls: usize) -> Vec<String> {
+        self.calls()[calls..]
+            .iter()
             .filter_map(|c| c.strip_prefix("run:").map(str::to_string))
             .collect()
+    }
+
+    /// Steps until the attempt is in `phase`.
+    pub(super) async fn step_until_phase(&mut self, phase: Phase) {
+        self.step_until(|r| r.attempt.as_ref().is_some_and(|a| a.phase == phase))
+            .await
     }
 }
 
