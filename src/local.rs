@@ -5,6 +5,7 @@
 //! step.
 
 use pgflip_core::spec::Desired;
+use pgflip_engine::adapters::adopted::{Adopting, LocalPasswords};
 use pgflip_engine::adapters::forge_status::{ForgeStatus, Sinks};
 use pgflip_engine::adapters::git_notes::GitNotes;
 use pgflip_engine::adapters::git_source::GitSource;
@@ -35,7 +36,9 @@ pub struct LocalOptions {
 }
 
 pub type LocalSinks = Sinks<GitNotes, ForgeStatus>;
-pub type LocalRunner = Runner<Phases<LocalInstances, PgBouncer>, StateDir, LocalSinks>;
+/// Servers the user lists in `spec.adopt`, else pgflip's own processes.
+pub type LocalServers = Adopting<LocalInstances, LocalPasswords>;
+pub type LocalRunner = Runner<Phases<LocalServers, PgBouncer>, StateDir, LocalSinks>;
 
 /// Runs until `stop` turns true. Every pass: observe the branch, take a new revision (a
 /// bad one gets a failure note and changes nothing), and take one step.
@@ -119,10 +122,11 @@ fn build_driver(
     state: &StateDir,
     desired: &Desired,
     sinks: LocalSinks,
-) -> anyhow::Result<Driver<Phases<LocalInstances, PgBouncer>, StateDir, LocalSinks>> {
+) -> anyhow::Result<Driver<Phases<LocalServers, PgBouncer>, StateDir, LocalSinks>> {
     let toolchain = Toolchain::discover();
     let admin = state.admin_credentials()?;
-    let instances = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?;
+    let own = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?;
+    let instances = Adopting::new(own, LocalPasswords, admin.clone());
     let router = PgBouncer::new(
         state.clone(),
         toolchain.clone(),

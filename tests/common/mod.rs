@@ -9,6 +9,7 @@ pub mod forge;
 pub mod git_http;
 pub mod kube;
 pub mod node_agent;
+pub mod user_server;
 
 use pgflip_core::plan::Record;
 use pgflip_core::report::{State, Update};

@@ -131,6 +131,60 @@ pub struct Spec {
     /// Kubernetes mode: the volume size of each color (default `1Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<String>,
+    /// Servers you run (systemd, a managed service, an operator's cluster) that pgflip
+    /// moves the database between; it never starts, stops, reconfigures or deletes them.
+    /// On first sight the first one listed serves; after that, the one whose major is
+    /// `version` must serve. A version no listed server runs gets a pgflip instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adopt: Vec<AdoptedServer>,
+}
+
+/// A PostgreSQL server the user runs, and how pgflip logs in to it (as a superuser).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdoptedServer {
+    /// Host name or address (Kubernetes mode: a Service's DNS name).
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// A superuser of that server (default `postgres`).
+    #[serde(default = "default_pg_user")]
+    pub user: String,
+    /// Local mode: a file holding the password (read by pgflip, never copied anywhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Local mode: an environment variable of pgflip's process holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Kubernetes mode: a Secret in the object's namespace holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    pub name: String,
+    #[serde(default = "default_secret_key")]
+    pub key: String,
+}
+
+impl fmt::Display for AdoptedServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// What the switch does about sessions connected to the serving server directly (not
+/// through the endpoint): the fence would end them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DirectClients {
+    /// The switch waits, naming them, until they are gone (moved to the endpoint).
+    #[default]
+    Wait,
+    /// The switch ends them (their open transactions fail).
+    End,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -165,6 +219,10 @@ pub struct SwitchoverSpec {
     #[serde(default = "default_catch_up_timeout", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub catch_up_timeout: Duration,
+    /// Sessions on the serving server that bypass the endpoint: `wait` (the switch waits
+    /// until they are gone) or `end` (the fence ends them).
+    #[serde(default)]
+    pub direct_clients: DirectClients,
 }
 
 impl Default for SwitchoverSpec {
@@ -173,6 +231,7 @@ impl Default for SwitchoverSpec {
             max_lag_bytes: default_max_lag(),
             pause_timeout: default_pause_timeout(),
             catch_up_timeout: default_catch_up_timeout(),
+            direct_clients: DirectClients::default(),
         }
     }
 }
@@ -182,6 +241,15 @@ fn int_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "x-kubernetes-int-or-string": true })
 }
 
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_pg_user() -> String {
+    "postgres".to_string()
+}
+fn default_secret_key() -> String {
+    "password".to_string()
+}
 fn default_databases() -> Vec<String> {
     vec!["app".to_string()]
 }
@@ -218,6 +286,9 @@ pub struct Desired {
     pub image_template: String,
     /// Kubernetes mode: the volume size of each color, a Kubernetes quantity.
     pub storage: String,
+    /// Servers the user runs (see [`Spec::adopt`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adopt: Vec<AdoptedServer>,
 }
 
 pub const DEFAULT_IMAGE: &str = "postgres:{version}";
@@ -336,7 +407,9 @@ pub fn validate_spec(name: &str, s: Spec) -> Result<Desired, SpecError> {
             "spec.storage {storage:?} is not a size such as \"10Gi\""
         )));
     }
+    validate_adopt(&s.adopt)?;
     Ok(Desired {
+        adopt: s.adopt,
         name: name.to_string(),
         storage,
         image_template: image_template.to_string(),
@@ -348,6 +421,52 @@ pub fn validate_spec(name: &str, s: Spec) -> Result<Desired, SpecError> {
         retain_previous: s.retain_previous,
         unsupported: s.unsupported,
     })
+}
+
+fn validate_adopt(servers: &[AdoptedServer]) -> Result<(), SpecError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, s) in servers.iter().enumerate() {
+        let at = format!("spec.adopt[{i}]");
+        if s.host.is_empty() || s.host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(SpecError::Invalid(format!(
+                "{at}.host {:?} is not a host name or address",
+                s.host
+            )));
+        }
+        if s.port == 0 {
+            return Err(SpecError::Invalid(format!(
+                "{at}.port must be a port number"
+            )));
+        }
+        if s.user.is_empty() || s.user.len() > 63 || s.user.contains('\0') {
+            return Err(SpecError::Invalid(format!(
+                "{at}.user {:?} is not a role name",
+                s.user
+            )));
+        }
+        let sources = [
+            s.password_file.is_some(),
+            s.password_env.is_some(),
+            s.secret_ref.is_some(),
+        ];
+        if sources.iter().filter(|b| **b).count() > 1 {
+            return Err(SpecError::Invalid(format!(
+                "{at}: give at most one of passwordFile, passwordEnv and secretRef"
+            )));
+        }
+        if let Some(r) = &s.secret_ref
+            && (!is_dns_subdomain(&r.name) || r.key.is_empty())
+        {
+            return Err(SpecError::Invalid(format!(
+                "{at}.secretRef: {:?} / {:?} is not a Secret name and key",
+                r.name, r.key
+            )));
+        }
+        if !seen.insert((s.host.to_ascii_lowercase(), s.port)) {
+            return Err(SpecError::Invalid(format!("{at}: {s} is listed twice")));
+        }
+    }
+    Ok(())
 }
 
 impl Desired {
@@ -365,6 +484,10 @@ fn is_quantity(s: &str) -> bool {
     !digits.is_empty()
         && digits.bytes().all(|b| b.is_ascii_digit())
         && ["", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"].contains(&suffix)
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn is_dns_label(s: &str) -> bool {

@@ -101,8 +101,35 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
             Decision::Idle => Ok(Progress::Idle),
             Decision::Bootstrap { member, revision } => {
                 tracing::info!(%member, "bootstrapping");
-                self.steps.bootstrap(member, desired).await?;
-                self.record(record, |r| r.serving = Some(member)).await?;
+                let member = match self.steps.bootstrap(member, desired).await {
+                    Ok(member) => member,
+                    Err(e) if e.is_final() => {
+                        // Nothing was touched; the revision is not tried again.
+                        let reason = e.to_string();
+                        tracing::error!(revision = %revision.short(), kind = e.metric_label(), %reason, "bootstrap refused");
+                        self.record(record, |r| {
+                            r.failed_revision = Some(revision.clone());
+                            r.failed_reason = Some(reason.clone());
+                        })
+                        .await?;
+                        self.report(&revision, Update::failure("bootstrap", &reason))
+                            .await;
+                        return Ok(Progress::Idle);
+                    }
+                    Err(e) => {
+                        if e.is_waiting() {
+                            let update = Update::new(State::Pending, "bootstrap", e.to_string());
+                            self.report(&revision, update).await;
+                        }
+                        return Err(e);
+                    }
+                };
+                self.record(record, |r| {
+                    r.serving = Some(member);
+                    r.failed_revision = None;
+                    r.failed_reason = None;
+                })
+                .await?;
                 self.report(
                     &revision,
                     Update::new(
@@ -306,7 +333,7 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         desired: &Desired,
         reason: String,
     ) -> EngineResult<()> {
-        if !attempt.phase.is_committed() || record.serving == Some(attempt.from) {
+        if !attempt.is_committed(record.serving) || record.serving == Some(attempt.from) {
             self.steps.clean_up(attempt, desired).await?;
         }
         self.record(record, |r| {
@@ -326,7 +353,7 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         let (Some(attempt), Some(wanted)) = (record.attempt.clone(), record.wanted.clone()) else {
             return Ok(());
         };
-        if attempt.phase.is_committed() {
+        if attempt.is_committed(record.serving) {
             return Ok(());
         }
         self.abandon(record, &attempt, &wanted.desired, reason)

@@ -2,7 +2,7 @@
 //! attempt ends (cleaned up, blue keeps serving, the revision not retried) or the step is
 //! tried again; [`EngineError::metric_label`] names the kind in the error metrics.
 
-use crate::ports::is_not_ready;
+use crate::ports::{Unusable, is_not_ready};
 use pgflip_core::plan::{Member, Phase};
 use pgflip_core::spec::Major;
 use std::time::Duration;
@@ -127,6 +127,9 @@ impl From<anyhow::Error> for EngineError {
     fn from(e: anyhow::Error) -> Self {
         if is_not_ready(&e) {
             EngineError::NotReady(e)
+        } else if let Some(Unusable(reasons)) = e.chain().find_map(|c| c.downcast_ref::<Unusable>())
+        {
+            EngineError::Refused(reasons.clone())
         } else if e
             .chain()
             .any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some())

@@ -15,6 +15,7 @@
 pub mod adapters;
 pub mod catalog;
 pub mod clock;
+pub mod direct_clients;
 pub mod driver;
 pub mod error;
 pub mod failpoint;

@@ -95,8 +95,17 @@ pub async fn ensure_database(admin: &Client, db: &str) -> anyhow::Result<()> {
         .await?
         .is_some();
     if !exists {
+        // Two statements: CREATE DATABASE cannot run inside the implicit transaction of
+        // a multi-statement query.
         admin
             .batch_execute(&format!("CREATE DATABASE {}", ident(db)))
+            .await?;
+        admin
+            .batch_execute(&format!(
+                "COMMENT ON DATABASE {} IS {}",
+                ident(db),
+                literal(crate::adapters::adopted::CREATED_DATABASE_COMMENT)
+            ))
             .await?;
     }
     Ok(())

@@ -15,7 +15,7 @@
 use pgflip_core::plan::{Member, Record};
 use pgflip_core::report::Update;
 use pgflip_core::revision::Revision;
-use pgflip_core::spec::Desired;
+use pgflip_core::spec::{AdoptedServer, Desired, Major};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::future::Future;
@@ -68,7 +68,21 @@ pub fn is_not_ready(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<NotReady>().is_some())
 }
 
+/// A server the user runs cannot be used as it is (a setting, a privilege, objects in the
+/// way): a refusal on the commit, nothing touched. Returned inside an `anyhow::Error`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct Unusable(pub Vec<String>);
+
 pub trait Instances: Send + Sync {
+    /// On first sight of a document that lists servers the user runs: the major of the
+    /// one serving today (the first listed). None when pgflip runs every instance.
+    fn serving_today(
+        &self,
+        _desired: &Desired,
+    ) -> impl Future<Output = Result<Option<Major>>> + Send {
+        async { Ok(None) }
+    }
     /// Creates the instance if it does not exist, starts it if it is stopped, adopts it if
     /// it runs; returns where it listens. Idempotent.
     fn ensure(
@@ -82,9 +96,30 @@ pub trait Instances: Send + Sync {
         member: &Member,
         desired: &Desired,
     ) -> impl Future<Output = Result<Option<Addr>>> + Send;
-    /// Stops the instance and deletes its data. Idempotent.
+    /// Removes an instance that never served (an abandoned or failed attempt's target):
+    /// stops it and deletes its data. Idempotent.
     fn remove(&self, member: &Member, desired: &Desired)
     -> impl Future<Output = Result<()>> + Send;
+    /// Retires an instance that served before and is no longer retained. pgflip's own are
+    /// removed; a server the user runs is released: pgflip's objects go, its data and the
+    /// server stay. Idempotent.
+    fn retire(
+        &self,
+        member: &Member,
+        desired: &Desired,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.remove(member, desired)
+    }
+}
+
+/// Where the passwords of servers the user runs come from (local mode: a file or an
+/// environment variable; Kubernetes mode: a Secret). Never stored by pgflip.
+pub trait Passwords: Send + Sync {
+    /// The password for `server`, or None to log in without one.
+    fn password(
+        &self,
+        server: &AdoptedServer,
+    ) -> impl Future<Output = Result<Option<String>>> + Send;
 }
 
 pub trait Router: Send + Sync {
@@ -99,6 +134,10 @@ pub trait Router: Send + Sync {
     /// Points the endpoint at `target` (stored configuration first, then reloaded).
     fn repoint(&self, desired: &Desired, target: &Addr) -> impl Future<Output = Result<()>> + Send;
     fn resume(&self) -> impl Future<Output = Result<()>> + Send;
+    /// The local address and port of each of the endpoint's connections to its server, as
+    /// the server sees them as client address and port: sessions that came through the
+    /// endpoint, told apart from clients connected to the server directly.
+    fn server_sockets(&self) -> impl Future<Output = Result<Vec<(String, u16)>>> + Send;
 }
 
 /// One observation of the desired state.

@@ -18,12 +18,13 @@ pub trait Steps: Send + Sync {
         record: &Record,
         desired: &Desired,
     ) -> impl Future<Output = EngineResult<()>> + Send;
-    /// Creates the first instance and the endpoint in front of it.
+    /// Creates the first instance (or takes the server the user runs) and the endpoint in
+    /// front of it; returns the member that serves (`member`, or the user's server's major).
     fn bootstrap(
         &self,
         member: Member,
         desired: &Desired,
-    ) -> impl Future<Output = EngineResult<()>> + Send;
+    ) -> impl Future<Output = EngineResult<Member>> + Send;
     /// Runs one pass of `attempt`'s current phase. The switchover records its sub-steps
     /// (and the switch itself) in `record` through `journal` as it goes.
     fn run<J: Journal>(

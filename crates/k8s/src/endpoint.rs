@@ -210,6 +210,9 @@ impl Router for KubeEndpoint {
     async fn resume(&self) -> Result<()> {
         self.console.resume().await
     }
+    async fn server_sockets(&self) -> Result<Vec<(String, u16)>> {
+        self.console.server_sockets().await
+    }
 }
 
 /// `pgflip endpoint`: the process of the endpoint pod. Its configuration comes from the

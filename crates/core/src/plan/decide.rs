@@ -33,6 +33,9 @@ pub fn decide(record: &Record, now_ms: u64) -> Decision {
     };
     let target = wanted.desired.major;
     let Some(serving) = record.serving else {
+        if record.failed_revision.as_ref() == Some(&wanted.revision) {
+            return Decision::Idle;
+        }
         return Decision::Bootstrap {
             member: Member {
                 color: Color::Blue,
@@ -48,7 +51,7 @@ pub fn decide(record: &Record, now_ms: u64) -> Decision {
                 reason: reason.clone(),
             };
         }
-        if attempt.to.major != target && !attempt.phase.is_committed() {
+        if attempt.to.major != target && !attempt.is_committed(record.serving) {
             return Decision::Abandon {
                 attempt: attempt.clone(),
                 reason: format!(
@@ -142,8 +145,12 @@ mod tests {
             0,
             None,
         ));
-        let mut switching = with_attempt.clone();
-        switching.attempt.as_mut().unwrap().phase = Phase::Switchover;
+        let mut before_pause = with_attempt.clone();
+        before_pause.attempt.as_mut().unwrap().phase = Phase::Switchover;
+        let mut switching = before_pause.clone();
+        switching.attempt.as_mut().unwrap().switch_step = Some(super::super::SwitchStep::Pausing);
+        let mut switched = before_pause.clone();
+        switched.serving = Some(member(Color::Green, 16));
         let mut after = Record {
             serving: Some(member(Color::Green, 16)),
             ..Default::default()
@@ -159,7 +166,7 @@ mod tests {
         failed.failed_revision = Some(rev(1));
 
         type Check = dyn Fn(&Decision) -> bool;
-        let cases: [(&str, Record, u64, &Check); 16] = [
+        let cases: [(&str, Record, u64, &Check); 18] = [
             (
                 "a failing attempt is cleaned up, whatever is wanted now",
                 wanting(&failing, 17, 3),
@@ -218,6 +225,18 @@ mod tests {
                 wanting(&switching, 17, 2),
                 0,
                 &|d| matches!(d, Decision::Run(a) if a.phase == Phase::Switchover),
+            ),
+            (
+                "a switch that moved clients is never abandoned",
+                wanting(&switched, 15, 2),
+                0,
+                &|d| matches!(d, Decision::Run(a) if a.phase == Phase::Switchover),
+            ),
+            (
+                "a switchover that has not begun its pause is abandoned",
+                wanting(&before_pause, 15, 2),
+                0,
+                &|d| matches!(d, Decision::Abandon { .. }),
             ),
             (
                 "revert during retention switches back",

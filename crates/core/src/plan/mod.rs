@@ -141,7 +141,7 @@ impl Phase {
         order[(i + 1).min(order.len() - 1)]
     }
 
-    /// Once clients may have been moved, an attempt must run to its end, never be abandoned.
+    /// From this phase on clients may have been moved (see [`Attempt::is_committed`]).
     pub fn is_committed(self) -> bool {
         self >= Phase::Switchover
     }
@@ -297,6 +297,17 @@ impl TryFrom<StoredWanted> for Wanted {
 }
 
 impl Attempt {
+    /// Once clients may have been moved, an attempt must run to its end, never be
+    /// abandoned: from the first recorded step of the pause on (`serving` is the record's).
+    /// A switchover that has not begun its pause (waiting for clients that bypass the
+    /// endpoint, say) moved nothing.
+    pub fn is_committed(&self, serving: Option<Member>) -> bool {
+        match self.phase {
+            Phase::Switchover => self.switch_step.is_some() || serving == Some(self.to),
+            phase => phase.is_committed(),
+        }
+    }
+
     pub fn new(
         revision: Revision,
         kind: AttemptKind,

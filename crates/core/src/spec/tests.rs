@@ -110,3 +110,42 @@ fn major_parse() {
     assert_eq!(Major::parse("160004").unwrap(), Major(16));
     assert!(Major::parse("").is_err());
 }
+
+#[test]
+fn adopted_servers_parse_with_defaults_and_bad_ones_are_named() {
+    let d = parse(&render(
+        "orders",
+        Major(17),
+        "adopt:\n  - host: 10.0.0.5\n    passwordFile: /etc/pgflip/db-a\n  - host: orders-17-rw.shop.svc\n    port: 6543\n    user: admin\n    secretRef: {name: orders-17-superuser}\nswitchover:\n  directClients: end",
+    ))
+    .unwrap();
+    assert_eq!(d.adopt.len(), 2);
+    assert_eq!(d.adopt[0].port, 5432);
+    assert_eq!(d.adopt[0].user, "postgres");
+    assert_eq!(d.adopt[0].to_string(), "10.0.0.5:5432");
+    assert_eq!(d.adopt[1].secret_ref.as_ref().unwrap().key, "password");
+    assert_eq!(d.switchover.direct_clients, DirectClients::End);
+    assert_eq!(
+        parse(GOOD).unwrap().switchover.direct_clients,
+        DirectClients::Wait
+    );
+    for (extra, says) in [
+        (
+            "adopt:\n  - host: a\n    passwordFile: f\n    passwordEnv: E",
+            "at most one of",
+        ),
+        ("adopt:\n  - host: a\n  - host: A", "listed twice"),
+        ("adopt:\n  - host: \"a b\"", "not a host"),
+        ("adopt:\n  - host: a\n    port: 0", "port"),
+        ("adopt:\n  - host: a\n    password: hunter2", "unknown field"),
+        (
+            "adopt:\n  - host: a\n    secretRef: {name: Bad_Name}",
+            "secretRef",
+        ),
+    ] {
+        let e = parse(&render("orders", Major(17), extra))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{extra}: {e}");
+    }
+}

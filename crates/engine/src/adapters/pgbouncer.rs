@@ -242,6 +242,9 @@ impl Router for PgBouncer {
     async fn resume(&self) -> Result<()> {
         self.console.resume().await
     }
+    async fn server_sockets(&self) -> Result<Vec<(String, u16)>> {
+        self.console.server_sockets().await
+    }
 }
 
 fn endpoint_dir(state: &StateDir) -> PathBuf {

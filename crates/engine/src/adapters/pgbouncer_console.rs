@@ -153,6 +153,22 @@ impl AdminConsole {
         unreachable!("the second attempt returns")
     }
 
+    /// `SHOW SERVERS`: the local address and port of every server connection, which the
+    /// server sees as its session's client address and port.
+    pub async fn server_sockets(&self) -> anyhow::Result<Vec<(String, u16)>> {
+        let rows = self.query("SHOW SERVERS").await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let addr = row.try_get("local_addr")?.unwrap_or_default().to_string();
+            let port = row
+                .try_get("local_port")?
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            out.push((addr, port));
+        }
+        Ok(out)
+    }
+
     /// `PAUSE`: holds new transactions once in-flight ones finish. On failure or `timeout`
     /// it resumes and fails, so clients are never left held.
     pub async fn pause(&self, timeout: Duration) -> anyhow::Result<()> {

@@ -75,5 +75,5 @@ pub(super) async fn decommission<I: Instances, R: Router>(
         repl::drop_publication(&src, &link).await?;
         repl::drop_publication(&src, &link_name(standby.color, serving.color, db)).await?;
     }
-    Ok(parts.instances.remove(standby, desired).await?)
+    Ok(parts.instances.retire(standby, desired).await?)
 }

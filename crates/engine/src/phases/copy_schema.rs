@@ -56,9 +56,15 @@ pub(super) async fn copy_roles<I: Instances, R: Router>(
         cx.attempt.from.major,
     )
     .await?;
+    // The target's install superuser stays as it is: on a server the user runs, it is
+    // the user's own login (on pgflip's instances it is pgflip's, left alone anyway).
+    let install_superuser: String = target_admin
+        .query_one("SELECT rolname::text FROM pg_roles WHERE oid = 10", &[])
+        .await?
+        .get(0);
     schema::load_roles(
         target_admin,
-        &schema::prepare_for_target(&roles, cx.attempt.to.major),
+        &schema::prepare_roles_for_target(&roles, cx.attempt.to.major, &[install_superuser]),
     )
     .await
 }

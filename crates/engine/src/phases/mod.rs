@@ -164,7 +164,7 @@ impl<I: Instances, R: Router> Steps for Phases<I, R> {
         Ok(self.router.ensure(desired, &addr).await?)
     }
 
-    async fn bootstrap(&self, member: Member, desired: &Desired) -> EngineResult<()> {
+    async fn bootstrap(&self, member: Member, desired: &Desired) -> EngineResult<Member> {
         bootstrap::run(self, member, desired).await
     }
 

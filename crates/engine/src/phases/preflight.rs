@@ -3,6 +3,7 @@
 //! is the source prepared: replica identities set, pgflip's own schema created.
 
 use super::Ctx;
+use crate::catalog::USER_NAMESPACES;
 use crate::error::{EngineError, EngineResult};
 use crate::ports::{Instances, Router};
 use crate::preflight;
@@ -44,6 +45,9 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
             refusals.push(format!("the schema on {} changed after the switch (DDL is not replicated); the retained {} cannot take over", attempt.from, attempt.to));
         }
     }
+    if attempt.kind == AttemptKind::Full {
+        refusals.extend(target_in_the_way(cx).await?);
+    }
     if !refusals.is_empty() {
         return Err(EngineError::Refused(refusals));
     }
@@ -56,4 +60,62 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
         tracing::warn!("{w}");
     }
     Ok(Stepped::Done(Learned::Warnings(warnings)))
+}
+
+/// A target that exists already (a server the user runs) must hold nothing in the
+/// carried databases but what an earlier pass of this copy put there. Its own checks run
+/// first (`ensure`: a server the user runs is checked before pgflip adds anything).
+async fn target_in_the_way<I: Instances, R: Router>(
+    cx: &Ctx<'_, I, R>,
+) -> EngineResult<Vec<String>> {
+    let instances = &cx.parts.instances;
+    if instances.addr(&cx.attempt.to, cx.desired).await?.is_none() {
+        return Ok(Vec::new());
+    }
+    let target = instances.ensure(&cx.attempt.to, cx.desired).await?;
+    let postgres = cx.connect(&target, "postgres").await?;
+    let mut refusals = Vec::new();
+    for db in &cx.desired.databases {
+        let exists = postgres
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[db])
+            .await?
+            .is_some();
+        if !exists {
+            continue;
+        }
+        let client = cx.connect(&target, db).await?;
+        if crate::schema::copied_fingerprint(&client).await?.is_some() {
+            continue;
+        }
+        let objects = user_objects(&client).await?;
+        if !objects.is_empty() {
+            let mut named: Vec<String> = objects.iter().take(5).cloned().collect();
+            if objects.len() > 5 {
+                named.push(format!("and {} more", objects.len() - 5));
+            }
+            refusals.push(format!(
+                "database {db} on {target} ({}) is not empty: {} — pgflip copies only onto a server without user objects in the carried databases",
+                cx.attempt.to,
+                named.join(", ")
+            ));
+        }
+    }
+    Ok(refusals)
+}
+
+async fn user_objects(client: &tokio_postgres::Client) -> EngineResult<Vec<String>> {
+    let rows = client
+        .query(
+            &format!(
+                "WITH ns AS ({USER_NAMESPACES}) \
+                 SELECT ns.nspname || '.' || c.relname FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace \
+                  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') \
+                 UNION ALL \
+                 SELECT ns.nspname || '.' || p.proname || '()' FROM pg_catalog.pg_proc p JOIN ns ON ns.oid = p.pronamespace \
+                 ORDER BY 1"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }

@@ -7,8 +7,13 @@ use super::copy_schema::copy_roles;
 use crate::error::EngineResult;
 use crate::ports::{Instances, Journal, Router};
 use crate::steps::{Learned, Stepped};
-use crate::switchover;
+use crate::{direct_clients, switchover};
 use pgflip_core::plan::{Record, Standby};
+use pgflip_core::spec::DirectClients;
+use std::time::Duration;
+
+/// How often a switch that waits for direct clients to go looks again.
+const DIRECT_CLIENTS_RECHECK: Duration = Duration::from_secs(2);
 
 pub(super) async fn run<I: Instances, R: Router, J: Journal>(
     cx: &Ctx<'_, I, R>,
@@ -22,6 +27,17 @@ pub(super) async fn run<I: Instances, R: Router, J: Journal>(
     let mut measurement = None;
     if !moved {
         cx.check_schema_unchanged().await?;
+        if cx.desired.switchover.direct_clients == DirectClients::Wait {
+            let source = cx.connect(&cx.source, "postgres").await?;
+            let sessions = direct_clients::find(&source, router).await?;
+            if !sessions.is_empty() {
+                return Ok(Stepped::Waiting {
+                    message: direct_clients::describe(&sessions, &cx.source.to_string()),
+                    percent: None,
+                    recheck: DIRECT_CLIENTS_RECHECK,
+                });
+            }
+        }
         // Roles created on the source since the copy must exist on the target.
         copy_roles(cx, &cx.connect(&target, "postgres").await?).await?;
         let m = switchover::run(router, journal, record, &sides).await?;

@@ -14,4 +14,4 @@ pub mod prepare;
 pub use dump::{dump_roles, dump_schema};
 pub use fingerprint::{SchemaDescription, describe, fingerprint, portable_fingerprint};
 pub use load::{SchemaLoad, copied_fingerprint, load, load_once, load_roles};
-pub use prepare::prepare_for_target;
+pub use prepare::{prepare_for_target, prepare_roles_for_target};

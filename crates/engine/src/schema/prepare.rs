@@ -26,12 +26,19 @@ const SETTINGS_INTRODUCED_IN: &[(&str, u32)] = &[("transaction_timeout", 17)];
 
 /// Rewrites a schema or roles dump so that it loads on `target_major` as one batch.
 pub fn prepare_for_target(sql: &str, target_major: Major) -> String {
+    prepare_roles_for_target(sql, target_major, &[])
+}
+
+/// [`prepare_for_target`] for a roles dump onto a target whose own roles `kept` (its
+/// install superuser: a server the user runs keeps its own password) are left as they
+/// are, like pgflip's.
+pub fn prepare_roles_for_target(sql: &str, target_major: Major, kept: &[String]) -> String {
     let mut out = String::with_capacity(sql.len());
     for chunk in split(sql) {
         match chunk {
             Chunk::Filler(text) => out.push_str(text),
             Chunk::MetaCommand(_) => {}
-            Chunk::Statement(stmt) => match rewrite(stmt, target_major) {
+            Chunk::Statement(stmt) => match rewrite(stmt, target_major, kept) {
                 Rewrite::Keep => out.push_str(stmt),
                 Rewrite::Drop => {}
                 Rewrite::Replace(text) => out.push_str(&text),
@@ -47,10 +54,14 @@ enum Rewrite {
     Replace(String),
 }
 
-fn rewrite(stmt: &str, target: Major) -> Rewrite {
+fn rewrite(stmt: &str, target: Major, kept: &[String]) -> Rewrite {
     let words = leading_words(stmt, 4);
     let word = |i: usize, kw: &str| words.get(i).is_some_and(|w: &Word| w.is(kw));
-    let is_admin = |i: usize| words.get(i).is_some_and(|w| w.name() == ADMIN_USER);
+    let is_admin = |i: usize| {
+        words
+            .get(i)
+            .is_some_and(|w| w.name() == ADMIN_USER || kept.iter().any(|k| k == w.name()))
+    };
 
     if word(0, "set") {
         let unknown = words.get(1).is_some_and(|param| {
@@ -127,6 +138,15 @@ mod tests {
         assert!(out.contains("GRANT shop_reader TO shop_app GRANTED BY pgflip;"));
         assert!(out.contains("GRANT a TO b WITH ADMIN OPTION GRANTED BY pgflip;"));
         assert!(out.contains("GRANT c TO d WITH INHERIT FALSE GRANTED BY pgflip;"));
+    }
+
+    #[test]
+    fn a_kept_role_is_neither_created_nor_altered() {
+        let dump = "CREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER LOGIN PASSWORD 'SCRAM-SHA-256$4096:a$b:c';\nCOMMENT ON ROLE postgres IS 'x';\nCREATE ROLE app;\n";
+        let out = prepare_roles_for_target(dump, Major(17), &["postgres".to_string()]);
+        assert!(!out.contains("postgres"), "{out}");
+        assert!(out.contains("CREATE ROLE app"), "{out}");
+        assert!(prepare_for_target(dump, Major(17)).contains("ALTER ROLE postgres"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use super::fakes::Scripted;
 use super::{FULL_ORDER, Harness, SWITCH_BACK_ORDER, assert_switched, member};
 use crate::driver::{MAX_PAUSE_FAILURES, MAX_RETRIES, Progress};
-use pgflip_core::plan::{AttemptKind, Color, Phase};
+use pgflip_core::plan::{AttemptKind, Color, Phase, SwitchStep};
 use pgflip_core::report::State;
 use pgflip_core::revision::Revision;
 use pgflip_core::spec::Major;
@@ -200,6 +200,8 @@ async fn a_revert_before_the_switch_abandons_and_leaves_blue_alone() {
 async fn a_switchover_under_way_is_finished_even_when_superseded() {
     let mut h = Harness::serving_15_wanting(16).await;
     h.step_until_phase(Phase::Switchover).await;
+    // As a pgflip killed right after recording the start of the pause leaves it.
+    h.record.attempt.as_mut().unwrap().switch_step = Some(SwitchStep::Pausing);
     h.want(17, 3);
     h.step().await;
     assert_eq!(h.record.serving, Some(member(Color::Green, 16)));
@@ -211,6 +213,95 @@ async fn a_switchover_under_way_is_finished_even_when_superseded() {
     );
     assert_switched(&h, member(Color::Blue, 17), member(Color::Green, 16));
     assert_eq!(h.record.history.len(), 2);
+}
+
+#[tokio::test]
+async fn a_switchover_waiting_before_its_pause_is_superseded() {
+    let mut h = Harness::serving_15_wanting(16).await;
+    // Waiting for clients connected to blue directly to go: nothing moved yet.
+    h.steps
+        .script(Phase::Switchover, &[Scripted::Waiting(0.0); 3]);
+    h.step_until_phase(Phase::Switchover).await;
+    h.step().await;
+    assert_eq!(h.record.serving, Some(member(Color::Blue, 15)));
+    h.want(15, 3);
+    h.settle().await;
+    assert!(
+        h.calls().contains(&"clean_up".to_string()),
+        "{:?}",
+        h.calls()
+    );
+    assert_eq!(h.record.serving, Some(member(Color::Blue, 15)));
+    assert!(h.record.attempt.is_none());
+    let w = h.steps.world.lock().unwrap();
+    assert_eq!(w.instances, [member(Color::Blue, 15)].into_iter().collect());
+    assert!(w.links.is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_first_sight_fails_its_revision_once_and_touches_nothing() {
+    let mut h = Harness::new();
+    h.steps
+        .world
+        .lock()
+        .unwrap()
+        .bootstrap_script
+        .push_back(Scripted::Refused);
+    h.want(15, 1);
+    assert_eq!(h.step().await, Progress::Idle);
+    assert_eq!(h.record.serving, None);
+    assert_eq!(h.record.failed_revision, Some(Revision::Generation(1)));
+    assert!(
+        h.sink.states() == vec!["failure bootstrap"],
+        "{:?}",
+        h.sink.states()
+    );
+    assert!(
+        h.sink.updates.lock().unwrap()[0]
+            .1
+            .message
+            .contains("wal_level")
+    );
+    // Not tried again for the same revision; a new one is.
+    assert_eq!(h.step().await, Progress::Idle);
+    assert_eq!(h.calls().len(), 1);
+    h.want(15, 2);
+    h.settle().await;
+    assert_eq!(h.record.serving, Some(member(Color::Blue, 15)));
+    assert_eq!(h.record.failed_revision, None);
+}
+
+#[tokio::test]
+async fn a_server_not_answering_on_first_sight_is_waited_for_with_a_status() {
+    let mut h = Harness::new();
+    h.steps
+        .world
+        .lock()
+        .unwrap()
+        .bootstrap_script
+        .extend([Scripted::NotReady, Scripted::NotReady]);
+    h.want(15, 1);
+    assert!(matches!(h.step().await, Progress::After(_)));
+    assert_eq!(h.sink.states(), vec!["pending bootstrap"]);
+    assert!(
+        h.sink.updates.lock().unwrap()[0]
+            .1
+            .message
+            .contains("does not answer yet")
+    );
+    h.settle().await;
+    assert_eq!(h.record.serving, Some(member(Color::Blue, 15)));
+}
+
+#[tokio::test]
+async fn the_server_serving_today_is_taken_at_its_own_major() {
+    let mut h = Harness::new();
+    h.steps.world.lock().unwrap().serving_today = Some(Major(15));
+    h.want(17, 1);
+    h.settle().await;
+    // Served as it is first, then moved to 17.
+    assert!(h.calls()[0].starts_with("bootstrap:"));
+    assert_switched(&h, member(Color::Green, 17), member(Color::Blue, 15));
 }
 
 #[tokio::test]

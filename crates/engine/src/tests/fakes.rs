@@ -31,6 +31,10 @@ pub struct World {
     pub adopted: u32,
     /// Cleanups that find something not there yet before one goes through.
     pub clean_ups_not_ready: u32,
+    /// The major of a server the user runs, taken on first sight instead of the wanted one.
+    pub serving_today: Option<pgflip_core::spec::Major>,
+    /// What the next bootstraps return instead of completing (front first).
+    pub bootstrap_script: VecDeque<Scripted>,
 }
 
 /// A scripted outcome of one pass of a phase.
@@ -80,12 +84,31 @@ impl Steps for FakeSteps {
         Ok(())
     }
 
-    async fn bootstrap(&self, member: Member, _desired: &Desired) -> EngineResult<()> {
+    async fn bootstrap(&self, member: Member, _desired: &Desired) -> EngineResult<Member> {
         self.call(format!("bootstrap:{member}"));
         let mut w = self.world.lock().unwrap();
+        match w.bootstrap_script.pop_front() {
+            None => {}
+            Some(Scripted::Refused) => {
+                return Err(EngineError::Refused(vec![
+                    "db.example:5432: wal_level is replica".into(),
+                ]));
+            }
+            Some(Scripted::NotReady) => {
+                return Err(anyhow::Error::from(NotReady(
+                    "db.example:5432 does not answer yet".into(),
+                ))
+                .into());
+            }
+            Some(_) => return Err(anyhow::anyhow!("connection reset by peer").into()),
+        }
+        let member = Member {
+            major: w.serving_today.unwrap_or(member.major),
+            ..member
+        };
         w.instances.insert(member);
         w.endpoint = Some(member);
-        Ok(())
+        Ok(member)
     }
 
     async fn run<J: Journal>(
@@ -349,5 +372,8 @@ impl Router for FakeRouter {
     async fn resume(&self) -> anyhow::Result<()> {
         *self.paused.lock().unwrap() = false;
         Ok(())
+    }
+    async fn server_sockets(&self) -> anyhow::Result<Vec<(String, u16)>> {
+        Ok(Vec::new())
     }
 }
