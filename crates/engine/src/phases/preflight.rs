@@ -13,13 +13,15 @@ use pgflip_core::plan::AttemptKind;
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     let attempt = cx.attempt;
     let toolchain = &cx.parts.toolchain;
-    toolchain
-        .server_bin(attempt.to.major.0)
-        .map_err(|e| EngineError::ToolMissing(format!("{e:#}")))?;
-    if attempt.kind == AttemptKind::Full {
-        toolchain
-            .client_bin(attempt.from.major.0)
-            .map_err(|e| EngineError::ToolMissing(format!("{e:#}")))?;
+    // Both directions: a switch whose way back cannot be taken is not started.
+    let missing = preflight::missing_tools(
+        toolchain,
+        attempt.kind,
+        attempt.from.major,
+        attempt.to.major,
+    );
+    if !missing.is_empty() {
+        return Err(EngineError::ToolMissing(missing));
     }
     let mut refusals = Vec::new();
     let mut warnings = Vec::new();
