@@ -39,6 +39,10 @@ pub struct Findings {
     pub refusals: Vec<String>,
     /// Things that will be handled or lost, said loudly.
     pub warnings: Vec<String>,
+    /// What `unsupported: warn` lets through that is not carried over (unlogged tables'
+    /// rows, large objects), one line each: not compared by the verification, and named
+    /// in the final status.
+    pub left_behind: Vec<String>,
     /// Things that will simply be handled (materialized views are refreshed).
     pub notes: Vec<String>,
     /// Tables (partition roots for partitioned ones) to set REPLICA IDENTITY FULL on
@@ -155,6 +159,30 @@ async fn check_unlogged_tables(
     policy: UnsupportedPolicy,
     findings: &mut Findings,
 ) -> anyhow::Result<()> {
+    let tables = unlogged_tables(source).await?;
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let names = join_names(tables.iter().cloned());
+    match policy {
+        UnsupportedPolicy::Refuse => findings.refusals.push(format!(
+            "unlogged tables are not replicated: {names} (make them logged with ALTER TABLE … SET LOGGED, \
+             or set spec.unsupported: warn to go ahead with them empty on green)"
+        )),
+        UnsupportedPolicy::Warn => {
+            findings.warnings.push(format!("unlogged tables are not replicated and will be EMPTY on green: {names}"));
+            findings.left_behind.extend(tables.iter().map(|(s, n)| {
+                format!("unlogged table {} (its rows are not carried over)", display_name(s, n))
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Unlogged tables (partitions included): their changes are not written to WAL, so
+/// logical replication does not carry them. The verification leaves out the same ones
+/// ([`crate::verify::tables_to_verify`]).
+pub async fn unlogged_tables(source: &Client) -> anyhow::Result<Vec<QualifiedName>> {
     let rows = source
         .query(
             &format!(
@@ -165,20 +193,7 @@ async fn check_unlogged_tables(
             &[],
         )
         .await?;
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let names = join_names(rows.iter().map(|r| (r.get(0), r.get(1))));
-    match policy {
-        UnsupportedPolicy::Refuse => findings.refusals.push(format!(
-            "unlogged tables are not replicated: {names} (make them logged with ALTER TABLE … SET LOGGED, \
-             or set spec.unsupported: warn to go ahead with them empty on green)"
-        )),
-        UnsupportedPolicy::Warn => {
-            findings.warnings.push(format!("unlogged tables are not replicated and will be EMPTY on green: {names}"))
-        }
-    }
-    Ok(())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 async fn check_large_objects(
@@ -221,9 +236,14 @@ async fn check_large_objects(
             "large objects are not replicated: {what} (store them in bytea columns, \
              or set spec.unsupported: warn to go ahead without them on green)"
         )),
-        UnsupportedPolicy::Warn => findings.warnings.push(format!(
-            "large objects are not replicated and will be MISSING on green: {what}"
-        )),
+        UnsupportedPolicy::Warn => {
+            findings.warnings.push(format!(
+                "large objects are not replicated and will be MISSING on green: {what}"
+            ));
+            findings
+                .left_behind
+                .push(format!("{what}: missing on green"));
+        }
     }
     Ok(())
 }

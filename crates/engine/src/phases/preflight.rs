@@ -25,6 +25,7 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     }
     let mut refusals = Vec::new();
     let mut warnings = Vec::new();
+    let mut left_behind = Vec::new();
     let mut findings = Vec::new();
     for db in &cx.desired.databases {
         let client = cx.connect(&cx.source, db).await?;
@@ -38,6 +39,7 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
         .await?;
         refusals.extend(f.refusals.iter().map(|r| format!("{db}: {r}")));
         warnings.extend(f.warnings.iter().map(|w| format!("{db}: {w}")));
+        left_behind.extend(f.left_behind.iter().map(|w| format!("{db}: {w}")));
         findings.push((client, f));
     }
     if attempt.kind == AttemptKind::SwitchBack {
@@ -57,5 +59,8 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    Ok(Stepped::Done(Learned::Warnings(warnings)))
+    Ok(Stepped::Done(Learned::Preflight {
+        warnings,
+        left_behind,
+    }))
 }
