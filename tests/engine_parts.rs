@@ -731,6 +731,57 @@ async fn upgrade_15_to_18() {
     copy_across_majors(15, 18).await;
 }
 
+/// The way back from 18: pg_dump 18 (the PyPI wheel's, with its own libpq) dumps an 18 server.
+#[tokio::test]
+async fn downgrade_18_to_16() {
+    copy_across_majors(18, 16).await;
+}
+
+/// Under `unsupported: warn` the verification leaves out exactly the unlogged tables that
+/// preflight lets through: an unlogged table, and the unlogged partition of a logged
+/// partitioned table, whose logged partitions are then compared one by one.
+#[tokio::test]
+async fn verification_leaves_out_the_unlogged_tables() {
+    let pair = Pair::start(16, 17).await;
+    let blue = pair.create_db(&pair.blue, "mixed").await;
+    blue.batch_execute(
+        "CREATE TABLE public.kept (x int PRIMARY KEY);
+         CREATE UNLOGGED TABLE public.scratch (x int PRIMARY KEY);
+         CREATE TABLE public.events (at date NOT NULL, msg text) PARTITION BY RANGE (at);
+         CREATE TABLE public.events_2024 PARTITION OF public.events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+         CREATE UNLOGGED TABLE public.events_2025 PARTITION OF public.events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         CREATE TABLE public.log (at date NOT NULL) PARTITION BY RANGE (at);
+         CREATE TABLE public.log_2025 PARTITION OF public.log FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');",
+    )
+    .await
+    .unwrap();
+    let warned = verify::tables_to_verify(&blue, true).await.unwrap();
+    assert_eq!(
+        names(&warned.compared),
+        ["public.events_2024", "public.kept", "public.log"]
+    );
+    assert_eq!(
+        names(&warned.left_behind),
+        ["public.events_2025", "public.scratch"]
+    );
+    assert_eq!(
+        warned.left_behind,
+        preflight::unlogged_tables(&blue).await.unwrap(),
+        "the same tables preflight lets through"
+    );
+    let all = verify::tables_to_verify(&blue, false).await.unwrap();
+    assert_eq!(
+        names(&all.compared),
+        [
+            "public.events",
+            "public.kept",
+            "public.log",
+            "public.scratch"
+        ]
+    );
+    assert!(all.left_behind.is_empty());
+}
+
 #[tokio::test]
 async fn downgrade_refuses_a_schema_the_older_major_cannot_parse() {
     let pair = Pair::start(17, 15).await;

@@ -586,3 +586,63 @@ async fn pause_bound_resumes_on_blue_then_retries() {
         0
     );
 }
+
+/// `unsupported: warn` as a new user tries it: an unlogged table holding rows and a large
+/// object do not block the switch. Preflight lets them through, the verification leaves
+/// them out (green has the table empty: it is not replicated), and the success status
+/// names what was left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_warn_switches_and_names_what_is_left_behind() {
+    let mut h = Harness::new("databases: [app]\nunsupported: warn");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let c = connect(&h.endpoint(), &h.admin(), "app").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE kept (id int PRIMARY KEY, v text);
+         INSERT INTO kept SELECT g, 'row ' || g FROM generate_series(1, 100) g;
+         CREATE UNLOGGED TABLE cache (k text PRIMARY KEY, v text);
+         INSERT INTO cache SELECT 'k' || g, 'v' FROM generate_series(1, 50) g;
+         SELECT lo_from_bytea(0, 'blob');",
+    )
+    .await
+    .unwrap();
+    drop(c);
+    let sha = h.commit_version(16);
+    let note = h.wait_final_note(&sha, 5 * MINUTE).await;
+    assert_eq!(note.state, State::Success, "{note:?}\n{}", h.log_tail());
+    assert_eq!(
+        note.verified_tables,
+        Some(1),
+        "kept is compared, the unlogged cache is not: {note:?}"
+    );
+    assert!(
+        note.message.contains("left behind")
+            && note
+                .message
+                .contains("app: unlogged table public.cache (its rows are not carried over)"),
+        "{}",
+        note.message
+    );
+    assert!(
+        note.message
+            .contains("app: 1 large object(s) in database app"),
+        "{}",
+        note.message
+    );
+    assert_eq!(note.left_behind.len(), 2, "{:?}", note.left_behind);
+    assert!(
+        note.left_behind[0].starts_with("app: unlogged table public.cache"),
+        "{:?}",
+        note.left_behind
+    );
+    let r = h.record();
+    assert_eq!(serving(&r), Some((Color::Green, 16)));
+    assert_eq!(count(&h, "green", "SELECT count(*) FROM kept").await, 100);
+    assert_eq!(
+        count(&h, "green", "SELECT count(*) FROM cache").await,
+        0,
+        "left behind: empty on green"
+    );
+    assert_eq!(count(&h, "blue", "SELECT count(*) FROM cache").await, 50);
+}

@@ -41,6 +41,10 @@ pub struct Update {
     pub pause_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verified_tables: Option<u64>,
+    /// What the switch did not carry over, allowed by `unsupported: warn` (one line each,
+    /// prefixed with the database): unlogged tables' rows, large objects.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub left_behind: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// RFC 3339 time of the update, stamped by whoever publishes it (the core has no clock).
@@ -60,6 +64,7 @@ impl Update {
             timings_ms: BTreeMap::new(),
             pause_ms: None,
             verified_tables: None,
+            left_behind: Vec::new(),
             reason: None,
             at: String::new(),
         }

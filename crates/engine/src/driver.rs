@@ -405,17 +405,21 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         })
         .await?;
         let plural = if tables == 1 { "" } else { "s" };
-        let mut u = Update::new(
-            State::Success,
-            Phase::Done.as_str(),
-            format!(
-                "{} now serves; pause {:.1} ms; {tables} table{plural} verified",
-                attempt.to, m.pause_ms,
-            ),
-        )
-        .between(attempt.from.major, attempt.to.major);
+        let mut message = format!(
+            "{} now serves; pause {:.1} ms; {tables} table{plural} verified",
+            attempt.to, m.pause_ms,
+        );
+        if !attempt.left_behind.is_empty() {
+            message.push_str(&format!(
+                "; left behind (unsupported: warn): {}",
+                attempt.left_behind.join("; ")
+            ));
+        }
+        let mut u = Update::new(State::Success, Phase::Done.as_str(), message)
+            .between(attempt.from.major, attempt.to.major);
         u.pause_ms = Some(m.pause_ms);
         u.verified_tables = attempt.verified_tables;
+        u.left_behind = attempt.left_behind.clone();
         u.timings_ms = attempt.timings_ms.clone();
         self.report(&attempt.revision, u).await;
         Ok(())

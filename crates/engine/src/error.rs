@@ -12,9 +12,14 @@ pub enum EngineError {
     /// Preflight found what cannot be carried over (or a switch back that cannot be taken).
     #[error("preflight refused: {}", .0.join("; "))]
     Refused(Vec<String>),
-    /// A tool the switch needs (in either direction) is not installed.
-    #[error("{0}")]
-    ToolMissing(String),
+    /// Tools the switch needs (in either direction) are not installed: one line each,
+    /// naming the tool and what needs it. Found by preflight, so nothing was touched.
+    #[error(
+        "tools missing, nothing was touched: {}; {}, then push a new commit to try again",
+        .0.join("; "),
+        crate::toolchain::SETUP_HINT_ALL
+    )]
+    ToolMissing(Vec<String>),
     /// The schema (or the roles) of the source does not load on the target's major.
     #[error("{what} of {from} do not load on PostgreSQL {to}: {detail}")]
     SchemaDoesNotLoad {

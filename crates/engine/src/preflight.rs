@@ -18,11 +18,14 @@
 //! - Extensions must be installable on the target major (a few are dropped between
 //!   majors: adminpack and old_snapshot are gone in 17).
 //! - Materialized views are not replicated; they are refreshed on green before the switch.
+//! - The tools of both directions must be installed ([`missing_tools`]): a switch that
+//!   could not be taken back is not started.
 
 use crate::catalog::{USER_NAMESPACES, display_name};
 use crate::pg::qualified;
 use crate::sql_script::describe_error;
 use crate::toolchain::Toolchain;
+use pgflip_core::plan::AttemptKind;
 use pgflip_core::spec::{Major, UnsupportedPolicy};
 use tokio_postgres::Client;
 
@@ -36,6 +39,10 @@ pub struct Findings {
     pub refusals: Vec<String>,
     /// Things that will be handled or lost, said loudly.
     pub warnings: Vec<String>,
+    /// What `unsupported: warn` lets through that is not carried over (unlogged tables'
+    /// rows, large objects), one line each: not compared by the verification, and named
+    /// in the final status.
+    pub left_behind: Vec<String>,
     /// Things that will simply be handled (materialized views are refreshed).
     pub notes: Vec<String>,
     /// Tables (partition roots for partitioned ones) to set REPLICA IDENTITY FULL on
@@ -57,6 +64,62 @@ impl Findings {
             )
         })
     }
+}
+
+/// The tools a switch from `from` to `to` needs in either direction that are not installed,
+/// one line each naming the tool and what needs it (empty when all are there).
+///
+/// - The way there: the target's server runs on this machine; a full switch copies the
+///   source's schema with `pg_dump`/`pg_dumpall` of at least the source's major.
+/// - The way back: the source's server, to run that major again (the retained standby, or
+///   a new instance once the retention is over); and, for a full switch, `pg_dump`/
+///   `pg_dumpall` of at least the *target's* major, to copy the target's schema on a full
+///   switch back (no retention, or after it): going back from 18 needs `pg_dump` 18.
+///
+/// A switch back to the retained standby copies no schema (the standby is in sync), so
+/// only the servers count for it.
+pub fn missing_tools(
+    toolchain: &Toolchain,
+    kind: AttemptKind,
+    from: Major,
+    to: Major,
+) -> Vec<String> {
+    let server = |major: Major, why: &str| {
+        toolchain
+            .server_bin(major.0)
+            .err()
+            .map(|_| format!("the PostgreSQL {major} server (postgres, initdb, pg_ctl), {why}"))
+    };
+    let client = |major: Major, why: &str| {
+        toolchain
+            .client_bin(major.0)
+            .err()
+            .map(|_| format!("pg_dump and pg_dumpall of PostgreSQL {major} or newer, {why}"))
+    };
+    let full = kind == AttemptKind::Full;
+    let mut missing = vec![server(
+        to,
+        &format!("to run the target (the way there, {from} → {to})"),
+    )];
+    if full {
+        missing.push(client(
+            from,
+            &format!("to copy the schema of PostgreSQL {from} (the way there, {from} → {to})"),
+        ));
+    }
+    if from != to {
+        missing.push(server(
+            from,
+            &format!("to run PostgreSQL {from} again (the way back, {to} → {from})"),
+        ));
+        if full {
+            missing.push(client(
+                to,
+                &format!("to copy the schema of PostgreSQL {to} (the way back, {to} → {from})"),
+            ));
+        }
+    }
+    missing.into_iter().flatten().collect()
 }
 
 /// Checks one database of the source (blue) for what cannot be carried to `target_major`.
@@ -96,6 +159,30 @@ async fn check_unlogged_tables(
     policy: UnsupportedPolicy,
     findings: &mut Findings,
 ) -> anyhow::Result<()> {
+    let tables = unlogged_tables(source).await?;
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let names = join_names(tables.iter().cloned());
+    match policy {
+        UnsupportedPolicy::Refuse => findings.refusals.push(format!(
+            "unlogged tables are not replicated: {names} (make them logged with ALTER TABLE … SET LOGGED, \
+             or set spec.unsupported: warn to go ahead with them empty on green)"
+        )),
+        UnsupportedPolicy::Warn => {
+            findings.warnings.push(format!("unlogged tables are not replicated and will be EMPTY on green: {names}"));
+            findings.left_behind.extend(tables.iter().map(|(s, n)| {
+                format!("unlogged table {} (its rows are not carried over)", display_name(s, n))
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Unlogged tables (partitions included): their changes are not written to WAL, so
+/// logical replication does not carry them. The verification leaves out the same ones
+/// ([`crate::verify::tables_to_verify`]).
+pub async fn unlogged_tables(source: &Client) -> anyhow::Result<Vec<QualifiedName>> {
     let rows = source
         .query(
             &format!(
@@ -106,20 +193,7 @@ async fn check_unlogged_tables(
             &[],
         )
         .await?;
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let names = join_names(rows.iter().map(|r| (r.get(0), r.get(1))));
-    match policy {
-        UnsupportedPolicy::Refuse => findings.refusals.push(format!(
-            "unlogged tables are not replicated: {names} (make them logged with ALTER TABLE … SET LOGGED, \
-             or set spec.unsupported: warn to go ahead with them empty on green)"
-        )),
-        UnsupportedPolicy::Warn => {
-            findings.warnings.push(format!("unlogged tables are not replicated and will be EMPTY on green: {names}"))
-        }
-    }
-    Ok(())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 async fn check_large_objects(
@@ -162,9 +236,14 @@ async fn check_large_objects(
             "large objects are not replicated: {what} (store them in bytea columns, \
              or set spec.unsupported: warn to go ahead without them on green)"
         )),
-        UnsupportedPolicy::Warn => findings.warnings.push(format!(
-            "large objects are not replicated and will be MISSING on green: {what}"
-        )),
+        UnsupportedPolicy::Warn => {
+            findings.warnings.push(format!(
+                "large objects are not replicated and will be MISSING on green: {what}"
+            ));
+            findings
+                .left_behind
+                .push(format!("{what}: missing on green"));
+        }
     }
     Ok(())
 }
@@ -350,4 +429,95 @@ fn join_names(names: impl Iterator<Item = QualifiedName>) -> String {
         .map(|(s, n)| display_name(&s, &n))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A toolchain root holding empty files where the tools would be.
+    fn fake_toolchain(root: &Path, dirs: &[(&str, &[&str])]) -> Toolchain {
+        for (dir, tools) in dirs {
+            let bin = root.join(dir).join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            for tool in *tools {
+                std::fs::write(bin.join(tool), b"").unwrap();
+            }
+        }
+        Toolchain::from_roots(vec![root.to_path_buf()])
+    }
+
+    const SERVER: &[&str] = &["postgres", "initdb", "pg_ctl"];
+    const FULL: &[&str] = &[
+        "postgres",
+        "initdb",
+        "pg_ctl",
+        "pg_dump",
+        "pg_dumpall",
+        "psql",
+    ];
+
+    /// `make setup` before PostgreSQL 18's full tools were added: 16 and 18 as servers only,
+    /// 17 full. 16 → 18 could be taken (pg_dump 17 dumps 16), its way back could not.
+    #[test]
+    fn the_way_back_from_18_needs_pg_dump_18() {
+        let dir = tempfile::tempdir().unwrap();
+        let tc = fake_toolchain(
+            dir.path(),
+            &[("pg16", SERVER), ("pg17full", FULL), ("pg18", SERVER)],
+        );
+        let missing = missing_tools(&tc, AttemptKind::Full, Major(16), Major(18));
+        assert_eq!(
+            missing,
+            [
+                "pg_dump and pg_dumpall of PostgreSQL 18 or newer, to copy the schema of \
+              PostgreSQL 18 (the way back, 18 → 16)"
+            ],
+        );
+        // The same gap refuses the full switch 18 → 16 itself (its way there).
+        let down = missing_tools(&tc, AttemptKind::Full, Major(18), Major(16));
+        assert_eq!(down.len(), 1, "{down:?}");
+        assert!(down[0].contains("the way there, 18 → 16"), "{down:?}");
+        // A switch back to a retained standby copies no schema: the servers are enough.
+        assert!(missing_tools(&tc, AttemptKind::SwitchBack, Major(18), Major(16)).is_empty());
+        // 16 ↔ 17 is complete both ways.
+        assert!(missing_tools(&tc, AttemptKind::Full, Major(16), Major(17)).is_empty());
+
+        // With the 18 wheel installed (`pg18full`), both directions are complete.
+        let tc = fake_toolchain(dir.path(), &[("pg18full", FULL)]);
+        assert!(missing_tools(&tc, AttemptKind::Full, Major(16), Major(18)).is_empty());
+        assert!(missing_tools(&tc, AttemptKind::Full, Major(18), Major(16)).is_empty());
+    }
+
+    #[test]
+    fn every_missing_tool_is_named_with_its_direction() {
+        let dir = tempfile::tempdir().unwrap();
+        let tc = fake_toolchain(dir.path(), &[("pg15", SERVER)]);
+        let missing = missing_tools(&tc, AttemptKind::Full, Major(15), Major(17));
+        assert_eq!(
+            missing,
+            [
+                "the PostgreSQL 17 server (postgres, initdb, pg_ctl), to run the target (the way there, 15 → 17)",
+                "pg_dump and pg_dumpall of PostgreSQL 15 or newer, to copy the schema of PostgreSQL 15 (the way there, 15 → 17)",
+                "pg_dump and pg_dumpall of PostgreSQL 17 or newer, to copy the schema of PostgreSQL 17 (the way back, 17 → 15)",
+            ]
+        );
+        let back = missing_tools(&tc, AttemptKind::SwitchBack, Major(17), Major(15));
+        assert_eq!(
+            back,
+            [
+                "the PostgreSQL 17 server (postgres, initdb, pg_ctl), to run PostgreSQL 17 again (the way back, 15 → 17)"
+            ]
+        );
+        let error = crate::error::EngineError::ToolMissing(missing);
+        assert!(error.is_final());
+        assert_eq!(error.metric_label(), "tool_missing");
+        let text = error.to_string();
+        assert!(
+            text.starts_with("tools missing, nothing was touched: the PostgreSQL 17 server")
+                && text.contains("run `make setup`"),
+            "{text}"
+        );
+    }
 }

@@ -66,8 +66,12 @@ pub enum Stepped {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Learned {
     Nothing,
-    /// Preflight passed with these warnings (what is not carried over, said loudly).
-    Warnings(Vec<String>),
+    /// Preflight passed with these warnings (what is handled or not carried over, said
+    /// loudly) and, under `unsupported: warn`, what is left behind (for the final status).
+    Preflight {
+        warnings: Vec<String>,
+        left_behind: Vec<String>,
+    },
     /// The schema was copied from a source with this fingerprint (a later change blocks
     /// the switch).
     SchemaCopied {
@@ -91,7 +95,13 @@ pub(crate) fn learn(record: &mut Record, learned: Learned) {
     };
     match learned {
         Learned::Nothing => {}
-        Learned::Warnings(w) => attempt.warnings = w,
+        Learned::Preflight {
+            warnings,
+            left_behind,
+        } => {
+            attempt.warnings = warnings;
+            attempt.left_behind = left_behind;
+        }
         Learned::SchemaCopied { source_fingerprint } => {
             attempt.source_fingerprint = Some(source_fingerprint)
         }

@@ -4,11 +4,16 @@
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
 
+/// How to install what is missing.
 const SETUP_HINT: &str = "run `make setup` (scripts/setup-toolchain.sh) to install it";
+/// The same, for several tools.
+pub const SETUP_HINT_ALL: &str = "run `make setup` (scripts/setup-toolchain.sh) to install them";
 
 #[derive(Debug, Clone)]
 pub struct Toolchain {
     roots: Vec<PathBuf>,
+    /// Whether `$PGFLIP_PG<major>_BIN` and `/usr/lib/postgresql/<major>/bin` count too.
+    system: bool,
 }
 
 impl Toolchain {
@@ -30,7 +35,19 @@ impl Toolchain {
         }
         roots.retain(|r| r.is_dir());
         roots.dedup();
-        Toolchain { roots }
+        Toolchain {
+            roots,
+            system: true,
+        }
+    }
+
+    /// Only what these roots hold (laid out like `.toolchain/`: `pg<major>/bin`,
+    /// `pg<major>full/bin`), neither the environment nor the system's directories.
+    pub fn from_roots(roots: Vec<PathBuf>) -> Toolchain {
+        Toolchain {
+            roots,
+            system: false,
+        }
     }
 
     /// Directory with `postgres`, `initdb` and `pg_ctl` of this major.
@@ -109,14 +126,20 @@ impl Toolchain {
 
     fn candidates(&self, major: u32) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        if let Ok(p) = std::env::var(format!("PGFLIP_PG{major}_BIN")) {
+        if self.system
+            && let Ok(p) = std::env::var(format!("PGFLIP_PG{major}_BIN"))
+        {
             out.push(PathBuf::from(p));
         }
         for root in &self.roots {
+            // The npm builds (server only) and the PyPI wheels (full: `pg<major>full` links
+            // to the wheel's `pginstall/`, whose `bin/` holds the tools).
             out.push(root.join(format!("pg{major}/bin")));
             out.push(root.join(format!("pg{major}full/bin")));
         }
-        out.push(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+        if self.system {
+            out.push(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+        }
         out
     }
 }

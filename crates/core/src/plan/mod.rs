@@ -188,6 +188,11 @@ pub struct Attempt {
     pub pause_failures: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// What preflight let through under `unsupported: warn` that is not carried over
+    /// (unlogged tables' rows, large objects), one line each, prefixed with the database:
+    /// not verified, and named in the final status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_behind: Vec<String>,
     /// Per phase: milliseconds spent, for the report.
     #[serde(default)]
     pub timings_ms: std::collections::BTreeMap<String, u64>,
@@ -328,6 +333,7 @@ impl Attempt {
             source_fingerprint,
             pause_failures: 0,
             warnings: Vec::new(),
+            left_behind: Vec::new(),
             timings_ms: Default::default(),
             switch: None,
             verified_tables: None,

@@ -14,16 +14,19 @@ use pgflip_core::plan::AttemptKind;
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     let attempt = cx.attempt;
     let toolchain = &cx.parts.toolchain;
-    toolchain
-        .server_bin(attempt.to.major.0)
-        .map_err(|e| EngineError::ToolMissing(format!("{e:#}")))?;
-    if attempt.kind == AttemptKind::Full {
-        toolchain
-            .client_bin(attempt.from.major.0)
-            .map_err(|e| EngineError::ToolMissing(format!("{e:#}")))?;
+    // Both directions: a switch whose way back cannot be taken is not started.
+    let missing = preflight::missing_tools(
+        toolchain,
+        attempt.kind,
+        attempt.from.major,
+        attempt.to.major,
+    );
+    if !missing.is_empty() {
+        return Err(EngineError::ToolMissing(missing));
     }
     let mut refusals = Vec::new();
     let mut warnings = Vec::new();
+    let mut left_behind = Vec::new();
     let mut findings = Vec::new();
     for db in &cx.desired.databases {
         let client = cx.connect(&cx.source, db).await?;
@@ -37,6 +40,7 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
         .await?;
         refusals.extend(f.refusals.iter().map(|r| format!("{db}: {r}")));
         warnings.extend(f.warnings.iter().map(|w| format!("{db}: {w}")));
+        left_behind.extend(f.left_behind.iter().map(|w| format!("{db}: {w}")));
         findings.push((client, f));
     }
     if attempt.kind == AttemptKind::SwitchBack {
@@ -59,7 +63,10 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    Ok(Stepped::Done(Learned::Warnings(warnings)))
+    Ok(Stepped::Done(Learned::Preflight {
+        warnings,
+        left_behind,
+    }))
 }
 
 /// A target that exists already (a server the user runs) must hold nothing in the

@@ -2,12 +2,13 @@
 //! ([`crate::verify`]); materialized views (not replicated) refreshed on the target.
 
 use super::Ctx;
+use crate::catalog::display_name;
 use crate::error::{EngineError, EngineResult};
 use crate::pg::qualified;
 use crate::ports::{Instances, Router};
 use crate::steps::{Learned, Stepped};
 use crate::verify;
-use pgflip_core::spec::Verification;
+use pgflip_core::spec::{UnsupportedPolicy, Verification};
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     cx.check_schema_unchanged().await?;
@@ -17,7 +18,24 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
         for db in &cx.desired.databases {
             let src = cx.connect(&cx.source, db).await?;
             let tgt = cx.connect(&target, db).await?;
-            let list = verify::list_tables(&src).await?;
+            // What preflight let through under `warn` is not carried, hence not compared;
+            // it is reported as left behind (preflight listed it for the final status).
+            let listing =
+                verify::tables_to_verify(&src, cx.desired.unsupported == UnsupportedPolicy::Warn)
+                    .await?;
+            if !listing.left_behind.is_empty() {
+                let names: Vec<String> = listing
+                    .left_behind
+                    .iter()
+                    .map(|(s, n)| display_name(s, n))
+                    .collect();
+                tracing::warn!(
+                    database = %db,
+                    "not compared, left behind under unsupported: warn (unlogged): {}",
+                    names.join(", ")
+                );
+            }
+            let list = listing.compared;
             verify::consistent_cut(
                 &cx.source,
                 cx.admin(),

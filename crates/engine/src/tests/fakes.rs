@@ -156,7 +156,10 @@ impl Steps for FakeSteps {
         }
         let (from, to) = (attempt.from, attempt.to);
         let learned = match phase {
-            Phase::Preflight => Learned::Warnings(vec![]),
+            Phase::Preflight => Learned::Preflight {
+                warnings: vec![],
+                left_behind: vec![],
+            },
             Phase::Provision => {
                 self.world.lock().unwrap().instances.insert(to);
                 Learned::Nothing
