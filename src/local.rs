@@ -4,6 +4,7 @@
 //! A thin loop around the shared [`Runner`]: look at the branch, take what it carries,
 //! step.
 
+use pgflip_core::plan::{Member, Record};
 use pgflip_core::spec::Desired;
 use pgflip_engine::adapters::adopted::{Adopting, LocalPasswords};
 use pgflip_engine::adapters::forge_status::{ForgeStatus, Sinks};
@@ -14,7 +15,7 @@ use pgflip_engine::adapters::pgbouncer::PgBouncer;
 use pgflip_engine::driver::{Driver, Progress, system_clock};
 use pgflip_engine::intake;
 use pgflip_engine::phases::Phases;
-use pgflip_engine::ports::Source;
+use pgflip_engine::ports::{Instances, Source};
 use pgflip_engine::runner::Runner;
 use pgflip_engine::state::StateDir;
 use pgflip_engine::toolchain::Toolchain;
@@ -139,6 +140,48 @@ fn build_driver(
         sinks,
         system_clock(),
     ))
+}
+
+/// What runs each member the record names, for `pgflip status`: a server the user runs
+/// (`spec.adopt`), or one of pgflip's own instances and the binaries it runs from.
+pub async fn describe_members(
+    state: &StateDir,
+    record: &Record,
+) -> anyhow::Result<Vec<(Member, String)>> {
+    let Some(wanted) = &record.wanted else {
+        return Ok(Vec::new());
+    };
+    let desired = &wanted.desired;
+    let toolchain = Toolchain::discover();
+    let admin = state.admin_credentials()?;
+    let servers = Adopting::new(
+        LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?,
+        LocalPasswords,
+        admin,
+    );
+    let members = record
+        .serving
+        .into_iter()
+        .chain(record.standby.as_ref().map(|s| s.member))
+        .chain(record.attempt.as_ref().map(|a| a.to));
+    let mut out = Vec::new();
+    for member in members {
+        let what = match servers.server_of(&member, desired).await {
+            Ok(Some(server)) => format!("a server you run: {server} (as {})", server.user),
+            Ok(None) => match servers.inner().addr(&member, desired).await? {
+                Some(addr) => format!(
+                    "pgflip's instance on {addr}, binaries {}",
+                    toolchain
+                        .server_bin(member.major.0)
+                        .map_or_else(|e| format!("missing ({e})"), |p| p.display().to_string())
+                ),
+                None => "pgflip's instance, not created yet".to_string(),
+            },
+            Err(e) => format!("unknown ({e:#})"),
+        };
+        out.push((member, what));
+    }
+    Ok(out)
 }
 
 /// Stops the endpoint and every instance of a state directory.

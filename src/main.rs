@@ -134,11 +134,15 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Command::Status { state_dir, json } => {
-                let record = StateDir::open(state_dir)?.load()?;
+                let state = StateDir::open(state_dir)?;
+                let record = state.load()?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&record)?);
                 } else {
                     print!("{}", render_status(&record));
+                    for (member, what) in pgflip::local::describe_members(&state, &record).await? {
+                        println!("{}: {what}", member.color);
+                    }
                 }
                 Ok(())
             }

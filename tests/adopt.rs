@@ -143,6 +143,20 @@ async fn adopts_a_server_moves_it_to_its_own_instance_back_and_releases_it() {
         h.serving_port(&app).await,
         h.instance_addr("green").unwrap().port
     );
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_pgflip"))
+        .args(["status", "--state-dir"])
+        .arg(&h.state.root)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains(&format!(
+            "blue: a server you run: 127.0.0.1:{} (as postgres)",
+            user.port
+        )) && status.contains("green: pgflip's instance on 127.0.0.1:"),
+        "{status}"
+    );
+    assert!(!status.contains(&user.superuser.password));
     assert_eq!(load.failed_so_far(), 0);
     assert_eq!(
         load.lost_commits(&h.endpoint(), &h.admin(), "app")

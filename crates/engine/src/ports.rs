@@ -83,6 +83,15 @@ pub trait Instances: Send + Sync {
     ) -> impl Future<Output = Result<Option<Major>>> + Send {
         async { Ok(None) }
     }
+    /// Whether an instance of `major` runs from this machine's PostgreSQL server binaries
+    /// (local mode's own instances do; a pod, or a server the user runs, brings its own).
+    fn runs_here(
+        &self,
+        _major: Major,
+        _desired: &Desired,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(true) }
+    }
     /// Creates the instance if it does not exist, starts it if it is stopped, adopts it if
     /// it runs; returns where it listens. Idempotent.
     fn ensure(

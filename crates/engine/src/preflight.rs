@@ -78,13 +78,20 @@ impl Findings {
 ///
 /// A switch back to the retained standby copies no schema (the standby is in sync), so
 /// only the servers count for it.
+///
+/// Only the majors `runs_here` says pgflip runs on this machine itself need their server
+/// here: a server the user runs, or a pod, brings its own.
 pub fn missing_tools(
     toolchain: &Toolchain,
     kind: AttemptKind,
     from: Major,
     to: Major,
+    runs_here: &dyn Fn(Major) -> bool,
 ) -> Vec<String> {
     let server = |major: Major, why: &str| {
+        if !runs_here(major) {
+            return None;
+        }
         toolchain
             .server_bin(major.0)
             .err()
@@ -467,7 +474,7 @@ mod tests {
             dir.path(),
             &[("pg16", SERVER), ("pg17full", FULL), ("pg18", SERVER)],
         );
-        let missing = missing_tools(&tc, AttemptKind::Full, Major(16), Major(18));
+        let missing = missing_tools(&tc, AttemptKind::Full, Major(16), Major(18), &|_| true);
         assert_eq!(
             missing,
             [
@@ -476,25 +483,30 @@ mod tests {
             ],
         );
         // The same gap refuses the full switch 18 → 16 itself (its way there).
-        let down = missing_tools(&tc, AttemptKind::Full, Major(18), Major(16));
+        let down = missing_tools(&tc, AttemptKind::Full, Major(18), Major(16), &|_| true);
         assert_eq!(down.len(), 1, "{down:?}");
         assert!(down[0].contains("the way there, 18 → 16"), "{down:?}");
         // A switch back to a retained standby copies no schema: the servers are enough.
-        assert!(missing_tools(&tc, AttemptKind::SwitchBack, Major(18), Major(16)).is_empty());
+        assert!(
+            missing_tools(&tc, AttemptKind::SwitchBack, Major(18), Major(16), &|_| {
+                true
+            })
+            .is_empty()
+        );
         // 16 ↔ 17 is complete both ways.
-        assert!(missing_tools(&tc, AttemptKind::Full, Major(16), Major(17)).is_empty());
+        assert!(missing_tools(&tc, AttemptKind::Full, Major(16), Major(17), &|_| true).is_empty());
 
         // With the 18 wheel installed (`pg18full`), both directions are complete.
         let tc = fake_toolchain(dir.path(), &[("pg18full", FULL)]);
-        assert!(missing_tools(&tc, AttemptKind::Full, Major(16), Major(18)).is_empty());
-        assert!(missing_tools(&tc, AttemptKind::Full, Major(18), Major(16)).is_empty());
+        assert!(missing_tools(&tc, AttemptKind::Full, Major(16), Major(18), &|_| true).is_empty());
+        assert!(missing_tools(&tc, AttemptKind::Full, Major(18), Major(16), &|_| true).is_empty());
     }
 
     #[test]
     fn every_missing_tool_is_named_with_its_direction() {
         let dir = tempfile::tempdir().unwrap();
         let tc = fake_toolchain(dir.path(), &[("pg15", SERVER)]);
-        let missing = missing_tools(&tc, AttemptKind::Full, Major(15), Major(17));
+        let missing = missing_tools(&tc, AttemptKind::Full, Major(15), Major(17), &|_| true);
         assert_eq!(
             missing,
             [
@@ -503,13 +515,21 @@ mod tests {
                 "pg_dump and pg_dumpall of PostgreSQL 17 or newer, to copy the schema of PostgreSQL 17 (the way back, 17 → 15)",
             ]
         );
-        let back = missing_tools(&tc, AttemptKind::SwitchBack, Major(17), Major(15));
+        let back = missing_tools(&tc, AttemptKind::SwitchBack, Major(17), Major(15), &|_| {
+            true
+        });
         assert_eq!(
             back,
             [
                 "the PostgreSQL 17 server (postgres, initdb, pg_ctl), to run PostgreSQL 17 again (the way back, 15 → 17)"
             ]
         );
+        // A server the user runs (or a pod) brings its own server binaries.
+        let onto_theirs = missing_tools(&tc, AttemptKind::Full, Major(15), Major(17), &|m| {
+            m != Major(17)
+        });
+        assert_eq!(onto_theirs.len(), 2, "{onto_theirs:?}");
+        assert!(onto_theirs.iter().all(|m| m.starts_with("pg_dump")));
         let error = crate::error::EngineError::ToolMissing(missing);
         assert!(error.is_final());
         assert_eq!(error.metric_label(), "tool_missing");

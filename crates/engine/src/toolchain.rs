@@ -12,8 +12,11 @@ pub const SETUP_HINT_ALL: &str = "run `make setup` (scripts/setup-toolchain.sh) 
 #[derive(Debug, Clone)]
 pub struct Toolchain {
     roots: Vec<PathBuf>,
-    /// Whether `$PGFLIP_PG<major>_BIN` and `/usr/lib/postgresql/<major>/bin` count too.
+    /// Whether `$PGFLIP_PG<major>_BIN` and the distributions' directories count too.
     system: bool,
+    /// The major and bin directory of the `pg_config` on PATH (a source build, Homebrew,
+    /// a distribution's default), asked once at discovery.
+    pg_config: Option<(u32, PathBuf)>,
 }
 
 impl Toolchain {
@@ -38,6 +41,7 @@ impl Toolchain {
         Toolchain {
             roots,
             system: true,
+            pg_config: pg_config_on_path(),
         }
     }
 
@@ -47,6 +51,7 @@ impl Toolchain {
         Toolchain {
             roots,
             system: false,
+            pg_config: None,
         }
     }
 
@@ -138,10 +143,41 @@ impl Toolchain {
             out.push(root.join(format!("pg{major}full/bin")));
         }
         if self.system {
+            // Debian and Ubuntu (apt.postgresql.org too), then RHEL and its kin (PGDG).
             out.push(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+            out.push(PathBuf::from(format!("/usr/pgsql-{major}/bin")));
+            if let Some((m, bin)) = &self.pg_config
+                && *m == major
+            {
+                out.push(bin.clone());
+            }
         }
         out
     }
+}
+
+/// `pg_config --version` and `--bindir` of the `pg_config` on PATH, if there is one.
+fn pg_config_on_path() -> Option<(u32, PathBuf)> {
+    let pg_config = find_in_path("pg_config")?;
+    let ask = |flag: &str| {
+        let out = std::process::Command::new(&pg_config)
+            .arg(flag)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    // "PostgreSQL 16.4 (Debian 16.4-1)"
+    let version = ask("--version")?;
+    let major = version
+        .split_whitespace()
+        .nth(1)?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((major, PathBuf::from(ask("--bindir")?)))
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use pgflip_core::plan::Member;
-use pgflip_core::spec::Desired;
+use pgflip_core::spec::{Desired, Major};
 use pgflip_engine::ports::{Addr, Credentials};
 use pgflip_engine::ports::{Instances, Result};
 use std::time::Duration;
@@ -159,6 +159,11 @@ fn still_starting(code: Option<&SqlState>) -> bool {
 }
 
 impl Instances for KubeInstances {
+    /// The server binaries come with the image, not with the controller's.
+    async fn runs_here(&self, _major: Major, _desired: &Desired) -> Result<bool> {
+        Ok(false)
+    }
+
     async fn ensure(&self, member: &Member, desired: &Desired) -> Result<Addr> {
         if self.existing(member).await? == Found::Terminating {
             return Err(not_ready(format!(

@@ -20,4 +20,5 @@ pub mod journal;
 pub mod leader;
 pub mod metrics;
 pub mod objects;
+pub mod secrets;
 pub mod status;

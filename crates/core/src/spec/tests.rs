@@ -137,7 +137,10 @@ fn adopted_servers_parse_with_defaults_and_bad_ones_are_named() {
         ("adopt:\n  - host: a\n  - host: A", "listed twice"),
         ("adopt:\n  - host: \"a b\"", "not a host"),
         ("adopt:\n  - host: a\n    port: 0", "port"),
-        ("adopt:\n  - host: a\n    password: hunter2", "unknown field"),
+        (
+            "adopt:\n  - host: a\n    password: hunter2",
+            "unknown field",
+        ),
         (
             "adopt:\n  - host: a\n    secretRef: {name: Bad_Name}",
             "secretRef",

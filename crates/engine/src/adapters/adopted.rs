@@ -65,6 +65,15 @@ impl<I: Instances, P: Passwords> Adopting<I, P> {
         &self.inner
     }
 
+    /// The listed server that runs `member`, if one does (for `pgflip status`).
+    pub async fn server_of(
+        &self,
+        member: &Member,
+        desired: &Desired,
+    ) -> Result<Option<AdoptedServer>> {
+        self.find(member.major, desired).await
+    }
+
     fn seen(&self, server: &AdoptedServer) -> Option<Seen> {
         self.seen.lock().expect("not poisoned").get(server).copied()
     }
@@ -79,10 +88,14 @@ impl<I: Instances, P: Passwords> Adopting<I, P> {
     /// A session as the user's own superuser.
     async fn connect_as_user(&self, server: &AdoptedServer, db: &str) -> Result<Client> {
         let password = self.passwords.password(server).await.map_err(|e| {
+            if crate::ports::is_not_ready(&e) {
+                return e;
+            }
             Unusable(vec![format!(
                 "{server}: no password for {}: {e:#}",
                 server.user
             )])
+            .into()
         })?;
         let login = Credentials {
             user: server.user.clone(),
@@ -462,6 +475,13 @@ impl<I: Instances, P: Passwords> Instances for Adopting<I, P> {
         match desired.adopt.first() {
             Some(first) => Ok(Some(self.major(first).await?)),
             None => self.inner.serving_today(desired).await,
+        }
+    }
+
+    async fn runs_here(&self, major: Major, desired: &Desired) -> Result<bool> {
+        match self.find(major, desired).await? {
+            Some(_) => Ok(false),
+            None => self.inner.runs_here(major, desired).await,
         }
     }
 

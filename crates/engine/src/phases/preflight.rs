@@ -15,11 +15,21 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     let attempt = cx.attempt;
     let toolchain = &cx.parts.toolchain;
     // Both directions: a switch whose way back cannot be taken is not started.
+    let instances = &cx.parts.instances;
+    let from_here = instances.runs_here(attempt.from.major, cx.desired).await?;
+    let to_here = instances.runs_here(attempt.to.major, cx.desired).await?;
     let missing = preflight::missing_tools(
         toolchain,
         attempt.kind,
         attempt.from.major,
         attempt.to.major,
+        &|major| {
+            if major == attempt.from.major {
+                from_here
+            } else {
+                to_here
+            }
+        },
     );
     if !missing.is_empty() {
         return Err(EngineError::ToolMissing(missing));

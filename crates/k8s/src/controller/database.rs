@@ -72,10 +72,14 @@ impl Shared {
             .admin_credentials(object, &desired)
             .await
             .map_err(kube_error)?;
-        let instances = KubeInstances::new(
-            self.client.clone(),
-            &namespace,
-            object.clone(),
+        let instances = Adopting::new(
+            KubeInstances::new(
+                self.client.clone(),
+                &namespace,
+                object.clone(),
+                admin.clone(),
+            ),
+            SecretPasswords::new(self.client.clone(), &namespace),
             admin.clone(),
         );
         let endpoint = KubeEndpoint::new(

@@ -21,6 +21,7 @@ use super::instances::KubeInstances;
 use super::journal::ConfigMapJournal;
 use super::leader::LeaderElection;
 use super::metrics::Metrics;
+use super::secrets::SecretPasswords;
 use anyhow::Context;
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -32,6 +33,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use pgflip_core::plan::Record;
+use pgflip_engine::adapters::adopted::Adopting;
 use pgflip_engine::adapters::forge_status::{ForgeArgs, ForgeStatus};
 use pgflip_engine::driver::Progress;
 use pgflip_engine::error::EngineError;
@@ -86,7 +88,9 @@ const STEPS_PER_RECONCILE: Duration = Duration::from_secs(2);
 /// When to look again with nothing to do: lag metrics, standby retention.
 const IDLE_REQUEUE: Duration = Duration::from_secs(10);
 
-type KubeSteps = Phases<KubeInstances, KubeEndpoint>;
+/// Servers the user lists in `spec.adopt`, else the colors' StatefulSets.
+type KubeServers = Adopting<KubeInstances, SecretPasswords>;
+type KubeSteps = Phases<KubeServers, KubeEndpoint>;
 type KubeRunner = Runner<KubeSteps, ConfigMapJournal, KubeSinks>;
 
 /// One database's runner, kept between reconciles: the endpoint's console session stays
