@@ -667,3 +667,238 @@ async fn an_object_without_flux_switches_on_each_generation() {
         "the new object's switch is an event about it: {switched_about:?} (new {new_uid})"
     );
 }
+
+/// A StatefulSet of PostgreSQL `major` that the test deploys itself, as a team would (an
+/// operator's cluster, say): not pgflip's, its superuser password in the Secret `user-pg`.
+fn user_statefulset(major: u32) -> serde_json::Value {
+    let name = format!("user-pg-{major}");
+    serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "serviceName": name,
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{
+                    "name": "postgres",
+                    "image": format!("postgres:{major}"),
+                    "args": ["-c", "wal_level=logical"],
+                    "env": [{"name": "POSTGRES_PASSWORD",
+                             "valueFrom": {"secretKeyRef": {"name": "user-pg", "key": "password"}}}],
+                    "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+                }]},
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            }],
+        },
+    })
+}
+
+/// PostgreSQL the test deploys itself (its own StatefulSets, not pgflip's), adopted with
+/// the superuser password read from its Secret, switched under load onto the second one,
+/// and back. (No Service DNS without a real node: the servers are named by pod address.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_the_team_runs_are_adopted_switched_and_reverted() {
+    let cluster = Cluster::start().await;
+    let client = cluster.client();
+    cluster.create_namespace(NS).await;
+    cluster.install_controller_rbac().await;
+    let agent = NodeAgent::start(&cluster, NS).await;
+    let password = pgflip_engine::random::token(16);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "user-pg"},
+        "stringData": {"password": password},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    for major in [15, 17] {
+        let body: StatefulSet = serde_json::from_value(user_statefulset(major)).unwrap();
+        statefulsets
+            .create(&PostParams::default(), &body)
+            .await
+            .unwrap();
+    }
+    let no_logs = || String::new();
+    let superuser = pgflip_engine::ports::Credentials {
+        user: "postgres".into(),
+        password: password.clone(),
+    };
+    let mut addrs = Vec::new();
+    for major in [15, 17] {
+        let pod = format!("user-pg-{major}-0");
+        let addr = wait_for(
+            &format!("{pod} answering"),
+            Duration::from_secs(120),
+            &no_logs,
+            async || {
+                let host = agent.pod_ip(&pod)?;
+                let addr = pgflip_engine::ports::Addr { host, port: 5432 };
+                pgflip_engine::pg::connect(&addr, &superuser, "postgres")
+                    .await
+                    .ok()?;
+                Some(addr)
+            },
+        )
+        .await;
+        addrs.push(addr);
+    }
+    let (old, new) = (addrs[0].clone(), addrs[1].clone());
+    // The team's data, on 15.
+    let postgres = pgflip_engine::pg::connect(&old, &superuser, "postgres")
+        .await
+        .unwrap();
+    postgres.batch_execute("CREATE DATABASE app").await.unwrap();
+    let app = pgflip_engine::ports::Credentials {
+        user: "app".into(),
+        password: pgflip_engine::random::token(12),
+    };
+    let c = pgflip_engine::pg::connect(&old, &superuser, "app")
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLE accounts (id serial PRIMARY KEY, balance int NOT NULL);
+         INSERT INTO accounts (balance) SELECT g FROM generate_series(1, 500) g;
+         CREATE ROLE app LOGIN PASSWORD '{}';",
+        app.password
+    ))
+    .await
+    .unwrap();
+    load::prepare(&old, &superuser, "app").await.unwrap();
+    c.batch_execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO app; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app")
+        .await
+        .unwrap();
+    drop((c, postgres));
+
+    let _controller = Controller::start(&cluster, "first", None);
+    let logs = || first_log(&cluster);
+    let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
+    let apply = async |version: &str| {
+        let mut doc = document(version);
+        doc["metadata"].as_object_mut().unwrap().remove("labels");
+        doc["spec"]["adopt"] = serde_json::json!([
+            {"host": old.host, "user": "postgres", "secretRef": {"name": "user-pg"}},
+            {"host": new.host, "user": "postgres", "secretRef": {"name": "user-pg", "key": "password"}},
+        ]);
+        objects
+            .patch(
+                DB,
+                &PatchParams::apply("kubectl").force(),
+                &Patch::Apply(&doc),
+            )
+            .await
+            .unwrap();
+    };
+    apply("15").await;
+    wait_ready_at(
+        &objects,
+        "15",
+        "adopted at 15",
+        Duration::from_secs(180),
+        &logs,
+    )
+    .await;
+    let endpoint_addr = wait_for("the endpoint", Duration::from_secs(60), &logs, async || {
+        endpoint(&client, NS).await
+    })
+    .await;
+    let behind = async |creds: &pgflip_engine::ports::Credentials| -> String {
+        let c = pgflip_engine::pg::connect(&endpoint_addr, creds, "app")
+            .await
+            .unwrap();
+        c.simple_query("SELECT host(inet_server_addr())")
+            .await
+            .unwrap()
+            .into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        behind(&app).await,
+        old.host,
+        "the endpoint starts in front of the team's 15"
+    );
+    let traffic = load::start(LoadConfig {
+        endpoint: endpoint_addr.clone(),
+        creds: app.clone(),
+        database: "app".into(),
+        clients: 2,
+        rate_per_sec: Some(100),
+    });
+
+    apply("17").await;
+    wait_ready_at(
+        &objects,
+        "17",
+        "the switch onto the team's 17",
+        Duration::from_secs(240),
+        &logs,
+    )
+    .await;
+    assert_eq!(behind(&app).await, new.host, "clients are on the team's 17");
+    assert!(
+        server_version(&endpoint_addr, &app, "app")
+            .await
+            .starts_with("17")
+    );
+    assert!(
+        statefulsets
+            .get_opt(&format!("{DB}-green"))
+            .await
+            .unwrap()
+            .is_none()
+            && statefulsets
+                .get_opt(&format!("{DB}-blue"))
+                .await
+                .unwrap()
+                .is_none(),
+        "pgflip ran no server of its own"
+    );
+
+    apply("15").await;
+    wait_ready_at(
+        &objects,
+        "15",
+        "back onto the team's 15",
+        Duration::from_secs(240),
+        &logs,
+    )
+    .await;
+    assert_eq!(behind(&app).await, old.host);
+    assert!(
+        server_version(&endpoint_addr, &app, "app")
+            .await
+            .starts_with("15")
+    );
+    let report = traffic.stop().await;
+    assert!(report.committed > 0);
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(
+        load::lost_commits(&report, &old, &superuser, "app")
+            .await
+            .unwrap(),
+        0
+    );
+    // The password is read where it is needed, and shown nowhere.
+    let object = objects.get(DB).await.unwrap();
+    assert!(!serde_json::to_string(&object).unwrap().contains(&password));
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    for e in events.list(&ListParams::default()).await.unwrap().items {
+        assert!(!e.note.unwrap_or_default().contains(&password));
+    }
+    let whole_log =
+        std::fs::read_to_string(cluster.dir().join("controller-first.log")).unwrap_or_default();
+    assert!(!whole_log.is_empty() && !whole_log.contains(&password));
+}
