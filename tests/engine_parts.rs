@@ -464,6 +464,33 @@ async fn upgrade_15_to_16_copies_schema_roles_sequences_and_data() {
         .get(0);
     assert_eq!(next, 5000);
 
+    // Inside the pause only what moved since the copy made right before it is carried:
+    // nothing yet; then a used sequence and one set back, not the one still not called.
+    let ahead = sequences::read_all(&blue).await.unwrap();
+    assert!(
+        sequences::read_moved(&blue, &ahead)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    blue.batch_execute(
+        "SELECT nextval('shop.orders_id_seq'); SELECT setval('shop.events_id_seq', 77, false);",
+    )
+    .await
+    .unwrap();
+    let moved = sequences::read_moved(&blue, &ahead).await.unwrap();
+    let moved: Vec<(String, i64, bool)> = moved
+        .into_iter()
+        .map(|s| (s.name, s.last_value, s.is_called))
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            ("events_id_seq".to_string(), 77, false),
+            ("orders_id_seq".to_string(), 8, true)
+        ]
+    );
+
     // The checksum sees one changed value, and does not care about physical row order.
     green
         .batch_execute("UPDATE shop.customers SET name = 'Bob!' WHERE id = 2")

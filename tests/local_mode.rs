@@ -92,6 +92,17 @@ async fn upgrade_and_revert_under_load() {
         "the audit trigger fired exactly once per order"
     );
     assert!(count(&h, "green", "SELECT nextval('invoice_numbers')").await > 1005);
+    assert_eq!(
+        count(
+            &h,
+            "green",
+            "SELECT count(*) FROM pg_stat_user_tables WHERE schemaname = 'public' \
+             AND last_analyze IS NULL AND last_autoanalyze IS NULL"
+        )
+        .await,
+        0,
+        "green took clients with planner statistics of every table"
+    );
     assert!(
         count(&h, "green", "SELECT count(*) FROM revenue_by_day").await > 0,
         "materialized view refreshed"

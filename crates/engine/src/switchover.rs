@@ -12,7 +12,8 @@
 //! 4. Disable the forward subscription (nothing more will come) and create the reverse
 //!    slot on the target: its start is exactly this point, so reverse replication carries
 //!    precisely the writes made after the switch.
-//! 5. Copy every sequence's state to the target (logical replication does not carry them).
+//! 5. Copy to the target the state of every sequence that moved since all of them were
+//!    copied just before the pause (logical replication does not carry sequences).
 //! 6. Record "repointing" (the commit point), point PgBouncer at the target, `RESUME`.
 //!
 //! If anything in 1–5 fails or the bound expires, the source is unfenced, the forward
@@ -105,6 +106,14 @@ pub async fn run<R: Router, J: Journal>(
     // only the transactions the pause drains.
     let links: Vec<_> = pairs.iter().map(|p| (&p.source, &p.target)).collect();
     repl::catch_up(&links, "switch-ahead", CATCH_UP_BEFORE_PAUSE).await?;
+    // Every sequence now, while clients run: inside the pause only those that move
+    // meanwhile are carried, so the pause does not grow with the number of sequences.
+    let mut sequences_ahead = Vec::with_capacity(pairs.len());
+    for p in &pairs {
+        let states = sequences::read_all(&p.source).await?;
+        sequences::apply_all(&p.target, &states).await?;
+        sequences_ahead.push(states);
+    }
 
     set_step(journal, record, Some(SwitchStep::Pausing)).await?;
     failpoint::hit("switchover:before-pause");
@@ -131,7 +140,7 @@ pub async fn run<R: Router, J: Journal>(
     let remaining = s.pause_timeout().saturating_sub(started.elapsed());
     let inside = tokio::time::timeout(
         remaining,
-        inside_pause(&source_admin, &pairs, &reverse, &mut m, s),
+        inside_pause(&source_admin, &pairs, &reverse, &sequences_ahead, &mut m, s),
     )
     .await;
     let failure = match inside {
@@ -165,6 +174,7 @@ async fn inside_pause(
     source_admin: &Client,
     pairs: &[DbPair],
     reverse: &[String],
+    sequences_ahead: &[Vec<sequences::SequenceState>],
     m: &mut SwitchMeasurement,
     s: &Sides<'_>,
 ) -> anyhow::Result<()> {
@@ -198,9 +208,9 @@ async fn inside_pause(
     m.reverse_setup_ms = ms(t.elapsed());
 
     let t = Instant::now();
-    for p in pairs {
-        let states = sequences::read_all(&p.source).await?;
-        m.sequences_synced += sequences::apply_all(&p.target, &states).await?;
+    for (p, ahead) in pairs.iter().zip(sequences_ahead) {
+        let moved = sequences::read_moved(&p.source, ahead).await?;
+        m.sequences_synced += sequences::apply_all(&p.target, &moved).await?;
     }
     m.sequences_ms = ms(t.elapsed());
     failpoint::hit("switchover:sequences-synced");

@@ -216,6 +216,8 @@ pub struct SwitchMeasurement {
     pub sequences_ms: f64,
     pub reverse_setup_ms: f64,
     pub repoint_resume_ms: f64,
+    /// Sequences carried inside the pause: those that moved after every sequence was
+    /// copied right before it.
     pub sequences_synced: u64,
 }
 

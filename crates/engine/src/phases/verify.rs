@@ -1,5 +1,7 @@
 //! Verify: the schema still as copied, then every table compared at one consistent cut
-//! ([`crate::verify`]); materialized views (not replicated) refreshed on the target.
+//! ([`crate::verify`]); materialized views (not replicated) refreshed on the target, and
+//! its planner statistics gathered, so that green does not take clients with whatever
+//! autovacuum happened to analyze (a copied table has none: plans would be guesses).
 
 use super::Ctx;
 use crate::catalog::display_name;
@@ -70,6 +72,8 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
             tgt.batch_execute(&format!("REFRESH MATERIALIZED VIEW {}", qualified(&s, &n)))
                 .await?;
         }
+        // The whole database, after the views: statistics of what clients will query.
+        tgt.batch_execute("ANALYZE").await?;
     }
     Ok(Stepped::Done(Learned::Verified { tables }))
 }
