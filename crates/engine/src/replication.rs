@@ -41,9 +41,23 @@ pub fn link_name(from: Color, to: Color, db: &str) -> String {
 /// replicated like any table: a row written on the source and seen on the target proves
 /// that everything committed before it on the source has been applied on the target
 /// (apply is in commit order). `schema_copied` is written by the schema copy.
+///
+/// A verification cut's marker (`cut-…`) takes the advisory lock [`VERIFY_CUT_LOCK`] as it is
+/// inserted, on either side and by the apply worker too (`ENABLE ALWAYS`): while the
+/// verification holds that lock on the target, the apply stops exactly before the marker,
+/// so the target's snapshot can be taken there without holding the source's writers.
 pub const ENSURE_OWN_SCHEMA: &str = "CREATE SCHEMA IF NOT EXISTS _pgflip; \
     CREATE TABLE IF NOT EXISTS _pgflip.switch_marker (token text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now()); \
-    CREATE TABLE IF NOT EXISTS _pgflip.schema_copied (fingerprint text NOT NULL, copied_at timestamptz NOT NULL DEFAULT now())";
+    CREATE TABLE IF NOT EXISTS _pgflip.schema_copied (fingerprint text NOT NULL, copied_at timestamptz NOT NULL DEFAULT now()); \
+    CREATE OR REPLACE FUNCTION _pgflip.stop_at_verify_marker() RETURNS trigger LANGUAGE plpgsql AS $f$ \
+      BEGIN IF NEW.token LIKE 'cut-%' THEN PERFORM pg_catalog.pg_advisory_xact_lock(1885758054); END IF; RETURN NEW; END $f$; \
+    CREATE OR REPLACE TRIGGER stop_at_verify_marker BEFORE INSERT ON _pgflip.switch_marker \
+      FOR EACH ROW EXECUTE FUNCTION _pgflip.stop_at_verify_marker(); \
+    ALTER TABLE _pgflip.switch_marker ENABLE ALWAYS TRIGGER stop_at_verify_marker";
+
+/// The advisory lock a verification marker takes on insert (see [`ENSURE_OWN_SCHEMA`]):
+/// "pgfl" as a 32-bit number, so it shows in `pg_locks` as `objid` with `classid` 0.
+pub const VERIFY_CUT_LOCK: i64 = 1885758054;
 
 pub async fn ensure_own_schema(client: &Client) -> anyhow::Result<()> {
     client

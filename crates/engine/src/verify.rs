@@ -393,12 +393,18 @@ async fn cancel_autovacuum(client: &Client, tables: &[String]) {
     }
 }
 
-/// Puts both clients in REPEATABLE READ snapshots holding exactly the same transactions:
-/// writes to the compared tables are held for a moment (EXCLUSIVE lock: readers go on)
-/// while the source's snapshot is taken and a marker proves the target has applied
-/// everything committed before it. The caller compares, then ends both transactions.
+/// Puts both clients in REPEATABLE READ snapshots holding exactly the same transactions.
+///
+/// On the source, writes to the compared tables are held (EXCLUSIVE lock: readers go on)
+/// only while its snapshot is taken and a marker committed: every write in the snapshot
+/// then commits before the marker, every write after it after the marker. On the target,
+/// the apply is stopped right before the marker (it waits on an advisory lock this holds,
+/// see [`repl::ENSURE_OWN_SCHEMA`]): everything before it is applied, nothing after; the
+/// snapshot is taken there and the apply let go. Writers never wait for the target.
+/// The caller compares, then ends both transactions.
 pub async fn consistent_cut(
     source: &Addr,
+    target: &Addr,
     admin: &Credentials,
     db: &str,
     src: &Client,
@@ -414,24 +420,63 @@ pub async fn consistent_cut(
     }
     let locker = connect(source, admin, db).await?;
     let marker = connect(source, admin, db).await?;
-    // Catch up first, holding nothing: the wait under the lock then covers only what is
-    // committed while it is being taken, not the lag the lag gate let through.
+    let stopper = connect(target, admin, db).await?;
+    // A target made by an older pgflip may lack the marker's trigger.
+    repl::ensure_own_schema(&stopper).await?;
+    // Catch up first: the stop then waits only for what is committed meanwhile.
     repl::catch_up(
         &[(&marker, tgt)],
         "verify-ahead",
         bound.max(Duration::from_secs(60)),
     )
     .await?;
+    stopper
+        .query(
+            "SELECT pg_catalog.pg_advisory_lock($1)",
+            &[&repl::VERIFY_CUT_LOCK],
+        )
+        .await?;
     hold_writes(&locker, tables, bound)
         .await
         .context("holding writes for the verification snapshot")?;
     src.batch_execute(SNAPSHOT).await?;
-    let token = repl::marker_token("verify");
+    let token = repl::marker_token("cut");
     repl::write_marker(&marker, &token).await?;
-    repl::wait_marker(tgt, &token, bound.max(Duration::from_secs(5))).await?;
-    tgt.batch_execute(SNAPSHOT).await?;
     locker.batch_execute("COMMIT").await?;
+    wait_apply_stopped(&stopper, bound.max(Duration::from_secs(5))).await?;
+    tgt.batch_execute(SNAPSHOT).await?;
+    stopper
+        .query(
+            "SELECT pg_catalog.pg_advisory_unlock($1)",
+            &[&repl::VERIFY_CUT_LOCK],
+        )
+        .await?;
     Ok(())
+}
+
+/// Waits until the target's apply worker waits on the verification marker's lock (the
+/// `stopper` holds it, in the same database).
+async fn wait_apply_stopped(stopper: &Client, timeout: Duration) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let waiting: bool = stopper
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks \
+                  WHERE locktype = 'advisory' AND NOT granted AND classid = 0 \
+                    AND objid = $1::int8::oid AND objsubid = 1 \
+                    AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))",
+                &[&repl::VERIFY_CUT_LOCK],
+            )
+            .await?
+            .get(0);
+        if waiting {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("the target did not reach the verification marker within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 #[cfg(test)]

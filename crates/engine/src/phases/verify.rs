@@ -40,6 +40,7 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
             let list = listing.compared;
             verify::consistent_cut(
                 &cx.source,
+                &target,
                 cx.admin(),
                 db,
                 &src,
