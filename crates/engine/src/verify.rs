@@ -393,6 +393,14 @@ async fn cancel_autovacuum(client: &Client, tables: &[String]) {
     }
 }
 
+/// Where [`consistent_cut`] opens its own sessions: one database on both sides.
+pub struct CutAt<'a> {
+    pub source: &'a Addr,
+    pub target: &'a Addr,
+    pub admin: &'a Credentials,
+    pub db: &'a str,
+}
+
 /// Puts both clients in REPEATABLE READ snapshots holding exactly the same transactions.
 ///
 /// On the source, writes to the compared tables are held (EXCLUSIVE lock: readers go on)
@@ -403,10 +411,7 @@ async fn cancel_autovacuum(client: &Client, tables: &[String]) {
 /// snapshot is taken there and the apply let go. Writers never wait for the target.
 /// The caller compares, then ends both transactions.
 pub async fn consistent_cut(
-    source: &Addr,
-    target: &Addr,
-    admin: &Credentials,
-    db: &str,
+    at: &CutAt<'_>,
     src: &Client,
     tgt: &Client,
     tables: &[QualifiedName],
@@ -418,9 +423,9 @@ pub async fn consistent_cut(
         tgt.batch_execute(SNAPSHOT).await?;
         return Ok(());
     }
-    let locker = connect(source, admin, db).await?;
-    let marker = connect(source, admin, db).await?;
-    let stopper = connect(target, admin, db).await?;
+    let locker = connect(at.source, at.admin, at.db).await?;
+    let marker = connect(at.source, at.admin, at.db).await?;
+    let stopper = connect(at.target, at.admin, at.db).await?;
     // A target made by an older pgflip may lack the marker's trigger.
     repl::ensure_own_schema(&stopper).await?;
     // Catch up first: the stop then waits only for what is committed meanwhile.

@@ -38,17 +38,14 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
                 );
             }
             let list = listing.compared;
-            verify::consistent_cut(
-                &cx.source,
-                &target,
-                cx.admin(),
+            let at = verify::CutAt {
+                source: &cx.source,
+                target: &target,
+                admin: cx.admin(),
                 db,
-                &src,
-                &tgt,
-                &list,
-                cx.desired.switchover.pause_timeout,
-            )
-            .await?;
+            };
+            verify::consistent_cut(&at, &src, &tgt, &list, cx.desired.switchover.pause_timeout)
+                .await?;
             let report = verify::compare(&src, &tgt, &list, cx.desired.verification).await?;
             let _ = tokio::join!(src.batch_execute("COMMIT"), tgt.batch_execute("COMMIT"));
             if !report.mismatches.is_empty() {
