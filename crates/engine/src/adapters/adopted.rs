@@ -17,7 +17,7 @@ use crate::ports::{Addr, Credentials, Instances, NotReady, Passwords, Result, Un
 use crate::replication as repl;
 use anyhow::Context;
 use pgflip_core::plan::Member;
-use pgflip_core::spec::{AdoptedServer, Desired, Major};
+use pgflip_core::spec::{AdoptedServer, Desired, Major, SUPPORTED_MAJORS};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use tokio_postgres::Client;
@@ -119,6 +119,17 @@ impl<I: Instances, P: Passwords> Adopting<I, P> {
         }
         let client = self.connect_as_user(server, "postgres").await?;
         let major = Major(pg::server_major(&client).await?);
+        if !SUPPORTED_MAJORS.contains(&major.0) {
+            return Err(Unusable(vec![format!(
+                "{server} runs PostgreSQL {major}; pgflip moves databases between PostgreSQL {}",
+                SUPPORTED_MAJORS
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )])
+            .into());
+        }
         self.remember(
             server,
             Seen {
