@@ -9,7 +9,7 @@
 mod common;
 
 use common::database::{
-    admin, condition, endpoint, is_ready_at, other_console_sessions, server_version,
+    admin, condition, endpoint, first_value, is_ready_at, other_console_sessions, server_version,
 };
 use common::kube::Cluster;
 use common::node_agent::NodeAgent;
@@ -812,18 +812,13 @@ async fn servers_the_team_runs_are_adopted_switched_and_reverted() {
     })
     .await;
     let behind = async |creds: &pgflip_engine::ports::Credentials| -> String {
-        let c = pgflip_engine::pg::connect(&endpoint_addr, creds, "app")
-            .await
-            .unwrap();
-        c.simple_query("SELECT host(inet_server_addr())")
-            .await
-            .unwrap()
-            .into_iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-                _ => None,
-            })
-            .unwrap()
+        first_value(
+            &endpoint_addr,
+            creds,
+            "app",
+            "SELECT host(inet_server_addr())",
+        )
+        .await
     };
     assert_eq!(
         behind(&app).await,

@@ -52,11 +52,16 @@ pub async fn admin(client: &kube::Client, namespace: &str, name: &str) -> Creden
 
 /// `server_version_num` of the server behind `addr`.
 pub async fn server_version(addr: &Addr, creds: &Credentials, database: &str) -> String {
+    first_value(addr, creds, database, "SHOW server_version_num").await
+}
+
+/// The first column of the first row `sql` returns on the server behind `addr`, as text.
+pub async fn first_value(addr: &Addr, creds: &Credentials, database: &str, sql: &str) -> String {
     let client = pgflip_engine::pg::connect(addr, creds, database)
         .await
         .unwrap();
     client
-        .simple_query("SHOW server_version_num")
+        .simple_query(sql)
         .await
         .unwrap()
         .into_iter()
