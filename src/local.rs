@@ -6,11 +6,12 @@
 
 use pgflip_core::plan::{Member, Record};
 use pgflip_core::spec::Desired;
-use pgflip_engine::adapters::adopted::{Adopting, LocalPasswords};
+use pgflip_engine::adapters::adopted::Adopting;
 use pgflip_engine::adapters::forge_status::{ForgeStatus, Sinks};
 use pgflip_engine::adapters::git_notes::GitNotes;
 use pgflip_engine::adapters::git_source::GitSource;
 use pgflip_engine::adapters::local_instances::LocalInstances;
+use pgflip_engine::adapters::local_passwords::LocalPasswords;
 use pgflip_engine::adapters::pgbouncer::PgBouncer;
 use pgflip_engine::driver::{Driver, Progress, system_clock};
 use pgflip_engine::intake;
@@ -86,7 +87,7 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
                 let desired = wanted.desired.clone();
                 let record = unstarted.take().expect("checked above");
                 runner = Some(Runner::new(
-                    build_driver(&state, &desired, sinks_for(&desired.name))?,
+                    build_driver(&state, &desired, sinks_for(&desired.name)).await?,
                     record,
                 ));
             }
@@ -119,12 +120,12 @@ async fn wait(d: Duration, stop: &mut watch::Receiver<bool>) {
     }
 }
 
-fn build_driver(
+async fn build_driver(
     state: &StateDir,
     desired: &Desired,
     sinks: LocalSinks,
 ) -> anyhow::Result<Driver<Phases<LocalServers, PgBouncer>, StateDir, LocalSinks>> {
-    let toolchain = Toolchain::discover();
+    let toolchain = Toolchain::discover().await;
     let admin = state.admin_credentials()?;
     let own = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?;
     let instances = Adopting::new(own, LocalPasswords, admin.clone());
@@ -152,7 +153,7 @@ pub async fn describe_members(
         return Ok(Vec::new());
     };
     let desired = &wanted.desired;
-    let toolchain = Toolchain::discover();
+    let toolchain = Toolchain::discover().await;
     let admin = state.admin_credentials()?;
     let servers = Adopting::new(
         LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?,

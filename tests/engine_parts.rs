@@ -52,7 +52,7 @@ impl Pair {
             _dir: dir,
         };
         let creds = state.admin_credentials().unwrap();
-        let toolchain = Toolchain::discover();
+        let toolchain = Toolchain::discover().await;
         let instances = LocalInstances::new(state, toolchain.clone(), creds.clone()).unwrap();
         let desired = spec::parse(&spec::render("pair", Major(blue_major), "")).unwrap();
         let blue = instances

@@ -11,7 +11,7 @@ mod common;
 use common::kube::Cluster;
 use common::node_agent::NodeAgent;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use pgflip_engine::pg::connect;
@@ -164,16 +164,9 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
     );
 
     let password = pgflip_engine::random::token(24);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "pg-auth"},
-        "stringData": {"password": password},
-    }))
-    .unwrap();
-    secrets
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    cluster
+        .create_password_secret(NS, "pg-auth", &password)
+        .await;
 
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
     sets.patch(

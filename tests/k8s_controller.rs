@@ -178,6 +178,19 @@ impl Drop for Controller {
     }
 }
 
+/// Applies `doc` as a person with kubectl would: server-side, without the labels Flux sets.
+async fn apply_by_hand(objects: &Api<BlueGreenDatabase>, mut doc: serde_json::Value) {
+    doc["metadata"].as_object_mut().unwrap().remove("labels");
+    objects
+        .patch(
+            DB,
+            &PatchParams::apply("kubectl").force(),
+            &Patch::Apply(&doc),
+        )
+        .await
+        .unwrap();
+}
+
 /// Waits until the object is Ready with `version` serving, and returns it.
 async fn wait_ready_at(
     objects: &Api<BlueGreenDatabase>,
@@ -554,18 +567,7 @@ async fn an_object_without_flux_switches_on_each_generation() {
     let _controller = Controller::start(&cluster, "first", None);
     let logs = || first_log(&cluster);
     let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
-    let apply = async |version: &str| {
-        let mut doc = document(version);
-        doc["metadata"].as_object_mut().unwrap().remove("labels");
-        objects
-            .patch(
-                DB,
-                &PatchParams::apply("kubectl").force(),
-                &Patch::Apply(&doc),
-            )
-            .await
-            .unwrap();
-    };
+    let apply = async |version: &str| apply_by_hand(&objects, document(version)).await;
     apply("16").await;
     wait_ready_at(
         &objects,
@@ -710,16 +712,9 @@ async fn servers_the_team_runs_are_adopted_switched_and_reverted() {
     cluster.install_controller_rbac().await;
     let agent = NodeAgent::start(&cluster, NS).await;
     let password = pgflip_engine::random::token(16);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "user-pg"},
-        "stringData": {"password": password},
-    }))
-    .unwrap();
-    secrets
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    cluster
+        .create_password_secret(NS, "user-pg", &password)
+        .await;
     let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
     for major in [15, 17] {
         let body: StatefulSet = serde_json::from_value(user_statefulset(major)).unwrap();
@@ -784,19 +779,11 @@ async fn servers_the_team_runs_are_adopted_switched_and_reverted() {
     let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
     let apply = async |version: &str| {
         let mut doc = document(version);
-        doc["metadata"].as_object_mut().unwrap().remove("labels");
         doc["spec"]["adopt"] = serde_json::json!([
             {"host": old.host, "user": "postgres", "secretRef": {"name": "user-pg"}},
             {"host": new.host, "user": "postgres", "secretRef": {"name": "user-pg", "key": "password"}},
         ]);
-        objects
-            .patch(
-                DB,
-                &PatchParams::apply("kubectl").force(),
-                &Patch::Apply(&doc),
-            )
-            .await
-            .unwrap();
+        apply_by_hand(&objects, doc).await
     };
     apply("15").await;
     wait_ready_at(

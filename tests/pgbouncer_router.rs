@@ -52,7 +52,7 @@ async fn setup(majors: &[u32]) -> Setup {
     };
     let admin = state.admin_credentials().unwrap();
     let instances =
-        LocalInstances::new(state.clone(), Toolchain::discover(), admin.clone()).unwrap();
+        LocalInstances::new(state.clone(), Toolchain::discover().await, admin.clone()).unwrap();
     let mut servers = Vec::new();
     for (major, color) in majors.iter().zip([Color::Blue, Color::Green]) {
         let addr = instances
@@ -79,10 +79,10 @@ async fn setup(majors: &[u32]) -> Setup {
     }
 }
 
-fn router(s: &Setup) -> PgBouncer {
+async fn router(s: &Setup) -> PgBouncer {
     PgBouncer::new(
         s.cleanup.state.clone(),
-        Toolchain::discover(),
+        Toolchain::discover().await,
         s.admin.clone(),
         free_port().unwrap(),
     )
@@ -121,7 +121,7 @@ async fn ledger_rows(addr: &Addr, admin: &Credentials) -> u64 {
 async fn switch_under_load_fails_and_loses_nothing() {
     let s = setup(&[15, 16]).await;
     let (blue, green) = (s.servers[0].clone(), s.servers[1].clone());
-    let bouncer = router(&s);
+    let bouncer = router(&s).await;
     bouncer.ensure(&desired(), &blue).await.unwrap();
     assert_eq!(bouncer.target().await.unwrap(), Some(blue.clone()));
     assert_eq!(served_port(&bouncer.addr(), &s.admin).await, blue.port);
@@ -219,14 +219,14 @@ async fn switch_under_load_fails_and_loses_nothing() {
 async fn pause_blocked_by_an_open_transaction_times_out_and_resumes() {
     let s = setup(&[15]).await;
     let blue = s.servers[0].clone();
-    let bouncer = router(&s);
+    let bouncer = router(&s).await;
     bouncer.ensure(&desired(), &blue).await.unwrap();
     let endpoint = bouncer.addr();
 
     // A second router over the same state adopts the running PgBouncer and keeps its target.
     let adopter = PgBouncer::new(
         s.cleanup.state.clone(),
-        Toolchain::discover(),
+        Toolchain::discover().await,
         s.admin.clone(),
         endpoint.port,
     )

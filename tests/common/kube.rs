@@ -6,7 +6,7 @@
 //! Our CRD and Flux's CRDs are installed and Established before `start` returns.
 
 use super::tail;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use pgflip_engine::run_as::free_port;
@@ -415,6 +415,19 @@ impl Cluster {
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => panic!("creating namespace {name}: {e}"),
         }
+    }
+
+    /// A Secret `name` in `namespace` whose key `password` holds `password`.
+    pub async fn create_password_secret(&self, namespace: &str, name: &str, password: &str) {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "stringData": {"password": password},
+        }))
+        .unwrap();
+        Api::<Secret>::namespaced(self.client.clone(), namespace)
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
     }
 }
 

@@ -902,7 +902,9 @@ impl Agent {
             .unwrap_or_default();
         let volume = self.dir.join("volumes").join(claim_uid);
         let data = volume.join("pgdata");
-        let bin = pgflip_engine::toolchain::Toolchain::discover().server_bin(major)?;
+        let bin = pgflip_engine::toolchain::Toolchain::discover()
+            .await
+            .server_bin(major)?;
         if !data.join("PG_VERSION").is_file() {
             // initdb takes a second or so: off the runtime's threads.
             let (run_as, bin, volume, env) = (self.run_as, bin.clone(), volume, env.to_vec());

@@ -31,7 +31,7 @@ impl UserServer {
         let run_as = RunAs::detect().unwrap();
         run_as.check_reachable(dir.path()).unwrap();
         run_as.own(dir.path()).unwrap();
-        let bin = Toolchain::discover().server_bin(major).unwrap();
+        let bin = Toolchain::discover_blocking().server_bin(major).unwrap();
         let superuser = Credentials {
             user: "postgres".into(),
             password: pgflip_engine::random::token(16),

@@ -25,6 +25,8 @@ pub struct Env {
     pub state: StateDir,
     pub endpoint: Addr,
     pub admin: Credentials,
+    /// Found once, when the run starts (finding it may run `pg_config`).
+    pub toolchain: Toolchain,
     controller: Option<Child>,
 }
 
@@ -44,6 +46,7 @@ impl Env {
             dir: dir.to_path_buf(),
             repo,
             admin: state.admin_credentials()?,
+            toolchain: Toolchain::discover().await,
             state,
             endpoint: Addr {
                 host: "127.0.0.1".into(),
@@ -186,7 +189,7 @@ impl Env {
 
     /// A pgbench command connecting to `addr` as pgflip's admin (password in the environment).
     pub fn pgbench(&self, addr: &Addr) -> anyhow::Result<Command> {
-        let bin = Toolchain::discover().pgbench()?;
+        let bin = self.toolchain.pgbench()?;
         let mut cmd = Command::new(&bin);
         cmd.args(["-h", &addr.host, "-p", &addr.port.to_string()])
             .env("PGUSER", &self.admin.user)

@@ -319,7 +319,7 @@ async fn offline(
 /// (it bootstrapped blue and the endpoint; they outlive it).
 fn offline_parts(env: &mut Env) -> anyhow::Result<(LocalInstances, PgBouncer, Toolchain)> {
     env.stop_controller();
-    let toolchain = Toolchain::discover();
+    let toolchain = env.toolchain.clone();
     let instances = LocalInstances::new(env.state.clone(), toolchain.clone(), env.admin.clone())?;
     let router = PgBouncer::new(
         env.state.clone(),

@@ -16,6 +16,25 @@ pub const USER_NAMESPACES: &str = "SELECT oid, nspname FROM pg_catalog.pg_namesp
        AND nspname NOT LIKE 'pg\\_toast%' \
        AND nspname NOT LIKE 'pg\\_temp\\_%'";
 
+/// `(schema, name)` of the user's tables and partitioned tables for which `condition` (on
+/// `pg_catalog.pg_class c`) holds, in name order.
+pub async fn user_tables_where(
+    client: &tokio_postgres::Client,
+    condition: &str,
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "WITH ns AS ({USER_NAMESPACES}) \
+                 SELECT ns.nspname::text, c.relname::text FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') AND ({condition}) ORDER BY 1, 2"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// A schema-qualified object name as users write it in messages: `schema.name`.
 pub fn display_name(schema: &str, name: &str) -> String {
     format!("{schema}.{name}")

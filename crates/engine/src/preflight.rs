@@ -190,17 +190,7 @@ async fn check_unlogged_tables(
 /// logical replication does not carry them. The verification leaves out the same ones
 /// ([`crate::verify::tables_to_verify`]).
 pub async fn unlogged_tables(source: &Client) -> anyhow::Result<Vec<QualifiedName>> {
-    let rows = source
-        .query(
-            &format!(
-                "WITH ns AS ({USER_NAMESPACES}) \
-                 SELECT ns.nspname::text, c.relname::text FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace \
-                 WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' ORDER BY 1, 2"
-            ),
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(crate::catalog::user_tables_where(source, "c.relpersistence = 'u'").await?)
 }
 
 async fn check_large_objects(

@@ -20,7 +20,16 @@ pub struct Toolchain {
 }
 
 impl Toolchain {
-    pub fn discover() -> Toolchain {
+    /// Looks where the tools may be, off the async runtime: asking `pg_config` runs a process.
+    pub async fn discover() -> Toolchain {
+        match tokio::task::spawn_blocking(Toolchain::discover_blocking).await {
+            Ok(toolchain) => toolchain,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// The same, for a thread that may block (a `spawn_blocking` closure, a synchronous tool).
+    pub fn discover_blocking() -> Toolchain {
         let mut roots = Vec::new();
         if let Ok(p) = std::env::var("PGFLIP_TOOLCHAIN") {
             roots.push(PathBuf::from(p));

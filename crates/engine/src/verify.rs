@@ -52,17 +52,7 @@ pub struct Report {
 /// The user tables to verify: ordinary tables that are not partitions, and partition
 /// roots (which cover their partitions; checking those too would count rows twice).
 pub async fn list_tables(client: &Client) -> anyhow::Result<Vec<QualifiedName>> {
-    let rows = client
-        .query(
-            &format!(
-                "WITH ns AS ({USER_NAMESPACES}) \
-                 SELECT ns.nspname::text, c.relname::text FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace \
-                 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY 1, 2"
-            ),
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(crate::catalog::user_tables_where(client, "NOT c.relispartition").await?)
 }
 
 /// What the verification compares, and what it leaves alone.

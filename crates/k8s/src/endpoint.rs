@@ -240,7 +240,9 @@ pub async fn run_pod(mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Re
     let ini = dir.path().join("pgbouncer.ini");
     write_ini(&ini, &config, &pod_ip, dir.path(), &admin.user)?;
 
-    let bin = pgflip_engine::toolchain::Toolchain::discover().pgbouncer()?;
+    let bin = pgflip_engine::toolchain::Toolchain::discover()
+        .await
+        .pgbouncer()?;
     let mut pgbouncer = tokio::process::Command::new(bin)
         .arg(&ini)
         .kill_on_drop(true)

@@ -6,7 +6,7 @@
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use pgflip_core::spec::AdoptedServer;
-use pgflip_engine::adapters::adopted::LocalPasswords;
+use pgflip_engine::adapters::local_passwords::LocalPasswords;
 use pgflip_engine::ports::{NotReady, Passwords, Result};
 
 pub struct SecretPasswords {

@@ -269,7 +269,7 @@ pub async fn stop_all_async(state: &StateDir) -> anyhow::Result<()> {
 
 /// Stops every instance under a state directory (for tests and `pgflip local --stop`).
 pub fn stop_all(state: &StateDir) -> anyhow::Result<()> {
-    let toolchain = Toolchain::discover();
+    let toolchain = Toolchain::discover_blocking();
     let run_as = RunAs::detect()?;
     let Ok(entries) = std::fs::read_dir(state.dir("instances")) else {
         return Ok(());

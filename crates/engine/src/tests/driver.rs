@@ -241,12 +241,7 @@ async fn a_switchover_waiting_before_its_pause_is_superseded() {
 #[tokio::test]
 async fn a_refused_first_sight_fails_its_revision_once_and_touches_nothing() {
     let mut h = Harness::new();
-    h.steps
-        .world
-        .lock()
-        .unwrap()
-        .bootstrap_script
-        .push_back(Scripted::Refused);
+    h.script_bootstrap([Scripted::Refused]);
     h.want(15, 1);
     assert_eq!(h.step().await, Progress::Idle);
     assert_eq!(h.record.serving, None);
@@ -274,12 +269,7 @@ async fn a_refused_first_sight_fails_its_revision_once_and_touches_nothing() {
 #[tokio::test]
 async fn a_server_not_answering_on_first_sight_is_waited_for_with_a_status() {
     let mut h = Harness::new();
-    h.steps
-        .world
-        .lock()
-        .unwrap()
-        .bootstrap_script
-        .extend([Scripted::NotReady, Scripted::NotReady]);
+    h.script_bootstrap([Scripted::NotReady, Scripted::NotReady]);
     h.want(15, 1);
     assert!(matches!(h.step().await, Progress::After(_)));
     assert_eq!(h.sink.states(), vec!["pending bootstrap"]);

@@ -9,7 +9,7 @@ mod fakes;
 mod runner;
 
 use super::driver::{Driver, Progress};
-use fakes::{FakeSteps, MemoryJournal, RecordingSink};
+use fakes::{FakeSteps, MemoryJournal, RecordingSink, Scripted};
 use pgflip_core::plan::{Color, Member, Phase, Record, Wanted};
 use pgflip_core::revision::Revision;
 use pgflip_core::spec::{self, Desired, Major};
@@ -63,6 +63,16 @@ impl Harness {
             clock,
             record,
         }
+    }
+
+    /// What the next first sights (bootstraps) of the fake servers answer, in order.
+    pub(super) fn script_bootstrap(&self, answers: impl IntoIterator<Item = Scripted>) {
+        self.steps
+            .world
+            .lock()
+            .unwrap()
+            .bootstrap_script
+            .extend(answers);
     }
 
     pub(super) fn want(&mut self, major: u32, revision: i64) {

@@ -93,11 +93,11 @@ async fn the_desired_state_is_recorded_as_is_not_as_text() {
     assert_eq!(back.wanted.unwrap().desired, d);
 }
 
-fn phases_over_fakes() -> Phases<FakeInstances, FakeRouter> {
+async fn phases_over_fakes() -> Phases<FakeInstances, FakeRouter> {
     Phases::new(
         FakeInstances::default(),
         FakeRouter::default(),
-        Toolchain::discover(),
+        Toolchain::discover().await,
         Credentials {
             user: "pgflip".into(),
             password: "secret".into(),
@@ -107,7 +107,7 @@ fn phases_over_fakes() -> Phases<FakeInstances, FakeRouter> {
 
 #[tokio::test]
 async fn adopting_starts_what_the_record_says_runs_and_the_endpoint_before_it() {
-    let phases = phases_over_fakes();
+    let phases = phases_over_fakes().await;
     let record = Record {
         serving: Some(member(Color::Green, 16)),
         standby: Some(Standby {
@@ -134,7 +134,7 @@ async fn adopting_starts_what_the_record_says_runs_and_the_endpoint_before_it() 
 
 #[tokio::test]
 async fn adopting_a_starting_instance_waits() {
-    let phases = phases_over_fakes();
+    let phases = phases_over_fakes().await;
     phases
         .instances()
         .starting

@@ -197,7 +197,7 @@ pub async fn run(
         },
         options,
         metrics: metrics.clone(),
-        toolchain: Toolchain::discover(),
+        toolchain: Toolchain::discover().await,
         forge,
         databases: Default::default(),
     });
