@@ -49,6 +49,9 @@ pub struct SwitchResult {
     pub failed_transactions: u64,
     pub lost_commits: u64,
     pub verified_tables: u64,
+    /// How green got its first copy, and why (none for a switch back onto the standby).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -193,6 +196,7 @@ fn switch_result(r: &Record, i: usize, failed: u64, lost: u64) -> SwitchResult {
         failed_transactions: failed,
         lost_commits: lost,
         verified_tables: h.verified_tables,
+        copy: h.copy.as_ref().map(|c| c.to_string()),
     }
 }
 
@@ -406,5 +410,8 @@ fn print_table(r: &DemoResult) {
             "| {name:<8} | {:>2} → {:<2}   | {:>10.1} | {:>19} | {:>12} | {:>15} |",
             s.from, s.to, s.pause_ms, s.failed_transactions, s.lost_commits, s.verified_tables
         );
+    }
+    if let Some(copy) = &r.upgrade.copy {
+        println!("upgrade: {copy}");
     }
 }

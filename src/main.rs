@@ -186,6 +186,9 @@ fn render_status(r: &Record) -> String {
         )),
         None => out.push_str("phase:    idle\n"),
     }
+    if let Some(copy) = r.attempt.as_ref().and_then(|a| a.copy.as_ref()) {
+        out.push_str(&format!("copy:     {copy}\n"));
+    }
     if let Some(rev) = &r.failed_revision {
         out.push_str(&format!(
             "failed:   revision {} (not retried until a new commit): {}\n",
@@ -212,6 +215,9 @@ fn render_status(r: &Record) -> String {
             h.verified_tables,
             h.revision.short()
         ));
+        if let Some(copy) = &h.copy {
+            out.push_str(&format!("    {copy}\n"));
+        }
     }
     out
 }

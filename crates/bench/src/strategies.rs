@@ -82,8 +82,18 @@ pub struct PgflipDetail {
     pub rollback_timings_ms: BTreeMap<String, u64>,
     /// When each phase began, in ms from the upgrade's commit (polled from the record).
     pub phase_timeline: Vec<PhaseMark>,
+    /// How green got its first copy: `logical` or `physical`.
+    pub copy_method: String,
+    /// From the start of Provision until every table streams (the base backup, replay and
+    /// pg_upgrade of a physical copy; the schema load and table copy of a logical one).
     pub initial_sync_s: f64,
     pub initial_sync_mb_s: f64,
+    /// The slowest client transaction from the upgrade's commit to the end of its switch.
+    pub attempt_max_latency_ms: f64,
+    /// Client p99 in the 60 s before the pause began, and after the switch until the revert
+    /// (at most 60 s).
+    pub p99_before_ms: f64,
+    pub p99_after_ms: f64,
     pub verify_s: f64,
     pub verify_mb_s: f64,
     /// A plain sequential read of the same tables under the same load (`COPY t TO STDOUT`,
@@ -134,7 +144,10 @@ pub async fn pgflip(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Meas
         }
     };
     let phase_s = |p: &str| up.timings_ms.get(p).copied().unwrap_or(0) as f64 / 1000.0;
-    let sync_s = phase_s("replicate") + phase_s("initial-sync");
+    let sync_s = ["provision", "copy-schema", "replicate", "initial-sync"]
+        .into_iter()
+        .map(phase_s)
+        .sum::<f64>();
     let verify_s = phase_s("verify");
     Ok(Measured {
         downtime_ms: up_window.max_latency_ms,
@@ -148,6 +161,16 @@ pub async fn pgflip(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Meas
             pause_ms: up.pause_ms,
             rollback_pause_ms: down.pause_ms,
             rollback_downtime_ms: down_window.max_latency_ms,
+            attempt_max_latency_ms: attempt.max_latency_ms,
+            p99_before_ms: outcome.window(up_from - 60_000.0, up_from).p99_latency_ms,
+            p99_after_ms: outcome
+                .window(up_to, reverted.min(up_to + 60_000.0))
+                .p99_latency_ms,
+            copy_method: up
+                .copy
+                .as_ref()
+                .map_or("logical", |c| c.method.as_str())
+                .to_string(),
             worst_stall: stall(&attempt, committed),
             rollback_worst_stall: stall(&rollback_attempt, reverted),
             whole_attempt: attempt,

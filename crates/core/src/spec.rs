@@ -68,6 +68,22 @@ pub enum UnsupportedPolicy {
     Warn,
 }
 
+/// How green gets its first copy of the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CopyPreference {
+    /// Physical for an upgrade where it can be done (both majors' tools installed, green
+    /// one of pgflip's own instances), logical otherwise.
+    #[default]
+    Auto,
+    /// Logical replication copies every table (the only way for a downgrade).
+    Logical,
+    /// A base backup of blue, replayed to the replication slot's start and upgraded with
+    /// `pg_upgrade --link`; logical replication carries what came after. Refused where it
+    /// cannot be done.
+    Physical,
+}
+
 /// How thoroughly green is compared with blue before the switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -127,6 +143,10 @@ pub struct Spec {
     pub retain_previous: Duration,
     #[serde(default)]
     pub unsupported: UnsupportedPolicy,
+    /// How green gets its first copy: `auto` (physical for upgrades where it can be done),
+    /// `logical` or `physical`.
+    #[serde(default)]
+    pub copy: CopyPreference,
     /// Kubernetes mode: the server image, `{version}` standing for the major
     /// (default `postgres:{version}`). Local mode runs the installed binaries instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -228,6 +248,8 @@ pub struct Desired {
     #[serde(with = "humantime_serde")]
     pub retain_previous: Duration,
     pub unsupported: UnsupportedPolicy,
+    #[serde(default)]
+    pub copy: CopyPreference,
     /// Kubernetes mode: the server image, `{version}` standing for the major.
     pub image_template: String,
     /// Kubernetes mode: the volume size of each color, a Kubernetes quantity.
@@ -366,6 +388,7 @@ pub fn validate_spec(name: &str, s: Spec) -> Result<Desired, SpecError> {
         verification: s.verification,
         retain_previous: s.retain_previous,
         unsupported: s.unsupported,
+        copy: s.copy,
     })
 }
 

@@ -396,6 +396,7 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
             verified_tables: tables,
             pause_breakdown: m.clone(),
             timings_ms: attempt.timings_ms.clone(),
+            copy: attempt.copy.clone(),
         };
         self.record(record, |r| {
             r.history.push(finished);
@@ -409,6 +410,9 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
             "{} now serves; pause {:.1} ms; {tables} table{plural} verified",
             attempt.to, m.pause_ms,
         );
+        if let Some(copy) = &attempt.copy {
+            message.push_str(&format!("; {copy}"));
+        }
         if !attempt.left_behind.is_empty() {
             message.push_str(&format!(
                 "; left behind (unsupported: warn): {}",

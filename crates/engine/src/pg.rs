@@ -84,7 +84,7 @@ pub fn conninfo_without_password(addr: &Addr, user: &str, dbname: &str) -> Strin
     )
 }
 
-fn conninfo_value(v: &str) -> String {
+pub(crate) fn conninfo_value(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 

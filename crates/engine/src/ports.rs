@@ -119,6 +119,48 @@ pub trait Instances: Send + Sync {
     ) -> impl Future<Output = Result<()>> + Send {
         self.remove(member, desired)
     }
+
+    /// Why `to` cannot be made here from a physical copy of `from` (a base backup upgraded
+    /// with `pg_upgrade`), or None when it can.
+    fn physical_copy_blocker(
+        &self,
+        _from: &Member,
+        _to: &Member,
+        _desired: &Desired,
+    ) -> impl Future<Output = Result<Option<String>>> + Send {
+        async {
+            Ok(Some(
+                "these instances are filled logically only".to_string(),
+            ))
+        }
+    }
+    /// Takes a base backup of `source` (the serving `from`) for `to`, its WAL held on the
+    /// source by the physical replication slot `slot` until the copy is upgraded.
+    /// Idempotent: a complete backup is kept, a partial one taken again.
+    fn base_backup(
+        &self,
+        _from: &Member,
+        _to: &Member,
+        _source: &Addr,
+        _slot: &str,
+        _desired: &Desired,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async { anyhow::bail!("these instances cannot be made from a base backup") }
+    }
+    /// Makes `to` from its base backup: replayed from `source` through `slot` up to, and
+    /// not including, the WAL record at `stop_before` (an LSN), promoted, upgraded from `from`'s major with `pg_upgrade
+    /// --link`, and started. Idempotent.
+    fn upgrade_backup(
+        &self,
+        _from: &Member,
+        _to: &Member,
+        _source: &Addr,
+        _slot: &str,
+        _stop_before: &str,
+        _desired: &Desired,
+    ) -> impl Future<Output = Result<Addr>> + Send {
+        async { anyhow::bail!("these instances cannot be made from a base backup") }
+    }
 }
 
 /// Where the passwords of servers the user runs come from (local mode: a file or an

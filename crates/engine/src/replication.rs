@@ -36,6 +36,35 @@ pub fn link_name(from: Color, to: Color, db: &str) -> String {
     format!("pgflip_{}_to_{}_{h}", from.as_str(), to.as_str())
 }
 
+/// The physical slot that holds the source's WAL for `to`'s base backup until the copy
+/// has been replayed to its cut.
+pub fn base_slot_name(to: Color) -> String {
+    format!("pgflip_base_{}", to.as_str())
+}
+
+/// An LSN as PostgreSQL writes it (`16/B374D848`), as a number, to compare.
+pub fn parse_lsn(text: &str) -> anyhow::Result<u64> {
+    let (hi, lo) = text
+        .split_once('/')
+        .with_context(|| format!("{text:?} is not an LSN"))?;
+    let hi = u64::from_str_radix(hi, 16).with_context(|| format!("{text:?} is not an LSN"))?;
+    let lo = u64::from_str_radix(lo, 16).with_context(|| format!("{text:?} is not an LSN"))?;
+    Ok((hi << 32) | lo)
+}
+
+/// Where a logical slot that nothing has consumed yet starts: the first commit it sends is
+/// the first whose record starts at or after this LSN.
+pub async fn slot_start(client: &Client, name: &str) -> anyhow::Result<String> {
+    client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .with_context(|| format!("replication slot {name} is missing"))
+}
+
 /// pgflip's own objects in every carried database, on both colors (every table of a
 /// `FOR ALL TABLES` publication must exist on the subscriber). The marker table is
 /// replicated like any table: a row written on the source and seen on the target proves
@@ -106,13 +135,19 @@ pub async fn subscription_exists(target: &Client, name: &str) -> anyhow::Result<
 }
 
 /// How a new subscription starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
     /// Create the slot now and copy every table first (initial sync).
     CopyAll,
     /// Stream from an existing slot, no copy: the slot was created at exactly the switch
     /// point, so the target receives precisely what was written after it.
     FromExistingSlot,
+    /// Stream from an existing slot, no copy, beginning with the first commit whose
+    /// record starts at or after this LSN: the target already holds everything before it
+    /// (a physical copy stopped right there). The slot may start earlier (one slot per
+    /// database, made one after another): the subscription's replication origin is
+    /// advanced to the LSN before it is enabled, so the slot skips what came before.
+    FromLsn(String),
 }
 
 pub async fn ensure_subscription(
@@ -123,30 +158,57 @@ pub async fn ensure_subscription(
     db: &str,
     start: Start,
 ) -> anyhow::Result<()> {
-    if subscription_exists(target, name).await? {
-        return Ok(());
+    if !subscription_exists(target, name).await? {
+        let options = match &start {
+            Start::CopyAll => "copy_data = true, create_slot = true".to_string(),
+            Start::FromExistingSlot => format!(
+                "copy_data = false, create_slot = false, slot_name = {}",
+                literal(name)
+            ),
+            // Enabled once its origin is where the target's copy ends (below).
+            Start::FromLsn(_) => format!(
+                "copy_data = false, create_slot = false, enabled = false, slot_name = {}",
+                literal(name)
+            ),
+        };
+        // The connection string holds the password: it goes to the server's catalog
+        // (readable by superusers only), never to logs or errors.
+        let sql = format!(
+            "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({options})",
+            ident(name),
+            literal(&conninfo(source, creds, db)),
+            ident(name)
+        );
+        target.batch_execute(&sql).await.map_err(|e| {
+            anyhow::anyhow!(
+                "creating subscription {name} on the target: {}",
+                db_error_text(&e)
+            )
+        })?;
     }
-    let options = match start {
-        Start::CopyAll => "copy_data = true, create_slot = true".to_string(),
-        Start::FromExistingSlot => format!(
-            "copy_data = false, create_slot = false, slot_name = {}",
-            literal(name)
-        ),
-    };
-    // The connection string holds the password: it goes to the server's catalog (readable
-    // by superusers only), never to logs or errors.
-    let sql = format!(
-        "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({options})",
-        ident(name),
-        literal(&conninfo(source, creds, db)),
-        ident(name)
-    );
-    target.batch_execute(&sql).await.map_err(|e| {
-        anyhow::anyhow!(
-            "creating subscription {name} on the target: {}",
-            db_error_text(&e)
-        )
-    })
+    if let Start::FromLsn(lsn) = &start {
+        // Still disabled (created above, or by a pass that stopped before enabling it):
+        // nothing has been applied, so the origin can be set. Once enabled, never again.
+        let enabled: bool = target
+            .query_one(
+                "SELECT subenabled FROM pg_subscription WHERE subname = $1 AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        if !enabled {
+            target
+                .query(
+                    "SELECT pg_replication_origin_advance('pg_' || oid, $2::text::pg_lsn) FROM pg_subscription WHERE subname = $1 AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    &[&name, lsn],
+                )
+                .await?;
+            target
+                .batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", ident(name)))
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 pub async fn set_subscription_enabled(
@@ -177,6 +239,30 @@ pub async fn drop_subscription(target: &Client, name: &str) -> anyhow::Result<()
         target
             .batch_execute(&format!("DROP SUBSCRIPTION {n}"))
             .await?;
+    }
+    Ok(())
+}
+
+/// Drops every subscription and every pgflip publication in the current database of a
+/// server made as a physical copy of another (they are that other server's).
+pub async fn drop_copied_links(client: &Client) -> anyhow::Result<()> {
+    let subscriptions = client
+        .query(
+            "SELECT subname::text FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await?;
+    for row in subscriptions {
+        drop_subscription(client, row.get(0)).await?;
+    }
+    let publications = client
+        .query(
+            "SELECT pubname::text FROM pg_publication WHERE pubname LIKE 'pgflip\\_%'",
+            &[],
+        )
+        .await?;
+    for row in publications {
+        drop_publication(client, row.get(0)).await?;
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use crate::error::EngineResult;
 use crate::ports::Journal;
-use pgflip_core::plan::{Attempt, Member, Record, Standby, SwitchMeasurement};
+use pgflip_core::plan::{Attempt, CopyChoice, Member, Record, Standby, SwitchMeasurement};
 use pgflip_core::spec::Desired;
 use std::future::Future;
 use std::time::Duration;
@@ -71,11 +71,14 @@ pub enum Learned {
     Preflight {
         warnings: Vec<String>,
         left_behind: Vec<String>,
+        /// How green gets its first copy (None: nothing is copied, as for a switch back).
+        copy: Option<CopyChoice>,
     },
     /// The schema was copied from a source with this fingerprint (a later change blocks
-    /// the switch).
+    /// the switch); a physical copy also stopped right before `cut_lsn`.
     SchemaCopied {
         source_fingerprint: String,
+        cut_lsn: Option<String>,
     },
     /// Green matched blue at one consistent cut.
     Verified {
@@ -98,12 +101,20 @@ pub(crate) fn learn(record: &mut Record, learned: Learned) {
         Learned::Preflight {
             warnings,
             left_behind,
+            copy,
         } => {
             attempt.warnings = warnings;
             attempt.left_behind = left_behind;
+            attempt.copy = copy;
         }
-        Learned::SchemaCopied { source_fingerprint } => {
-            attempt.source_fingerprint = Some(source_fingerprint)
+        Learned::SchemaCopied {
+            source_fingerprint,
+            cut_lsn,
+        } => {
+            attempt.source_fingerprint = Some(source_fingerprint);
+            if let Some(copy) = attempt.copy.as_mut() {
+                copy.cut_lsn = cut_lsn;
+            }
         }
         Learned::Verified { tables } => attempt.verified_tables = Some(tables),
         Learned::Switched {

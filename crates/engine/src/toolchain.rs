@@ -107,6 +107,37 @@ impl Toolchain {
             })
     }
 
+    /// What a physical copy from `from` upgraded to `to` runs: the old major's server with
+    /// `pg_controldata` (pg_upgrade reads the old cluster with them), and the new major's
+    /// `initdb`, `pg_upgrade` and `pg_basebackup`. Err: what is missing, in one line.
+    pub fn physical_upgrade_bins(&self, from: u32, to: u32) -> Result<(PathBuf, PathBuf), String> {
+        let find = |major: u32, tools: &[&str]| {
+            self.candidates(major)
+                .into_iter()
+                .find(|dir| tools.iter().all(|b| dir.join(b).is_file()))
+        };
+        let old = find(from, &["postgres", "pg_ctl", "pg_controldata"]);
+        let new = find(
+            to,
+            &[
+                "postgres",
+                "pg_ctl",
+                "initdb",
+                "pg_upgrade",
+                "pg_basebackup",
+            ],
+        );
+        match (old, new) {
+            (Some(old), Some(new)) => Ok((old, new)),
+            (None, _) => Err(format!(
+                "no install of PostgreSQL {from} with pg_controldata beside its server here"
+            )),
+            (_, None) => Err(format!(
+                "no install of PostgreSQL {to} with pg_upgrade and pg_basebackup here"
+            )),
+        }
+    }
+
     /// Extension control files shipped with this major's server.
     pub fn extension_dir(&self, major: u32) -> Option<PathBuf> {
         let bin = self.server_bin(major).ok()?;

@@ -164,6 +164,17 @@ impl Instances for KubeInstances {
         Ok(false)
     }
 
+    async fn physical_copy_blocker(
+        &self,
+        _from: &Member,
+        _to: &Member,
+        _desired: &Desired,
+    ) -> Result<Option<String>> {
+        Ok(Some(
+            "Kubernetes mode copies logically for now (green's pod would need both majors' binaries for pg_upgrade)".into(),
+        ))
+    }
+
     async fn ensure(&self, member: &Member, desired: &Desired) -> Result<Addr> {
         if self.existing(member).await? == Found::Terminating {
             return Err(not_ready(format!(

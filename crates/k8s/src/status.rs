@@ -228,6 +228,7 @@ mod tests {
                 verified_tables: 4,
                 pause_breakdown: Default::default(),
                 timings_ms: Default::default(),
+                copy: None,
             }],
             ..Default::default()
         };

@@ -7,6 +7,9 @@ mod decide;
 
 pub use decide::{Decision, decide};
 
+mod copy;
+pub use copy::{CopyChoice, CopyMethod, choose_copy};
+
 use super::revision::Revision;
 use super::spec::{Desired, Major};
 use serde::{Deserialize, Serialize};
@@ -200,6 +203,9 @@ pub struct Attempt {
     pub switch: Option<SwitchMeasurement>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_tables: Option<u64>,
+    /// How green gets its first copy, decided by preflight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyChoice>,
     /// Why the attempt failed for good, recorded before its cleanup: a cleanup that is
     /// interrupted (a crash, a pod not there yet) is resumed, not the failed phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -238,6 +244,9 @@ pub struct SwitchRecord {
     /// Milliseconds spent per phase.
     #[serde(default)]
     pub timings_ms: std::collections::BTreeMap<String, u64>,
+    /// How green got its first copy (absent before pgflip 0.3, and for switch-backs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyChoice>,
 }
 
 /// Everything pgflip remembers, persisted atomically before every step.
@@ -339,6 +348,7 @@ impl Attempt {
             timings_ms: Default::default(),
             switch: None,
             verified_tables: None,
+            copy: None,
             failure: None,
         }
     }

@@ -14,6 +14,21 @@ fn defaults_fill_everything_but_version() {
     assert_eq!(d.verification, Verification::Full);
     assert_eq!(d.image(d.major), "postgres:16");
     assert_eq!(d.storage, "1Gi");
+    assert_eq!(d.copy, CopyPreference::Auto);
+}
+
+#[test]
+fn the_copy_method_is_read_and_checked() {
+    for (text, want) in [
+        ("logical", CopyPreference::Logical),
+        ("physical", CopyPreference::Physical),
+        ("auto", CopyPreference::Auto),
+    ] {
+        let d = parse(&format!("{GOOD}  copy: {text}\n")).unwrap();
+        assert_eq!(d.copy, want);
+    }
+    let err = parse(&format!("{GOOD}  copy: fastest\n")).unwrap_err();
+    assert!(err.to_string().contains("fastest"), "{err}");
 }
 
 #[test]

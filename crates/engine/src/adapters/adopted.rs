@@ -330,4 +330,47 @@ impl<I: Instances, P: Passwords> Instances for Adopting<I, P> {
             None => self.inner.retire(member, desired).await,
         }
     }
+
+    async fn physical_copy_blocker(
+        &self,
+        from: &Member,
+        to: &Member,
+        desired: &Desired,
+    ) -> Result<Option<String>> {
+        for member in [from, to] {
+            if let Some(server) = self.find(member.major, desired).await? {
+                return Ok(Some(format!(
+                    "{server} is a server you run: pgflip makes physical copies only between its own instances"
+                )));
+            }
+        }
+        self.inner.physical_copy_blocker(from, to, desired).await
+    }
+
+    async fn base_backup(
+        &self,
+        from: &Member,
+        to: &Member,
+        source: &Addr,
+        slot: &str,
+        desired: &Desired,
+    ) -> Result<()> {
+        self.inner
+            .base_backup(from, to, source, slot, desired)
+            .await
+    }
+
+    async fn upgrade_backup(
+        &self,
+        from: &Member,
+        to: &Member,
+        source: &Addr,
+        slot: &str,
+        stop_before: &str,
+        desired: &Desired,
+    ) -> Result<Addr> {
+        self.inner
+            .upgrade_backup(from, to, source, slot, stop_before, desired)
+            .await
+    }
 }

@@ -17,6 +17,8 @@ use pgflip_core::spec::Major;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+mod physical;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct InstanceFile {
     major: Major,
@@ -83,7 +85,12 @@ impl LocalInstances {
         {
             let (dir, pwfile) = (dir.clone(), pwfile.clone());
             let password = self.admin.password.clone();
-            blocking(move || make_instance_dir(&dir, &pwfile, &password, run_as)).await?;
+            blocking(move || {
+                make_instance_dir(&dir, run_as)?;
+                write_atomic(&pwfile, password.as_bytes(), 0o600)?;
+                run_as.own(&pwfile)
+            })
+            .await?;
         }
         let data = dir.join("data");
         let mut initdb = run_as.command(&bin.join("initdb"));
@@ -141,24 +148,21 @@ impl LocalInstances {
     }
 }
 
-/// A fresh instance directory (mode 0700, owned by the server user) holding the password
-/// file for initdb. A half-made directory from an interrupted init is discarded first.
-fn make_instance_dir(
-    dir: &Path,
-    pwfile: &Path,
-    password: &str,
-    run_as: RunAs,
-) -> anyhow::Result<()> {
+/// A fresh instance directory (mode 0700, owned by the server user). A half-made one from
+/// an interrupted init is discarded first.
+fn make_instance_dir(dir: &Path, run_as: RunAs) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    run_as.own(dir)?;
-    write_atomic(pwfile, password.as_bytes(), 0o600)?;
-    run_as.own(pwfile)
+    run_as.own(dir)
 }
+
+/// Who may log in, and how: the server user over the socket (its directory is private),
+/// everyone else over loopback TCP with a password.
+const HBA: &str = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n";
 
 /// After initdb: pgflip's settings, the access rules and `instance.json`.
 fn configure(dir: &Path, file: &InstanceFile) -> anyhow::Result<()> {
@@ -175,8 +179,7 @@ fn configure(dir: &Path, file: &InstanceFile) -> anyhow::Result<()> {
     let mut existing = std::fs::read_to_string(&conf_path)?;
     existing.push_str(&conf);
     std::fs::write(&conf_path, existing)?;
-    let hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n";
-    std::fs::write(data.join("pg_hba.conf"), hba)?;
+    std::fs::write(data.join("pg_hba.conf"), HBA)?;
     write_atomic(
         &dir.join("instance.json"),
         &serde_json::to_vec(file)?,
@@ -236,7 +239,45 @@ impl Instances for LocalInstances {
             }))
     }
 
+    async fn physical_copy_blocker(
+        &self,
+        from: &Member,
+        to: &Member,
+        _desired: &Desired,
+    ) -> Result<Option<String>> {
+        Ok(self.physical_blocker(from, to))
+    }
+
+    async fn base_backup(
+        &self,
+        from: &Member,
+        to: &Member,
+        source: &Addr,
+        slot: &str,
+        _desired: &Desired,
+    ) -> Result<()> {
+        self.take_base_backup(from, to, source, slot).await
+    }
+
+    async fn upgrade_backup(
+        &self,
+        from: &Member,
+        to: &Member,
+        source: &Addr,
+        slot: &str,
+        stop_before: &str,
+        desired: &Desired,
+    ) -> Result<Addr> {
+        if self.addr(to, desired).await?.is_none() {
+            self.upgrade_copy(from, to, source, slot, stop_before)
+                .await?;
+        }
+        self.ensure(to, desired).await
+    }
+
     async fn remove(&self, member: &Member, _desired: &Desired) -> Result<()> {
+        let staging = self.staging(member);
+        self.stop_copy(&staging).await?;
         let dir = self.dir(member);
         if let Some(file) = self.read_file(member).await
             && self.running(member, file.major).await?
@@ -251,9 +292,11 @@ impl Instances for LocalInstances {
         }
         // A data directory of many gigabytes takes a while to unlink.
         blocking(move || {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("removing {}", dir.display()))?;
+            for dir in [dir, staging] {
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .with_context(|| format!("removing {}", dir.display()))?;
+                }
             }
             Ok(())
         })
@@ -275,6 +318,22 @@ pub fn stop_all(state: &StateDir) -> anyhow::Result<()> {
         return Ok(());
     };
     for e in entries.flatten() {
+        // A physical copy's server, replaying (see `physical`).
+        let copy = e.path().join("backup");
+        if let Ok(version) = std::fs::read_to_string(copy.join("PG_VERSION"))
+            && let Ok(major) = version.trim().parse::<u32>()
+            && let Ok(bin) = toolchain.server_bin(major)
+        {
+            let _ = run_as
+                .command(&bin.join("pg_ctl"))
+                .arg("stop")
+                .arg("-D")
+                .arg(&copy)
+                .args(["-m", "immediate", "-w", "-t", "30"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         let Ok(bytes) = std::fs::read(e.path().join("instance.json")) else {
             continue;
         };

@@ -38,7 +38,12 @@ pub(super) async fn attempt<I: Instances, R: Router>(
         repl::drop_publication(&src, &forward).await?;
     }
     match attempt.kind {
-        AttemptKind::Full => parts.instances.remove(&attempt.to, desired).await?,
+        AttemptKind::Full => {
+            // A physical copy's base backup may still hold the source's WAL.
+            let postgres = connect(&source, admin, "postgres").await?;
+            repl::drop_slot(&postgres, &repl::base_slot_name(attempt.to.color)).await?;
+            parts.instances.remove(&attempt.to, desired).await?
+        }
         AttemptKind::SwitchBack => {
             // The standby stays in reverse sync, fenced, as before the attempt.
             if let Some(t) = &target {

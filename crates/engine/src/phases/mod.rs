@@ -22,7 +22,7 @@ use super::steps::{Stepped, Steps};
 use super::switchover::Sides;
 use crate::ports::{Addr, Credentials, Instances, Journal, Router};
 use crate::toolchain::Toolchain;
-use pgflip_core::plan::{Attempt, Member, Phase, Record};
+use pgflip_core::plan::{Attempt, CopyMethod, Member, Phase, Record};
 use pgflip_core::spec::Desired;
 use tokio_postgres::Client;
 
@@ -114,6 +114,14 @@ impl<I: Instances, R: Router> Ctx<'_, I, R> {
             admin: self.admin(),
             desired: self.desired,
         }
+    }
+
+    /// Whether this attempt copies physically (preflight decided; see [`copy_schema`]).
+    fn copies_physically(&self) -> bool {
+        self.attempt
+            .copy
+            .as_ref()
+            .is_some_and(|c| c.method == CopyMethod::Physical)
     }
 
     /// The forward link's name (publication, slot and subscription) for `db`.

@@ -9,7 +9,7 @@ use crate::ports::{Instances, Router};
 use crate::preflight;
 use crate::replication as repl;
 use crate::steps::{Learned, Stepped};
-use pgflip_core::plan::AttemptKind;
+use pgflip_core::plan::{AttemptKind, choose_copy};
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     let attempt = cx.attempt;
@@ -59,8 +59,21 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
             refusals.push(format!("the schema on {} changed after the switch (DDL is not replicated); the retained {} cannot take over", attempt.from, attempt.to));
         }
     }
+    let mut copy = None;
     if attempt.kind == AttemptKind::Full {
         refusals.extend(target_in_the_way(cx).await?);
+        let blocker = instances
+            .physical_copy_blocker(&attempt.from, &attempt.to, cx.desired)
+            .await?;
+        match choose_copy(
+            cx.desired.copy,
+            attempt.from.major,
+            attempt.to.major,
+            blocker.as_deref(),
+        ) {
+            Ok(choice) => copy = Some(choice),
+            Err(refusal) => refusals.push(refusal),
+        }
     }
     if !refusals.is_empty() {
         return Err(EngineError::Refused(refusals));
@@ -76,6 +89,7 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     Ok(Stepped::Done(Learned::Preflight {
         warnings,
         left_behind,
+        copy,
     }))
 }
 

@@ -159,6 +159,7 @@ impl Steps for FakeSteps {
             Phase::Preflight => Learned::Preflight {
                 warnings: vec![],
                 left_behind: vec![],
+                copy: None,
             },
             Phase::Provision => {
                 self.world.lock().unwrap().instances.insert(to);
@@ -166,6 +167,7 @@ impl Steps for FakeSteps {
             }
             Phase::CopySchema => Learned::SchemaCopied {
                 source_fingerprint: "fp".into(),
+                cut_lsn: None,
             },
             Phase::Replicate => {
                 self.world.lock().unwrap().links.insert(link(from, to));

@@ -1,0 +1,330 @@
+//! The physical copy (`spec.copy: physical`, and `auto` for upgrades): a base backup of
+//! blue replayed to the replication slots' start L, upgraded with `pg_upgrade --link`, and
+//! logical replication from L on. Real servers of two majors, real tools, a writing load.
+
+mod common;
+
+use common::{Harness, MINUTE};
+use pgflip_core::plan::{Color, CopyMethod, Member};
+use pgflip_core::report::State;
+use pgflip_core::spec::{self, Major};
+use pgflip_engine::adapters::local_instances::{LocalInstances, stop_all};
+use pgflip_engine::pg::connect;
+use pgflip_engine::ports::{Addr, Credentials, Instances};
+use pgflip_engine::replication as repl;
+use pgflip_engine::run_as::{RunAs, run_async};
+use pgflip_engine::state::StateDir;
+use pgflip_engine::toolchain::Toolchain;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// Stops the servers when the test ends, however it ends.
+struct StopOnDrop {
+    state: StateDir,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = stop_all(&self.state);
+    }
+}
+
+/// Clients that hold their transaction open for 20 ms around the commit, each row a
+/// number of its own in a table without a key: a commit record lands right where a slot
+/// starts often, and a row applied twice shows as a duplicate. Returns the numbers whose
+/// commit was acknowledged.
+fn slow_committers(
+    addr: &Addr,
+    creds: &Credentials,
+    clients: u64,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<i64>>> {
+    (0..clients)
+        .map(|client| {
+            let (addr, creds, stop) = (addr.clone(), creds.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = connect(&addr, &creds, "app").await.unwrap();
+                let mut acked = Vec::new();
+                let mut n = client as i64;
+                while !stop.load(Ordering::SeqCst) {
+                    let sql = format!(
+                        "BEGIN; INSERT INTO keyless (n) VALUES ({n}); SELECT pg_sleep(0.02); COMMIT"
+                    );
+                    if c.batch_execute(&sql).await.is_ok() {
+                        acked.push(n);
+                    }
+                    n += clients as i64;
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+async fn numbers(c: &Client) -> Vec<i64> {
+    c.query("SELECT n FROM keyless ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Whether the first WAL record at `lsn` in blue's `pg_wal` is a commit (pg_waldump).
+async fn commit_record_at(toolchain: &Toolchain, wal: &std::path::Path, lsn: &str) -> bool {
+    let bin = toolchain.server_bin(15).unwrap();
+    for _ in 0..50 {
+        let mut dump = RunAs::detect().unwrap().command(&bin.join("pg_waldump"));
+        dump.arg("-p").arg(wal).args(["-s", lsn, "-n", "1"]);
+        if let Ok(out) = run_async(dump).await {
+            return out.contains("desc: COMMIT");
+        }
+        // The record is not flushed yet.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("pg_waldump could not read the record at {lsn}");
+}
+
+/// The cut where it is hardest: the logical slot is made again and again under slow
+/// committers until the first WAL record at its start L is a commit. The copy replays up
+/// to L and not that record; the subscription streams from L; every acknowledged row is on
+/// green exactly once, and green has what blue has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_record_at_the_cut_is_applied_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::open(dir.path()).unwrap();
+    let _guard = StopOnDrop {
+        state: state.clone(),
+        _dir: dir,
+    };
+    let admin = state.admin_credentials().unwrap();
+    let toolchain = Toolchain::discover().await;
+    let instances = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone()).unwrap();
+    let desired = spec::parse(&spec::render("cut", Major(15), "")).unwrap();
+    let (from, to) = (
+        Member {
+            color: Color::Blue,
+            major: Major(15),
+        },
+        Member {
+            color: Color::Green,
+            major: Major(17),
+        },
+    );
+    if let Some(blocker) = instances
+        .physical_copy_blocker(&from, &to, &desired)
+        .await
+        .unwrap()
+    {
+        panic!("a physical copy 15 → 17 cannot be made here: {blocker}");
+    }
+    let blue = instances.ensure(&from, &desired).await.unwrap();
+    connect(&blue, &admin, "postgres")
+        .await
+        .unwrap()
+        .batch_execute("CREATE DATABASE app")
+        .await
+        .unwrap();
+    let blue_app = connect(&blue, &admin, "app").await.unwrap();
+    blue_app
+        .batch_execute(
+            "CREATE TABLE keyless (n bigint NOT NULL); ALTER TABLE keyless REPLICA IDENTITY FULL;
+             INSERT INTO keyless SELECT -g FROM generate_series(1, 10000) g",
+        )
+        .await
+        .unwrap();
+    repl::ensure_own_schema(&blue_app).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = slow_committers(&blue, &admin, 6, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let slot = repl::base_slot_name(to.color);
+    instances
+        .base_backup(&from, &to, &blue, &slot, &desired)
+        .await
+        .unwrap();
+    let link = repl::link_name(from.color, to.color, "app");
+    repl::ensure_publication(&blue_app, &link).await.unwrap();
+    let wal = state.dir("instances").join("blue/data/pg_wal");
+    let mut cut = None;
+    for _ in 0..300 {
+        repl::ensure_slot(&blue_app, &link).await.unwrap();
+        let lsn = repl::slot_start(&blue_app, &link).await.unwrap();
+        if commit_record_at(&toolchain, &wal, &lsn).await {
+            cut = Some(lsn);
+            break;
+        }
+        repl::drop_slot(&blue_app, &link).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10 + rand_ms())).await;
+    }
+    let cut = cut.expect("no slot started at a commit record in 300 tries");
+
+    let green = instances
+        .upgrade_backup(&from, &to, &blue, &slot, &cut, &desired)
+        .await
+        .unwrap();
+    let blue_postgres = connect(&blue, &admin, "postgres").await.unwrap();
+    repl::drop_slot(&blue_postgres, &slot).await.unwrap();
+    let green_app = connect(&green, &admin, "app").await.unwrap();
+    let version: String = green_app
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(version.starts_with("17"), "green runs {version}");
+    repl::drop_copied_links(&green_app).await.unwrap();
+    repl::ensure_subscription(
+        &green_app,
+        &link,
+        &blue,
+        &admin,
+        "app",
+        repl::Start::FromLsn(cut.clone()),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    assert!(acked.len() > 50, "the load ran: {} commits", acked.len());
+    repl::catch_up(&[(&blue_app, &green_app)], "test", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (on_blue, on_green) = (numbers(&blue_app).await, numbers(&green_app).await);
+    let mut unique = on_green.clone();
+    unique.dedup();
+    assert_eq!(
+        on_green.len(),
+        unique.len(),
+        "rows applied twice at the cut {cut}"
+    );
+    assert_eq!(on_green, on_blue, "green holds what blue holds");
+    for n in &acked {
+        assert!(on_green.binary_search(n).is_ok(), "acknowledged {n} lost");
+    }
+    repl::drop_subscription(&green_app, &link).await.unwrap();
+    repl::drop_slot(&blue_app, &link).await.unwrap();
+    assert!(
+        !state.dir("instances").join("green.physical").exists(),
+        "the copy's staging directory is gone"
+    );
+}
+
+/// A few milliseconds of jitter, so slot creations do not fall into step with the clients.
+fn rand_ms() -> u64 {
+    pgflip_engine::random::token(2)
+        .bytes()
+        .map(u64::from)
+        .sum::<u64>()
+        % 80
+}
+
+/// `auto` copies an upgrade physically, end to end: two databases (one slot each, made
+/// one after another, one cut), a ledger through the endpoint and slow committers; the
+/// status and the record say how it was copied; nothing lost; then `git revert`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_upgrades_physically_and_reverts() {
+    let mut h = Harness::new("databases: [app, reports]\nretainPrevious: 1h");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    let admin = h.admin();
+    let endpoint = h.endpoint();
+    let reports = connect(&endpoint, &admin, "reports").await.unwrap();
+    reports
+        .batch_execute(
+            "CREATE TABLE daily (day int PRIMARY KEY, total bigint);
+             INSERT INTO daily SELECT g, g * 10 FROM generate_series(1, 365) g",
+        )
+        .await
+        .unwrap();
+    let c = connect(&endpoint, &admin, "app").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE keyless (n bigint NOT NULL); GRANT ALL ON keyless TO app;
+         INSERT INTO keyless SELECT -g FROM generate_series(1, 1000) g",
+    )
+    .await
+    .unwrap();
+    let load = h.load(&app, 3, 200);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = slow_committers(&endpoint, &app, 4, stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let up = h.commit_version(17);
+    let r = h
+        .wait("upgrade", 5 * MINUTE, |r| {
+            r.history.len() == 1 && r.attempt.is_none()
+        })
+        .await;
+    assert_eq!(
+        r.serving.map(|m| (m.color, m.major.0)),
+        Some((Color::Green, 17))
+    );
+    let copy = r.history[0]
+        .copy
+        .clone()
+        .expect("the copy method is recorded");
+    assert_eq!(copy.method, CopyMethod::Physical, "{copy:?}");
+    assert!(copy.cut_lsn.is_some(), "{copy:?}");
+    let note = h.wait_final_note(&up, MINUTE).await;
+    assert_eq!(note.state, State::Success, "{note:?}");
+    assert!(note.message.contains("copied physical"), "{}", note.message);
+    assert_eq!(
+        connect(&endpoint, &admin, "reports")
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM daily", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        365,
+        "the second database came over"
+    );
+    assert!(
+        !h.replication_objects("green", "app")
+            .await
+            .iter()
+            .any(|o| o.contains("blue_to_green")),
+        "nothing of the forward link is left on green"
+    );
+
+    let back = h.revert(&up);
+    let r = h
+        .wait("revert", 5 * MINUTE, |r| {
+            r.history.len() == 2 && r.attempt.is_none()
+        })
+        .await;
+    assert_eq!(
+        r.serving.map(|m| (m.color, m.major.0)),
+        Some((Color::Blue, 15))
+    );
+    assert_eq!(h.wait_final_note(&back, MINUTE).await.state, State::Success);
+    stop.store(true, Ordering::SeqCst);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    let report = load.stop().await;
+    assert!(report.committed > 100, "the load ran: {}", report.committed);
+    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+    assert_eq!(
+        pgflip_engine::load::lost_commits(&report, &endpoint, &admin, "app")
+            .await
+            .unwrap(),
+        0
+    );
+    let on_blue = numbers(&connect(&endpoint, &admin, "app").await.unwrap()).await;
+    let mut unique = on_blue.clone();
+    unique.dedup();
+    assert_eq!(on_blue.len(), unique.len(), "a row twice");
+    for n in &acked {
+        assert!(on_blue.binary_search(n).is_ok(), "acknowledged {n} lost");
+    }
+}
