@@ -114,6 +114,7 @@ async fn a_commit_record_at_the_cut_is_applied_once() {
             major: Major(17),
         },
     );
+    let blue = instances.ensure(&from, &desired).await.unwrap();
     if let Some(blocker) = instances
         .physical_copy_blocker(&from, &to, &desired)
         .await
@@ -121,7 +122,6 @@ async fn a_commit_record_at_the_cut_is_applied_once() {
     {
         panic!("a physical copy 15 → 17 cannot be made here: {blocker}");
     }
-    let blue = instances.ensure(&from, &desired).await.unwrap();
     connect(&blue, &admin, "postgres")
         .await
         .unwrap()
@@ -214,6 +214,54 @@ async fn a_commit_record_at_the_cut_is_applied_once() {
         !state.dir("instances").join("green.physical").exists(),
         "the copy's staging directory is gone"
     );
+}
+
+/// What `pg_upgrade --check` refuses is found before anything is touched, and named: a
+/// column of type `aclitem` (its format changed in 16) keeps a 15 → 17 upgrade off the
+/// physical path; without it the path is open. The scratch cluster is gone either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_upgrade_check_findings_keep_the_copy_logical_and_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::open(dir.path()).unwrap();
+    let _guard = StopOnDrop {
+        state: state.clone(),
+        _dir: dir,
+    };
+    let admin = state.admin_credentials().unwrap();
+    let instances =
+        LocalInstances::new(state.clone(), Toolchain::discover().await, admin.clone()).unwrap();
+    let desired = spec::parse(&spec::render("check", Major(15), "")).unwrap();
+    let from = Member {
+        color: Color::Blue,
+        major: Major(15),
+    };
+    let to = Member {
+        color: Color::Green,
+        major: Major(17),
+    };
+    let blue = instances.ensure(&from, &desired).await.unwrap();
+    let c = connect(&blue, &admin, "postgres").await.unwrap();
+    c.batch_execute("CREATE TABLE grants_kept (who aclitem)")
+        .await
+        .unwrap();
+    let blocker = instances
+        .physical_copy_blocker(&from, &to, &desired)
+        .await
+        .unwrap()
+        .expect("pg_upgrade --check refuses an aclitem column");
+    assert!(
+        blocker.contains("pg_upgrade --check") && blocker.contains("grants_kept"),
+        "{blocker}"
+    );
+    c.batch_execute("DROP TABLE grants_kept").await.unwrap();
+    assert_eq!(
+        instances
+            .physical_copy_blocker(&from, &to, &desired)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(!state.dir("instances").join("green.check").exists());
 }
 
 /// A few milliseconds of jitter, so slot creations do not fall into step with the clients.
@@ -327,4 +375,37 @@ async fn auto_upgrades_physically_and_reverts() {
     for n in &acked {
         assert!(on_blue.binary_search(n).is_ok(), "acknowledged {n} lost");
     }
+}
+
+/// The WAL the copy holds on blue is bounded (`switchover.maxRetainedWalBytes`): past it
+/// the attempt is abandoned with a status naming the bound, blue serves on, and no slot,
+/// publication or copy of green is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_past_its_wal_bound_is_abandoned_and_cleaned_up() {
+    let mut h = Harness::new("databases: [app]\nswitchover:\n  maxRetainedWalBytes: 1");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    let load = h.load(&app, 2, 100);
+    let up = h.commit_version(17);
+    let note = h.wait_final_note(&up, 3 * MINUTE).await;
+    assert_eq!(note.state, State::Failure, "{note:?}");
+    assert!(
+        note.message.contains("maxRetainedWalBytes"),
+        "{}",
+        note.message
+    );
+    let r = h.wait("the cleanup", MINUTE, |r| r.attempt.is_none()).await;
+    assert_eq!(
+        r.serving.map(|m| (m.color, m.major.0)),
+        Some((Color::Blue, 15))
+    );
+    assert!(h.replication_objects("blue", "app").await.is_empty());
+    let instances = h.state.dir("instances");
+    for gone in ["green", "green.physical"] {
+        assert!(!instances.join(gone).exists(), "{gone} is left");
+    }
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
 }

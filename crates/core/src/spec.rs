@@ -198,6 +198,10 @@ pub struct SwitchoverSpec {
     /// until they are gone) or `end` (the fence ends them).
     #[serde(default)]
     pub direct_clients: DirectClients,
+    /// A physical copy: the most WAL the source may hold for it (from the base backup until
+    /// green subscribes). Beyond it the attempt is abandoned and its slots dropped.
+    #[serde(default = "default_max_retained_wal")]
+    pub max_retained_wal_bytes: u64,
 }
 
 impl Default for SwitchoverSpec {
@@ -207,6 +211,7 @@ impl Default for SwitchoverSpec {
             pause_timeout: default_pause_timeout(),
             catch_up_timeout: default_catch_up_timeout(),
             direct_clients: DirectClients::default(),
+            max_retained_wal_bytes: default_max_retained_wal(),
         }
     }
 }
@@ -227,6 +232,9 @@ fn default_retain() -> Duration {
 }
 fn default_max_lag() -> u64 {
     1 << 20
+}
+fn default_max_retained_wal() -> u64 {
+    10 << 30
 }
 fn default_pause_timeout() -> Duration {
     Duration::from_secs(2)
@@ -351,6 +359,11 @@ pub fn validate_spec(name: &str, s: Spec) -> Result<Desired, SpecError> {
                 "spec.databases: {db:?} is listed twice"
             )));
         }
+    }
+    if s.switchover.max_retained_wal_bytes == 0 {
+        return Err(SpecError::Invalid(
+            "spec.switchover.maxRetainedWalBytes must be more than 0".into(),
+        ));
     }
     if s.endpoint.port == 0 {
         return Err(SpecError::Invalid(

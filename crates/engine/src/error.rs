@@ -41,6 +41,14 @@ pub enum EngineError {
         behind_bytes: i64,
     },
     /// The consistent comparison found differences.
+    #[error(
+        "the physical copy held {held_bytes} bytes of WAL on {source_member}, more than switchover.maxRetainedWalBytes ({bound_bytes}): abandoned and its replication slots dropped; {source_member} keeps serving (raise the bound, or set copy: logical)"
+    )]
+    RetainedWalBound {
+        source_member: Member,
+        held_bytes: i64,
+        bound_bytes: u64,
+    },
     #[error("verification failed in database {database}: {}", .mismatches.join("; "))]
     VerificationMismatch {
         database: String,
@@ -93,6 +101,7 @@ impl EngineError {
             | EngineError::SchemaDoesNotLoad { .. }
             | EngineError::SchemaChanged { .. }
             | EngineError::CatchUpTimeout { .. }
+            | EngineError::RetainedWalBound { .. }
             | EngineError::VerificationMismatch { .. }
             | EngineError::PauseGaveUp { .. }
             | EngineError::RetriesExhausted { .. } => true,
@@ -116,6 +125,7 @@ impl EngineError {
             EngineError::SchemaDoesNotLoad { .. } => "schema_does_not_load",
             EngineError::SchemaChanged { .. } => "schema_changed",
             EngineError::CatchUpTimeout { .. } => "catch_up_timeout",
+            EngineError::RetainedWalBound { .. } => "retained_wal_bound",
             EngineError::VerificationMismatch { .. } => "verification_mismatch",
             EngineError::PauseAborted { .. } => "pause_aborted",
             EngineError::PauseGaveUp { .. } => "pause_gave_up",

@@ -65,6 +65,19 @@ pub async fn slot_start(client: &Client, name: &str) -> anyhow::Result<String> {
         .with_context(|| format!("replication slot {name} is missing"))
 }
 
+/// The most WAL any of these slots holds on the server (bytes from its restart point to
+/// the current WAL position); None when none of them exists.
+pub async fn retained_wal(client: &Client, slots: &[String]) -> anyhow::Result<Option<i64>> {
+    Ok(client
+        .query_one(
+            "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn))::bigint
+               FROM pg_replication_slots WHERE slot_name = ANY($1)",
+            &[&slots],
+        )
+        .await?
+        .get(0))
+}
+
 /// pgflip's own objects in every carried database, on both colors (every table of a
 /// `FOR ALL TABLES` publication must exist on the subscriber). The marker table is
 /// replicated like any table: a row written on the source and seen on the target proves

@@ -133,6 +133,20 @@ pub async fn run_async(cmd: Command) -> anyhow::Result<String> {
     outcome(cmd.as_std(), out)
 }
 
+/// [`run_async`] for work that may be abandoned (a copy past its bound): the process is
+/// killed if the future is dropped.
+pub async fn run_async_or_kill(cmd: Command) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::from(cmd);
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", describe(cmd.as_std())))?;
+    outcome(cmd.as_std(), out)
+}
+
 /// Whether a command exits successfully (its output discarded), waited for without
 /// blocking the runtime.
 pub async fn succeeds(cmd: Command) -> anyhow::Result<bool> {

@@ -245,7 +245,7 @@ impl Instances for LocalInstances {
         to: &Member,
         _desired: &Desired,
     ) -> Result<Option<String>> {
-        Ok(self.physical_blocker(from, to))
+        self.physical_blocker(from, to).await
     }
 
     async fn base_backup(
@@ -318,21 +318,22 @@ pub fn stop_all(state: &StateDir) -> anyhow::Result<()> {
         return Ok(());
     };
     for e in entries.flatten() {
-        // A physical copy's server, replaying (see `physical`).
-        let copy = e.path().join("backup");
-        if let Ok(version) = std::fs::read_to_string(copy.join("PG_VERSION"))
-            && let Ok(major) = version.trim().parse::<u32>()
-            && let Ok(bin) = toolchain.server_bin(major)
-        {
-            let _ = run_as
-                .command(&bin.join("pg_ctl"))
-                .arg("stop")
-                .arg("-D")
-                .arg(&copy)
-                .args(["-m", "immediate", "-w", "-t", "30"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
+        // A physical copy's servers, replaying or upgrading (see `physical`).
+        for copy in [e.path().join("backup"), e.path().join("new")] {
+            if let Ok(version) = std::fs::read_to_string(copy.join("PG_VERSION"))
+                && let Ok(major) = version.trim().parse::<u32>()
+                && let Ok(bin) = toolchain.server_bin(major)
+            {
+                let _ = run_as
+                    .command(&bin.join("pg_ctl"))
+                    .arg("stop")
+                    .arg("-D")
+                    .arg(&copy)
+                    .args(["-m", "immediate", "-w", "-t", "30"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
         }
         let Ok(bytes) = std::fs::read(e.path().join("instance.json")) else {
             continue;

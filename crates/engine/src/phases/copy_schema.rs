@@ -81,11 +81,21 @@ async fn copy_physically<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineR
     }
     let (_, cut) = cut.context("no database to copy")?;
     let base_slot = repl::base_slot_name(to.color);
-    let target = cx
-        .parts
-        .instances
-        .upgrade_backup(from, to, &cx.source, &base_slot, &cut, cx.desired)
-        .await?;
+    let mut slots: Vec<String> = cx
+        .desired
+        .databases
+        .iter()
+        .map(|db| cx.forward(db))
+        .collect();
+    slots.push(base_slot.clone());
+    let upgrade = async {
+        Ok(cx
+            .parts
+            .instances
+            .upgrade_backup(from, to, &cx.source, &base_slot, &cut, cx.desired)
+            .await?)
+    };
+    let target = cx.within_retained_wal(&slots, upgrade).await?;
     let source_admin = cx.connect(&cx.source, "postgres").await?;
     repl::drop_slot(&source_admin, &base_slot).await?;
     // The copy holds the source's replication objects as of L (the forward publication

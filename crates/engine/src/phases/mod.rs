@@ -124,6 +124,40 @@ impl<I: Instances, R: Router> Ctx<'_, I, R> {
             .is_some_and(|c| c.method == CopyMethod::Physical)
     }
 
+    /// Runs `work` (a step of the physical copy) while watching how much WAL the source's
+    /// slots for it hold; past `switchover.maxRetainedWalBytes` the work is dropped (its
+    /// processes killed) and the attempt fails for good, so its cleanup drops the slots.
+    async fn within_retained_wal<T>(
+        &self,
+        slots: &[String],
+        work: impl std::future::Future<Output = EngineResult<T>>,
+    ) -> EngineResult<T> {
+        let bound = self.desired.switchover.max_retained_wal_bytes;
+        let watch = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                // A read that fails (the source restarting, say) is not a reason to stop
+                // the copy: the next one decides.
+                let Ok(client) = self.connect(&self.source, "postgres").await else {
+                    continue;
+                };
+                if let Ok(Some(held)) = repl::retained_wal(&client, slots).await
+                    && held as u64 > bound
+                {
+                    return EngineError::RetainedWalBound {
+                        source_member: self.attempt.from,
+                        held_bytes: held,
+                        bound_bytes: bound,
+                    };
+                }
+            }
+        };
+        tokio::select! {
+            done = work => done,
+            exceeded = watch => Err(exceeded),
+        }
+    }
+
     /// The forward link's name (publication, slot and subscription) for `db`.
     fn forward(&self, db: &str) -> String {
         link_name(self.attempt.from.color, self.attempt.to.color, db)

@@ -12,9 +12,14 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     if cx.copies_physically() {
         let (from, to) = (&cx.attempt.from, &cx.attempt.to);
         let slot = repl::base_slot_name(to.color);
-        cx.parts
-            .instances
-            .base_backup(from, to, &cx.source, &slot, cx.desired)
+        let backup = async {
+            Ok(cx
+                .parts
+                .instances
+                .base_backup(from, to, &cx.source, &slot, cx.desired)
+                .await?)
+        };
+        cx.within_retained_wal(std::slice::from_ref(&slot), backup)
             .await?;
     } else {
         cx.target().await?;

@@ -11,7 +11,7 @@ use super::{InstanceFile, LocalInstances, configure, make_instance_dir};
 use crate::pg;
 use crate::ports::{Addr, Result};
 use crate::replication as repl;
-use crate::run_as::{free_port, run_async, succeeds};
+use crate::run_as::{free_port, run_async, run_async_or_kill, succeeds};
 use crate::state::{blocking, write_atomic};
 use anyhow::{Context, bail};
 use pgflip_core::plan::Member;
@@ -39,10 +39,71 @@ impl LocalInstances {
             .join(format!("{}.physical", member.color.as_str()))
     }
 
-    pub(super) fn physical_blocker(&self, from: &Member, to: &Member) -> Option<String> {
-        self.toolchain
-            .physical_upgrade_bins(from.major.0, to.major.0)
-            .err()
+    /// Why `to` cannot be made from a physical copy of `from`: the tools missing, or what
+    /// `pg_upgrade --check` finds in the running source (against a scratch `initdb` of the
+    /// new major, removed afterwards; nothing of the source's is changed).
+    pub(super) async fn physical_blocker(
+        &self,
+        from: &Member,
+        to: &Member,
+    ) -> anyhow::Result<Option<String>> {
+        if to.major <= from.major {
+            return Ok(Some("pg_upgrade only goes up".into()));
+        }
+        let (old_bin, new_bin) = match self.bins(from, to) {
+            Ok(bins) => bins,
+            Err(missing) => return Ok(Some(missing.to_string())),
+        };
+        let Some(file) = self.read_file(from).await else {
+            return Ok(Some(format!(
+                "{from} is not one of pgflip's instances here"
+            )));
+        };
+        let source = Addr {
+            host: "127.0.0.1".into(),
+            port: file.port,
+        };
+        let facts = cluster_facts(&pg::connect(&source, &self.admin, "postgres").await?).await;
+        let facts = match facts {
+            Ok(facts) => facts,
+            Err(e) => return Ok(Some(format!("{e:#}"))),
+        };
+        let scratch = self
+            .state
+            .dir("instances")
+            .join(format!("{}.check", to.color.as_str()));
+        {
+            let (scratch, run_as) = (scratch.clone(), self.run_as);
+            blocking(move || make_instance_dir(&scratch, run_as)).await?;
+        }
+        let new = scratch.join("new");
+        self.initdb_like(&new_bin, &new, to, &facts).await?;
+        let mut check = self.run_as.command(&new_bin.join("pg_upgrade"));
+        check
+            .current_dir(&scratch)
+            .arg("--check")
+            .arg("-b")
+            .arg(&old_bin)
+            .arg("-B")
+            .arg(&new_bin)
+            .arg("-d")
+            .arg(self.dir(from).join("data"))
+            .arg("-D")
+            .arg(&new)
+            .args(["-U", &facts.install_user])
+            .args([
+                "-p",
+                &file.port.to_string(),
+                "-P",
+                &free_port()?.to_string(),
+            ]);
+        let outcome = run_async(check).await;
+        let findings = match outcome {
+            Ok(_) => None,
+            Err(e) => Some(check_findings(&new, &e.to_string()).await),
+        };
+        tokio::fs::remove_dir_all(&scratch).await?;
+        Ok(findings.map(|f| format!("pg_upgrade --check: {f}")))
     }
 
     pub(super) async fn take_base_backup(
@@ -72,7 +133,7 @@ impl LocalInstances {
             .arg(staging.join("backup"))
             .args(["-X", "stream", "-c", "fast", "-C", "-S", slot])
             .env("PGPASSWORD", &self.admin.password);
-        run_async(backup).await.context("pg_basebackup")?;
+        run_async_or_kill(backup).await.context("pg_basebackup")?;
         tokio::fs::write(staging.join(BACKUP_DONE), b"").await?;
         Ok(())
     }
@@ -252,26 +313,7 @@ impl LocalInstances {
         if tokio::fs::try_exists(&new).await? {
             tokio::fs::remove_dir_all(&new).await?;
         }
-        let mut initdb = self.run_as.command(&new_bin.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&new)
-            .args(["-U", &facts.install_user, "-E", &facts.encoding])
-            .args([
-                "--locale-provider=libc",
-                "--auth-local=trust",
-                "--auth-host=reject",
-            ])
-            .arg(format!("--lc-collate={}", facts.collate))
-            .arg(format!("--lc-ctype={}", facts.ctype))
-            .arg("--no-sync");
-        if facts.checksums {
-            initdb.arg("--data-checksums");
-        } else if to.major.0 >= 18 {
-            // PostgreSQL 18's initdb turns checksums on unless told not to.
-            initdb.arg("--no-data-checksums");
-        }
-        run_async(initdb).await.context("initdb of the new major")?;
+        self.initdb_like(new_bin, &new, to, facts).await?;
         let mut upgrade = self.run_as.command(&new_bin.join("pg_upgrade"));
         upgrade
             // It writes its logs and scripts to the working directory, and puts its
@@ -292,7 +334,40 @@ impl LocalInstances {
                 "-P",
                 &free_port()?.to_string(),
             ]);
-        run_async(upgrade).await.context("pg_upgrade --link")?;
+        run_async_or_kill(upgrade)
+            .await
+            .context("pg_upgrade --link")?;
+        Ok(())
+    }
+
+    /// `initdb` of the new major with what `pg_upgrade` needs to match in the old cluster.
+    async fn initdb_like(
+        &self,
+        new_bin: &Path,
+        new: &Path,
+        to: &Member,
+        facts: &ClusterFacts,
+    ) -> anyhow::Result<()> {
+        let mut initdb = self.run_as.command(&new_bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(new)
+            .args(["-U", &facts.install_user, "-E", &facts.encoding])
+            .args([
+                "--locale-provider=libc",
+                "--auth-local=trust",
+                "--auth-host=reject",
+            ])
+            .arg(format!("--lc-collate={}", facts.collate))
+            .arg(format!("--lc-ctype={}", facts.ctype))
+            .arg("--no-sync");
+        if facts.checksums {
+            initdb.arg("--data-checksums");
+        } else if to.major.0 >= 18 {
+            // PostgreSQL 18's initdb turns checksums on unless told not to.
+            initdb.arg("--no-data-checksums");
+        }
+        run_async(initdb).await.context("initdb of the new major")?;
         Ok(())
     }
 
@@ -302,23 +377,25 @@ impl LocalInstances {
         succeeds(status).await
     }
 
-    /// Stops a copy's server if one runs (replaying, or left by a crash).
+    /// Stops a copy's servers if they run: the old major's replaying, or either of the
+    /// two `pg_upgrade` runs (left by a crash, or by a copy abandoned mid-way).
     pub(super) async fn stop_copy(&self, staging: &Path) -> anyhow::Result<()> {
-        let backup = staging.join("backup");
-        let Ok(version) = tokio::fs::read_to_string(backup.join("PG_VERSION")).await else {
-            return Ok(());
-        };
-        let Ok(major) = version.trim().parse::<u32>() else {
-            return Ok(());
-        };
-        let bin = self.toolchain.server_bin(major)?;
-        if self.copy_running(&backup, &bin).await? {
-            let mut stop = self.run_as.command(&bin.join("pg_ctl"));
-            stop.arg("stop")
-                .arg("-D")
-                .arg(&backup)
-                .args(["-m", "fast", "-w", "-t", "120"]);
-            run_async(stop).await.context("stopping the copy")?;
+        for data in [staging.join("backup"), staging.join("new")] {
+            let Ok(version) = tokio::fs::read_to_string(data.join("PG_VERSION")).await else {
+                continue;
+            };
+            let Ok(major) = version.trim().parse::<u32>() else {
+                continue;
+            };
+            let bin = self.toolchain.server_bin(major)?;
+            if self.copy_running(&data, &bin).await? {
+                let mut stop = self.run_as.command(&bin.join("pg_ctl"));
+                stop.arg("stop")
+                    .arg("-D")
+                    .arg(&data)
+                    .args(["-m", "fast", "-w", "-t", "120"]);
+                run_async(stop).await.context("stopping the copy")?;
+            }
         }
         Ok(())
     }
@@ -348,6 +425,51 @@ async fn cluster_facts(client: &tokio_postgres::Client) -> anyhow::Result<Cluste
         collate: row.get(3),
         ctype: row.get(4),
     })
+}
+
+/// What `pg_upgrade --check` found, in a line or a few: the lines of its output that say
+/// what failed, and the first lines of the reports it wrote (they name the objects).
+async fn check_findings(new: &Path, output: &str) -> String {
+    let mut found: Vec<String> = output
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.ends_with("ok") && !l.starts_with("Performing"))
+        .filter(|l| !l.starts_with(['"', '-']) && !l.starts_with("Checking"))
+        .take(3)
+        .map(str::to_string)
+        .collect();
+    let reports = blocking({
+        let root = new.join("pg_upgrade_output.d");
+        move || {
+            let mut lines = Vec::new();
+            for entry in walk(&root) {
+                if entry.extension().is_some_and(|e| e == "txt") {
+                    let text = std::fs::read_to_string(&entry).unwrap_or_default();
+                    lines.extend(text.lines().take(5).map(|l| l.trim().to_string()));
+                }
+            }
+            Ok(lines)
+        }
+    })
+    .await
+    .unwrap_or_default();
+    found.extend(reports);
+    found.join(" | ")
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
 }
 
 /// A string as a postgresql.conf value.
