@@ -113,13 +113,23 @@ async fn upgrade_and_revert_under_load() {
     );
     // Blue keeps only the reverse link; green only the reverse publication and slot.
     let blue_objects = h.replication_objects("blue", "app").await;
-    assert!(
-        blue_objects
+    let kinds = |objects: &[String]| -> Vec<String> {
+        objects
             .iter()
-            .all(|o| o.starts_with("subscription pgflip_green_to_blue")),
+            .map(|o| o.split(' ').next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(kinds(&blue_objects), ["subscription"], "{blue_objects:?}");
+    assert!(
+        blue_objects[0].starts_with("subscription pgflip_green_to_blue"),
         "{blue_objects:?}"
     );
     let green_objects = h.replication_objects("green", "app").await;
+    assert_eq!(
+        kinds(&green_objects),
+        ["publication", "slot"],
+        "{green_objects:?}"
+    );
     assert!(
         green_objects
             .iter()
@@ -271,7 +281,7 @@ async fn bad_documents_change_nothing() {
         assert!(note.message.contains(needle), "{needle}: {note:?}");
         let r = h.record();
         assert!(r.attempt.is_none() && serving(&r) == Some((Color::Blue, 15)));
-        assert!(h.instance_addr("green").is_none(), "nothing touched");
+        assert!(!h.instance_exists("green"), "nothing touched");
     }
     let sha = h.commit_text(&good, "good");
     h.wait("upgrade after bad documents", 5 * MINUTE, |r| {
@@ -309,10 +319,7 @@ async fn preflight_refuses_and_touches_nothing() {
     let r = h.record();
     assert_eq!(serving(&r), Some((Color::Blue, 15)));
     assert!(r.attempt.is_none());
-    assert!(
-        h.instance_addr("green").is_none(),
-        "no green was provisioned"
-    );
+    assert!(!h.instance_exists("green"), "no green was provisioned");
     assert!(h.replication_objects("blue", "app").await.is_empty());
 }
 
@@ -350,7 +357,7 @@ async fn ddl_after_copy_blocks_the_switch() {
         .wait("attempt cleaned up", MINUTE, |r| r.attempt.is_none())
         .await;
     assert_eq!(serving(&r), Some((Color::Blue, 15)));
-    assert!(h.instance_addr("green").is_none());
+    assert!(!h.instance_exists("green"));
     assert!(h.replication_objects("blue", "app").await.is_empty());
     assert_eq!(
         h.serving_port(&app).await,

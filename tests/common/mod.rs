@@ -274,6 +274,20 @@ impl Harness {
         })
     }
 
+    /// Whether anything of pgflip's instance of `color` is on disk: its directory, or a
+    /// physical copy's (`<color>.physical`). A state directory that cannot be read fails
+    /// the test, so "nothing there" never stands for "could not look".
+    pub fn instance_exists(&self, color: &str) -> bool {
+        let root = &self.state.root;
+        std::fs::read_dir(root).unwrap_or_else(|e| panic!("reading {}: {e}", root.display()));
+        let Ok(entries) = std::fs::read_dir(self.state.dir("instances")) else {
+            return false;
+        };
+        entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .any(|name| name == color || name.starts_with(&format!("{color}.")))
+    }
+
     /// Publications, replication slots and subscriptions made by pgflip on an instance.
     pub async fn replication_objects(&self, color: &str, db: &str) -> Vec<String> {
         let addr = self.instance_addr(color).expect("instance exists");

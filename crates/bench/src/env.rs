@@ -27,12 +27,14 @@ pub struct Env {
     pub admin: Credentials,
     /// Found once, when the run starts (finding it may run `pg_config`).
     pub toolchain: Toolchain,
+    /// The document's `spec.copy`.
+    copy: String,
     controller: Option<Child>,
 }
 
 impl Env {
     /// Bootstraps blue at `major` through `pgflip local` and loads pgbench data at `scale`.
-    pub async fn create(dir: &Path, major: Major, scale: u32) -> anyhow::Result<Env> {
+    pub async fn create(dir: &Path, major: Major, scale: u32, copy: &str) -> anyhow::Result<Env> {
         if dir.exists() {
             std::fs::remove_dir_all(dir)?;
         }
@@ -47,6 +49,7 @@ impl Env {
             repo,
             admin: state.admin_credentials()?,
             toolchain: Toolchain::discover().await,
+            copy: copy.to_string(),
             state,
             endpoint: Addr {
                 host: "127.0.0.1".into(),
@@ -69,8 +72,8 @@ impl Env {
             "bench",
             major,
             &format!(
-                "databases: [{DATABASE}]\nendpoint:\n  port: {}\nretainPrevious: 1h\nswitchover:\n  pauseTimeout: 2s\n  catchUpTimeout: 60m",
-                self.endpoint.port
+                "databases: [{DATABASE}]\nendpoint:\n  port: {}\nretainPrevious: 1h\ncopy: {}\nswitchover:\n  pauseTimeout: 2s\n  catchUpTimeout: 60m",
+                self.endpoint.port, self.copy
             ),
         )
     }

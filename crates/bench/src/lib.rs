@@ -36,6 +36,10 @@ pub struct BenchOptions {
     /// The in-place strategy needs `pg_upgrade` of this major (17: the full PyPI build).
     #[arg(long, default_value_t = 17)]
     pub to: u32,
+    /// pgflip's `spec.copy`: auto (physical for upgrades where it can be done), logical or
+    /// physical.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "logical", "physical"])]
+    pub copy: String,
     /// Where the results go.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
@@ -119,8 +123,13 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         );
         let run_one = async |name: &str| -> anyhow::Result<Measured> {
             println!("   {name}: preparing");
-            let mut env =
-                Env::create(&work.join(format!("{name}-{size_mb}mb")), from, scale).await?;
+            let mut env = Env::create(
+                &work.join(format!("{name}-{size_mb}mb")),
+                from,
+                scale,
+                &opts.copy,
+            )
+            .await?;
             println!("   {name}: running");
             let m = match name {
                 "pgflip" => strategies::pgflip(&mut env, to, load).await,

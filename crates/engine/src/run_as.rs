@@ -133,18 +133,39 @@ pub async fn run_async(cmd: Command) -> anyhow::Result<String> {
     outcome(cmd.as_std(), out)
 }
 
-/// [`run_async`] for work that may be abandoned (a copy past its bound): the process is
-/// killed if the future is dropped.
-pub async fn run_async_or_kill(cmd: Command) -> anyhow::Result<String> {
+/// [`run_async`] for a long step of a copy: killed if the future is dropped (a copy past its
+/// bound is abandoned), and its pid kept in `pidfile` while it runs. A pgflip killed
+/// meanwhile leaves the process running (it is in a process group of its own); the
+/// restarted one finds it with [`still_running`] and waits instead of starting another.
+pub async fn run_tracked(cmd: Command, pidfile: &Path) -> anyhow::Result<String> {
     let mut cmd = tokio::process::Command::from(cmd);
-    let out = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
+        .spawn()
         .with_context(|| format!("running {}", describe(cmd.as_std())))?;
-    outcome(cmd.as_std(), out)
+    if let Some(pid) = child.id() {
+        tokio::fs::write(pidfile, pid.to_string()).await?;
+    }
+    let out = child.wait_with_output().await;
+    let _ = tokio::fs::remove_file(pidfile).await;
+    outcome(cmd.as_std(), out?)
+}
+
+/// The pid in `pidfile` ([`run_tracked`]) if that process still runs `program`.
+pub async fn still_running(pidfile: &Path, program: &str) -> Option<i32> {
+    let pid: i32 = tokio::fs::read_to_string(pidfile)
+        .await
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // The pid may have been reused since: the command line must still be the program's.
+    let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.ok()?;
+    String::from_utf8_lossy(&cmdline)
+        .contains(program)
+        .then_some(pid)
 }
 
 /// Whether a command exits successfully (its output discarded), waited for without

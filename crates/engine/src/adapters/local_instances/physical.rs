@@ -9,9 +9,10 @@
 
 use super::{InstanceFile, LocalInstances, configure, make_instance_dir};
 use crate::pg;
+use crate::ports::NotReady;
 use crate::ports::{Addr, Result};
 use crate::replication as repl;
-use crate::run_as::{free_port, run_async, run_async_or_kill, succeeds};
+use crate::run_as::{free_port, run_async, run_tracked, still_running, succeeds};
 use crate::state::{blocking, write_atomic};
 use anyhow::{Context, bail};
 use pgflip_core::plan::Member;
@@ -118,6 +119,13 @@ impl LocalInstances {
             return Ok(());
         }
         let (_, new_bin) = self.bins(from, to)?;
+        let pidfile = staging.join("pg_basebackup.pid");
+        if let Some(pid) = still_running(&pidfile, "pg_basebackup").await {
+            return Err(NotReady(format!(
+                "the base backup for {to} started before pgflip restarted is still running (pid {pid})"
+            ))
+            .into());
+        }
         self.stop_copy(&staging).await?;
         {
             let (staging, run_as) = (staging.clone(), self.run_as);
@@ -133,7 +141,9 @@ impl LocalInstances {
             .arg(staging.join("backup"))
             .args(["-X", "stream", "-c", "fast", "-C", "-S", slot])
             .env("PGPASSWORD", &self.admin.password);
-        run_async_or_kill(backup).await.context("pg_basebackup")?;
+        run_tracked(backup, &pidfile)
+            .await
+            .context("pg_basebackup")?;
         tokio::fs::write(staging.join(BACKUP_DONE), b"").await?;
         Ok(())
     }
@@ -148,6 +158,12 @@ impl LocalInstances {
     ) -> Result<()> {
         let staging = self.staging(to);
         let (old_bin, new_bin) = self.bins(from, to)?;
+        if let Some(pid) = still_running(&staging.join("pg_upgrade.pid"), "pg_upgrade").await {
+            return Err(NotReady(format!(
+                "pg_upgrade for {to} started before pgflip restarted is still running (pid {pid})"
+            ))
+            .into());
+        }
         if !tokio::fs::try_exists(staging.join(UPGRADED)).await? {
             let backup = staging.join("backup");
             if tokio::fs::try_exists(backup.join("global/pg_control.old")).await? {
@@ -334,7 +350,7 @@ impl LocalInstances {
                 "-P",
                 &free_port()?.to_string(),
             ]);
-        run_async_or_kill(upgrade)
+        run_tracked(upgrade, &staging.join("pg_upgrade.pid"))
             .await
             .context("pg_upgrade --link")?;
         Ok(())
