@@ -406,3 +406,77 @@ async fn a_copy_past_its_wal_bound_is_abandoned_and_cleaned_up() {
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
 }
+
+/// pgflip killed (SIGKILL) at every step of a physical copy, and while `pg_basebackup` and
+/// `pg_upgrade` run (they outlive it: a restarted pgflip waits for them and takes what they
+/// made): each restart goes on from what is recorded and on disk, the endpoint always
+/// names one server, and the switch completes with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_inside_the_copy_resumes_and_loses_nothing() {
+    let mut h = Harness::new("databases: [app]\nretainPrevious: 1h");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    let load = h.load(&app, 2, 100);
+    h.kill();
+    let points = [
+        "running:pg_basebackup",
+        "physical:backup-taken",
+        "physical:slots-made",
+        "physical:promoted",
+        "running:pg_upgrade",
+        "physical:upgraded",
+    ];
+    let mut up = None;
+    for point in points {
+        h.start(Some(point));
+        if up.is_none() {
+            up = Some(h.commit_version(17));
+        }
+        assert!(
+            h.wait_killed(3 * MINUTE),
+            "pgflip did not reach {point}\n{}",
+            h.log_tail()
+        );
+        let port = h.serving_port_direct().await;
+        let behind: Vec<&str> = ["blue", "green"]
+            .into_iter()
+            .filter(|c| h.instance_addr(c).is_some_and(|a| a.port == port))
+            .collect();
+        assert_eq!(behind, ["blue"], "{point}: the endpoint names blue only");
+    }
+    h.start(None);
+    let r = h
+        .wait("switch finished after the crashes", 5 * MINUTE, |r| {
+            r.history.len() == 1 && r.attempt.is_none()
+        })
+        .await;
+    assert_eq!(
+        r.serving.map(|m| (m.color, m.major.0)),
+        Some((Color::Green, 17))
+    );
+    let copy = r.history[0]
+        .copy
+        .clone()
+        .expect("the copy method is recorded");
+    assert_eq!(copy.method, CopyMethod::Physical, "{copy:?}");
+    assert_eq!(
+        h.wait_final_note(up.as_ref().unwrap(), MINUTE).await.state,
+        State::Success
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = load.stop().await;
+    assert!(report.committed > 100, "the load ran: {}", report.committed);
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(
+        pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(
+        !h.state.dir("instances").join("green.physical").exists(),
+        "the copy's staging directory is gone"
+    );
+}

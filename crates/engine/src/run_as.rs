@@ -148,6 +148,11 @@ pub async fn run_tracked(cmd: Command, pidfile: &Path) -> anyhow::Result<String>
     if let Some(pid) = child.id() {
         tokio::fs::write(pidfile, pid.to_string()).await?;
     }
+    // A crash while it runs: the process outlives pgflip.
+    if let Some(name) = cmd.as_std().get_program().to_str() {
+        let program = Path::new(name).file_name().and_then(|n| n.to_str());
+        crate::failpoint::hit(&format!("running:{}", program.unwrap_or(name)));
+    }
     let out = child.wait_with_output().await;
     let _ = tokio::fs::remove_file(pidfile).await;
     outcome(cmd.as_std(), out?)

@@ -80,6 +80,7 @@ async fn copy_physically<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineR
         }
     }
     let (_, cut) = cut.context("no database to copy")?;
+    crate::failpoint::hit("physical:slots-made");
     let base_slot = repl::base_slot_name(to.color);
     let mut slots: Vec<String> = cx
         .desired

@@ -145,6 +145,7 @@ impl LocalInstances {
             .await
             .context("pg_basebackup")?;
         tokio::fs::write(staging.join(BACKUP_DONE), b"").await?;
+        crate::failpoint::hit("physical:backup-taken");
         Ok(())
     }
 
@@ -164,12 +165,21 @@ impl LocalInstances {
             ))
             .into());
         }
+        let backup = staging.join("backup");
+        // pg_upgrade --link disables the old cluster (pg_control.old) before it links its
+        // files, and removes its output directory from the new one when it succeeds.
+        let disabled = tokio::fs::try_exists(backup.join("global/pg_control.old")).await?;
+        let finished = disabled
+            && tokio::fs::try_exists(staging.join("new/PG_VERSION")).await?
+            && !tokio::fs::try_exists(staging.join("new/pg_upgrade_output.d")).await?;
+        if finished {
+            // It finished after the pgflip that started it was killed.
+            tokio::fs::write(staging.join(UPGRADED), b"").await?;
+        }
         if !tokio::fs::try_exists(staging.join(UPGRADED)).await? {
-            let backup = staging.join("backup");
-            if tokio::fs::try_exists(backup.join("global/pg_control.old")).await? {
-                // pg_upgrade --link disables the old cluster before it links its files.
+            if disabled {
                 bail!(
-                    "pg_upgrade --link of {to}'s copy was interrupted after it had disabled the copy: it cannot be used again (the attempt is cleaned up and started over)"
+                    "pg_upgrade --link of {to}'s copy stopped after it had disabled the copy and did not finish: the copy cannot be used again; the attempt fails and its cleanup removes it (push a new commit to try again)"
                 );
             }
             let facts = self
@@ -178,6 +188,7 @@ impl LocalInstances {
             self.pg_upgrade(&staging, &old_bin, &new_bin, to, &facts)
                 .await?;
             tokio::fs::write(staging.join(UPGRADED), b"").await?;
+            crate::failpoint::hit("physical:upgraded");
         }
         let dir = self.dir(to);
         let file = InstanceFile {
@@ -218,6 +229,9 @@ impl LocalInstances {
         stop_before: &str,
     ) -> anyhow::Result<ClusterFacts> {
         let staging = backup.parent().context("backup without a parent")?;
+        // Left running by a pgflip killed meanwhile, on a port this pass does not know:
+        // stopped, and started again below (a standby resumes its replay).
+        self.stop_copy(staging).await?;
         let port = free_port()?;
         let passfile = staging.join("pgpass");
         let escape = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
@@ -274,7 +288,7 @@ impl LocalInstances {
         if tokio::fs::try_exists(backup.join("backup_label")).await? {
             tokio::fs::write(backup.join("standby.signal"), b"").await?;
         }
-        if !self.copy_running(backup, old_bin).await? {
+        {
             let mut start = self.run_as.command(&old_bin.join("pg_ctl"));
             start
                 .arg("start")
@@ -312,6 +326,7 @@ impl LocalInstances {
         };
         let facts = cluster_facts(&client).await?;
         drop(client);
+        crate::failpoint::hit("physical:promoted");
         self.stop_copy(staging).await?;
         Ok(facts)
     }
