@@ -75,28 +75,6 @@ fn direct_writer(server: &UserServer, app: &Credentials) -> tokio::task::JoinHan
     })
 }
 
-/// Waits until `switches` switches are done and none is under way; then `serving` serves
-/// and `revision` has its success status.
-async fn wait_switched(
-    h: &Harness,
-    what: &str,
-    switches: usize,
-    revision: &str,
-    serving_now: (Color, u32),
-) {
-    let r = h
-        .wait(what, 5 * MINUTE, |r| {
-            r.history.len() == switches && r.attempt.is_none()
-        })
-        .await;
-    assert_eq!(serving(&r), Some(serving_now), "{what}");
-    assert_eq!(
-        h.wait_final_note(revision, MINUTE).await.state,
-        State::Success,
-        "{what}"
-    );
-}
-
 async fn wait_for_note(h: &Harness, revision: &str, needle: &str) -> String {
     let started = std::time::Instant::now();
     loop {
@@ -154,7 +132,7 @@ async fn adopts_a_server_moves_it_to_its_own_instance_back_and_releases_it() {
     // The client's owner moves it to the endpoint.
     direct.abort();
     let _ = direct.await;
-    wait_switched(&h, "upgrade", 1, &up, (Color::Green, 17)).await;
+    h.wait_switched("upgrade", 1, &up, (Color::Green, 17)).await;
     assert_eq!(
         h.serving_port(&app).await,
         h.instance_addr("green").unwrap().port
@@ -182,7 +160,7 @@ async fn adopts_a_server_moves_it_to_its_own_instance_back_and_releases_it() {
     );
 
     let back = h.revert(&up);
-    wait_switched(&h, "revert", 2, &back, (Color::Blue, 15)).await;
+    h.wait_switched("revert", 2, &back, (Color::Blue, 15)).await;
     assert_eq!(
         h.serving_port(&app).await,
         user.port,
@@ -288,7 +266,8 @@ async fn moves_onto_a_server_the_user_runs_and_back() {
         .await
         .unwrap();
     let up = h.commit_text(&h.document(17), "PostgreSQL 17, the target emptied");
-    wait_switched(&h, "upgrade onto the user's 17", 1, &up, (Color::Green, 17)).await;
+    h.wait_switched("upgrade onto the user's 17", 1, &up, (Color::Green, 17))
+        .await;
     assert_eq!(
         h.serving_port(&app).await,
         new.port,
@@ -298,7 +277,8 @@ async fn moves_onto_a_server_the_user_runs_and_back() {
 
     // (Not `git revert`: the commit before `up` asked for 17 too.)
     let back = h.commit_version(15);
-    wait_switched(&h, "back to 15", 2, &back, (Color::Blue, 15)).await;
+    h.wait_switched("back to 15", 2, &back, (Color::Blue, 15))
+        .await;
     assert_eq!(h.serving_port(&app).await, old.port);
     let report = load.stop().await;
     assert!(report.committed > 0);

@@ -5,36 +5,25 @@
 //! ports, so tests run in parallel with anything else) and stops them on the way out,
 //! pass or fail.
 
+mod common;
+
+use common::TempState;
 use futures_util::{SinkExt, StreamExt};
 use pgflip_core::plan::{Color, Member};
 use pgflip_core::spec::{self, Major, UnsupportedPolicy, Verification};
-use pgflip_engine::adapters::local_instances::{LocalInstances, stop_all};
+use pgflip_engine::adapters::local_instances::LocalInstances;
 use pgflip_engine::pg::{self, ident, qualified};
 use pgflip_engine::ports::Instances;
 use pgflip_engine::ports::{Addr, Credentials};
 use pgflip_engine::schema::{self, SchemaLoad};
-use pgflip_engine::state::StateDir;
 use pgflip_engine::toolchain::Toolchain;
 use pgflip_engine::{preflight, sequences, verify};
 use tokio_postgres::Client;
 
 const COVERAGE: &str = include_str!("fixtures/coverage.sql");
 
-/// Stops the servers when the test ends, however it ends. Declared before the servers
-/// start, so a failure while starting the second one still stops the first.
-struct StopOnDrop {
-    state: StateDir,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        let _ = stop_all(&self.state);
-    }
-}
-
 struct Pair {
-    _guard: StopOnDrop,
+    _guard: TempState,
     blue: Addr,
     green: Addr,
     blue_major: Major,
@@ -45,12 +34,8 @@ struct Pair {
 
 impl Pair {
     async fn start(blue_major: u32, green_major: u32) -> Pair {
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::open(dir.path()).unwrap();
-        let guard = StopOnDrop {
-            state: state.clone(),
-            _dir: dir,
-        };
+        let guard = TempState::new();
+        let state = guard.state.clone();
         let creds = state.admin_credentials().unwrap();
         let toolchain = Toolchain::discover().await;
         let instances = LocalInstances::new(state, toolchain.clone(), creds.clone()).unwrap();

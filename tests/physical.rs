@@ -4,31 +4,68 @@
 
 mod common;
 
-use common::{Harness, MINUTE};
+use common::{Harness, MINUTE, TempState};
 use pgflip_core::plan::{Color, CopyMethod, Member};
 use pgflip_core::report::State;
-use pgflip_core::spec::{self, Major};
-use pgflip_engine::adapters::local_instances::{LocalInstances, stop_all};
+use pgflip_core::spec::{self, Desired, Major};
+use pgflip_engine::adapters::local_instances::LocalInstances;
 use pgflip_engine::pg::connect;
 use pgflip_engine::ports::{Addr, Credentials, Instances};
 use pgflip_engine::replication as repl;
 use pgflip_engine::run_as::{RunAs, run_async};
-use pgflip_engine::state::StateDir;
 use pgflip_engine::toolchain::Toolchain;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_postgres::Client;
 
-/// Stops the servers when the test ends, however it ends.
-struct StopOnDrop {
-    state: StateDir,
-    _dir: tempfile::TempDir,
+/// pgflip's local instances in a temporary state directory, with blue (15) running: the
+/// parts a physical copy 15 → 17 is made of, driven by hand.
+struct Blue15 {
+    temp: TempState,
+    admin: Credentials,
+    toolchain: Toolchain,
+    instances: LocalInstances,
+    desired: Desired,
+    from: Member,
+    to: Member,
+    blue: Addr,
 }
 
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        let _ = stop_all(&self.state);
+impl Blue15 {
+    async fn start() -> Blue15 {
+        let temp = TempState::new();
+        let admin = temp.state.admin_credentials().unwrap();
+        let toolchain = Toolchain::discover().await;
+        let instances =
+            LocalInstances::new(temp.state.clone(), toolchain.clone(), admin.clone()).unwrap();
+        let desired = spec::parse(&spec::render("parts", Major(15), "")).unwrap();
+        let from = Member {
+            color: Color::Blue,
+            major: Major(15),
+        };
+        let to = Member {
+            color: Color::Green,
+            major: Major(17),
+        };
+        let blue = instances.ensure(&from, &desired).await.unwrap();
+        Blue15 {
+            temp,
+            admin,
+            toolchain,
+            instances,
+            desired,
+            from,
+            to,
+            blue,
+        }
+    }
+
+    async fn physical_copy_blocker(&self) -> Option<String> {
+        self.instances
+            .physical_copy_blocker(&self.from, &self.to, &self.desired)
+            .await
+            .unwrap()
     }
 }
 
@@ -94,41 +131,28 @@ async fn commit_record_at(toolchain: &Toolchain, wal: &std::path::Path, lsn: &st
 /// green exactly once, and green has what blue has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_record_at_the_cut_is_applied_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = StateDir::open(dir.path()).unwrap();
-    let _guard = StopOnDrop {
-        state: state.clone(),
-        _dir: dir,
-    };
-    let admin = state.admin_credentials().unwrap();
-    let toolchain = Toolchain::discover().await;
-    let instances = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone()).unwrap();
-    let desired = spec::parse(&spec::render("cut", Major(15), "")).unwrap();
-    let (from, to) = (
-        Member {
-            color: Color::Blue,
-            major: Major(15),
-        },
-        Member {
-            color: Color::Green,
-            major: Major(17),
-        },
-    );
-    let blue = instances.ensure(&from, &desired).await.unwrap();
-    if let Some(blocker) = instances
-        .physical_copy_blocker(&from, &to, &desired)
-        .await
-        .unwrap()
-    {
+    let parts = Blue15::start().await;
+    if let Some(blocker) = parts.physical_copy_blocker().await {
         panic!("a physical copy 15 → 17 cannot be made here: {blocker}");
     }
-    connect(&blue, &admin, "postgres")
+    let Blue15 {
+        temp,
+        admin,
+        toolchain,
+        instances,
+        desired,
+        from,
+        to,
+        blue,
+    } = &parts;
+    let state = &temp.state;
+    connect(blue, admin, "postgres")
         .await
         .unwrap()
         .batch_execute("CREATE DATABASE app")
         .await
         .unwrap();
-    let blue_app = connect(&blue, &admin, "app").await.unwrap();
+    let blue_app = connect(blue, admin, "app").await.unwrap();
     blue_app
         .batch_execute(
             "CREATE TABLE keyless (n bigint NOT NULL); ALTER TABLE keyless REPLICA IDENTITY FULL;
@@ -138,12 +162,12 @@ async fn a_commit_record_at_the_cut_is_applied_once() {
         .unwrap();
     repl::ensure_own_schema(&blue_app).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = slow_committers(&blue, &admin, 6, stop.clone());
+    let writers = slow_committers(blue, admin, 6, stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let slot = repl::base_slot_name(to.color);
     instances
-        .base_backup(&from, &to, &blue, &slot, &desired)
+        .base_backup(from, to, blue, &slot, desired)
         .await
         .unwrap();
     let link = repl::link_name(from.color, to.color, "app");
@@ -153,7 +177,7 @@ async fn a_commit_record_at_the_cut_is_applied_once() {
     for _ in 0..300 {
         repl::ensure_slot(&blue_app, &link).await.unwrap();
         let lsn = repl::slot_start(&blue_app, &link).await.unwrap();
-        if commit_record_at(&toolchain, &wal, &lsn).await {
+        if commit_record_at(toolchain, &wal, &lsn).await {
             cut = Some(lsn);
             break;
         }
@@ -163,12 +187,12 @@ async fn a_commit_record_at_the_cut_is_applied_once() {
     let cut = cut.expect("no slot started at a commit record in 300 tries");
 
     let green = instances
-        .upgrade_backup(&from, &to, &blue, &slot, &cut, &desired)
+        .upgrade_backup(from, to, blue, &slot, &cut, desired)
         .await
         .unwrap();
-    let blue_postgres = connect(&blue, &admin, "postgres").await.unwrap();
+    let blue_postgres = connect(blue, admin, "postgres").await.unwrap();
     repl::drop_slot(&blue_postgres, &slot).await.unwrap();
-    let green_app = connect(&green, &admin, "app").await.unwrap();
+    let green_app = connect(&green, admin, "app").await.unwrap();
     let version: String = green_app
         .query_one("SHOW server_version_num", &[])
         .await
@@ -179,8 +203,8 @@ async fn a_commit_record_at_the_cut_is_applied_once() {
     repl::ensure_subscription(
         &green_app,
         &link,
-        &blue,
-        &admin,
+        blue,
+        admin,
         "app",
         repl::Start::FromLsn(cut.clone()),
     )
@@ -221,47 +245,48 @@ async fn a_commit_record_at_the_cut_is_applied_once() {
 /// physical path; without it the path is open. The scratch cluster is gone either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_upgrade_check_findings_keep_the_copy_logical_and_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = StateDir::open(dir.path()).unwrap();
-    let _guard = StopOnDrop {
-        state: state.clone(),
-        _dir: dir,
-    };
-    let admin = state.admin_credentials().unwrap();
-    let instances =
-        LocalInstances::new(state.clone(), Toolchain::discover().await, admin.clone()).unwrap();
-    let desired = spec::parse(&spec::render("check", Major(15), "")).unwrap();
-    let from = Member {
-        color: Color::Blue,
-        major: Major(15),
-    };
-    let to = Member {
-        color: Color::Green,
-        major: Major(17),
-    };
-    let blue = instances.ensure(&from, &desired).await.unwrap();
-    let c = connect(&blue, &admin, "postgres").await.unwrap();
+    let parts = Blue15::start().await;
+    let c = connect(&parts.blue, &parts.admin, "postgres")
+        .await
+        .unwrap();
     c.batch_execute("CREATE TABLE grants_kept (who aclitem)")
         .await
         .unwrap();
-    let blocker = instances
-        .physical_copy_blocker(&from, &to, &desired)
+    let blocker = parts
+        .physical_copy_blocker()
         .await
-        .unwrap()
         .expect("pg_upgrade --check refuses an aclitem column");
     assert!(
         blocker.contains("pg_upgrade --check") && blocker.contains("grants_kept"),
         "{blocker}"
     );
     c.batch_execute("DROP TABLE grants_kept").await.unwrap();
-    assert_eq!(
-        instances
-            .physical_copy_blocker(&from, &to, &desired)
-            .await
-            .unwrap(),
-        None
+    assert_eq!(parts.physical_copy_blocker().await, None);
+    assert!(
+        !parts
+            .temp
+            .state
+            .dir("instances")
+            .join("green.check")
+            .exists()
     );
-    assert!(!state.dir("instances").join("green.check").exists());
+}
+
+/// Waits until the first switch is done: green's 17 serves, the history says the copy was
+/// physical and where it was cut, and `revision` has its success status (returned).
+async fn switched_physically_to_17(
+    h: &Harness,
+    what: &str,
+    revision: &str,
+) -> pgflip_core::report::Update {
+    let r = h.wait_switched(what, 1, revision, (Color::Green, 17)).await;
+    let copy = r.history[0]
+        .copy
+        .clone()
+        .expect("the copy method is recorded");
+    assert_eq!(copy.method, CopyMethod::Physical, "{copy:?}");
+    assert!(copy.cut_lsn.is_some(), "{copy:?}");
+    h.wait_final_note(revision, MINUTE).await
 }
 
 /// A few milliseconds of jitter, so slot creations do not fall into step with the clients.
@@ -306,23 +331,7 @@ async fn auto_upgrades_physically_and_reverts() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let up = h.commit_version(17);
-    let r = h
-        .wait("upgrade", 5 * MINUTE, |r| {
-            r.history.len() == 1 && r.attempt.is_none()
-        })
-        .await;
-    assert_eq!(
-        r.serving.map(|m| (m.color, m.major.0)),
-        Some((Color::Green, 17))
-    );
-    let copy = r.history[0]
-        .copy
-        .clone()
-        .expect("the copy method is recorded");
-    assert_eq!(copy.method, CopyMethod::Physical, "{copy:?}");
-    assert!(copy.cut_lsn.is_some(), "{copy:?}");
-    let note = h.wait_final_note(&up, MINUTE).await;
-    assert_eq!(note.state, State::Success, "{note:?}");
+    let note = switched_physically_to_17(&h, "upgrade", &up).await;
     assert!(note.message.contains("copied physical"), "{}", note.message);
     assert_eq!(
         connect(&endpoint, &admin, "reports")
@@ -344,30 +353,13 @@ async fn auto_upgrades_physically_and_reverts() {
     );
 
     let back = h.revert(&up);
-    let r = h
-        .wait("revert", 5 * MINUTE, |r| {
-            r.history.len() == 2 && r.attempt.is_none()
-        })
-        .await;
-    assert_eq!(
-        r.serving.map(|m| (m.color, m.major.0)),
-        Some((Color::Blue, 15))
-    );
-    assert_eq!(h.wait_final_note(&back, MINUTE).await.state, State::Success);
+    h.wait_switched("revert", 2, &back, (Color::Blue, 15)).await;
     stop.store(true, Ordering::SeqCst);
     let mut acked = Vec::new();
     for w in writers {
         acked.extend(w.await.unwrap());
     }
-    let report = load.stop().await;
-    assert!(report.committed > 100, "the load ran: {}", report.committed);
-    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
-    assert_eq!(
-        pgflip_engine::load::lost_commits(&report, &endpoint, &admin, "app")
-            .await
-            .unwrap(),
-        0
-    );
+    h.stop_load_checked(load).await;
     let on_blue = numbers(&connect(&endpoint, &admin, "app").await.unwrap()).await;
     let mut unique = on_blue.clone();
     unique.dedup();
@@ -447,34 +439,9 @@ async fn killed_inside_the_copy_resumes_and_loses_nothing() {
         assert_eq!(behind, ["blue"], "{point}: the endpoint names blue only");
     }
     h.start(None);
-    let r = h
-        .wait("switch finished after the crashes", 5 * MINUTE, |r| {
-            r.history.len() == 1 && r.attempt.is_none()
-        })
-        .await;
-    assert_eq!(
-        r.serving.map(|m| (m.color, m.major.0)),
-        Some((Color::Green, 17))
-    );
-    let copy = r.history[0]
-        .copy
-        .clone()
-        .expect("the copy method is recorded");
-    assert_eq!(copy.method, CopyMethod::Physical, "{copy:?}");
-    assert_eq!(
-        h.wait_final_note(up.as_ref().unwrap(), MINUTE).await.state,
-        State::Success
-    );
+    switched_physically_to_17(&h, "the switch after the crashes", up.as_ref().unwrap()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let report = load.stop().await;
-    assert!(report.committed > 100, "the load ran: {}", report.committed);
-    assert_eq!(report.failed, 0, "{:?}", report.errors);
-    assert_eq!(
-        pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
-            .await
-            .unwrap(),
-        0
-    );
+    h.stop_load_checked(load).await;
     assert!(
         !h.state.dir("instances").join("green.physical").exists(),
         "the copy's staging directory is gone"

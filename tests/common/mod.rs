@@ -23,6 +23,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A temporary state directory whose servers are stopped when it is dropped, however the
+/// test ends. Made before the servers start, so a failure while starting the second one
+/// still stops the first.
+pub struct TempState {
+    pub state: StateDir,
+    _dir: tempfile::TempDir,
+}
+
+impl TempState {
+    pub fn new() -> TempState {
+        let dir = tempfile::tempdir().unwrap();
+        TempState {
+            state: StateDir::open(dir.path()).unwrap(),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TempState {
+    fn drop(&mut self) {
+        let _ = pgflip_engine::adapters::local_instances::stop_all(&self.state);
+    }
+}
+
 /// The last `lines` lines of a log file (empty if it cannot be read), for a failing test.
 pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -345,6 +369,50 @@ impl Harness {
             clients,
             rate_per_sec: Some(rate),
         })
+    }
+
+    /// Waits until `switches` switches are done and none is under way; then `serving_now`
+    /// (color, major) serves and `revision` has its success status. Returns the record.
+    pub async fn wait_switched(
+        &self,
+        what: &str,
+        switches: usize,
+        revision: &str,
+        serving_now: (pgflip_core::plan::Color, u32),
+    ) -> Record {
+        let r = self
+            .wait(what, 5 * MINUTE, |r| {
+                r.history.len() == switches && r.attempt.is_none()
+            })
+            .await;
+        assert_eq!(
+            r.serving.map(|m| (m.color, m.major.0)),
+            Some(serving_now),
+            "{what}"
+        );
+        assert_eq!(
+            self.wait_final_note(revision, MINUTE).await.state,
+            State::Success,
+            "{what}"
+        );
+        r
+    }
+
+    /// Stops the load and checks what it saw: it committed, nothing failed, and every
+    /// acknowledged commit is there behind the endpoint.
+    pub async fn stop_load_checked(
+        &self,
+        load: pgflip_engine::load::LoadHandle,
+    ) -> pgflip_engine::load::LoadReport {
+        let report = load.stop().await;
+        assert!(report.committed > 100, "the load ran: {}", report.committed);
+        assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+        let lost =
+            pgflip_engine::load::lost_commits(&report, &self.endpoint(), &self.admin(), "app")
+                .await
+                .unwrap();
+        assert_eq!(lost, 0, "acknowledged commits lost");
+        report
     }
 
     /// The port the endpoint currently sends clients to.

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 mod physical;
+mod upgrade_check;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct InstanceFile {
@@ -318,9 +319,10 @@ pub fn stop_all(state: &StateDir) -> anyhow::Result<()> {
         return Ok(());
     };
     for e in entries.flatten() {
-        // A physical copy's servers, replaying or upgrading (see `physical`).
-        for copy in [e.path().join("backup"), e.path().join("new")] {
-            if let Ok(version) = std::fs::read_to_string(copy.join("PG_VERSION"))
+        // An instance's server (`data`), or a physical copy's, replaying (`backup`) or
+        // upgrading (`new`, see `physical`): each data directory names its major.
+        for data in ["data", "backup", "new"].map(|d| e.path().join(d)) {
+            if let Ok(version) = std::fs::read_to_string(data.join("PG_VERSION"))
                 && let Ok(major) = version.trim().parse::<u32>()
                 && let Ok(bin) = toolchain.server_bin(major)
             {
@@ -328,29 +330,12 @@ pub fn stop_all(state: &StateDir) -> anyhow::Result<()> {
                     .command(&bin.join("pg_ctl"))
                     .arg("stop")
                     .arg("-D")
-                    .arg(&copy)
+                    .arg(&data)
                     .args(["-m", "immediate", "-w", "-t", "30"])
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
                     .status();
             }
-        }
-        let Ok(bytes) = std::fs::read(e.path().join("instance.json")) else {
-            continue;
-        };
-        let Ok(file) = serde_json::from_slice::<InstanceFile>(&bytes) else {
-            continue;
-        };
-        if let Ok(bin) = toolchain.server_bin(file.major.0) {
-            let _ = run_as
-                .command(&bin.join("pg_ctl"))
-                .arg("stop")
-                .arg("-D")
-                .arg(e.path().join("data"))
-                .args(["-m", "immediate", "-w", "-t", "30"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
         }
     }
     Ok(())
