@@ -183,7 +183,7 @@ async fn inside_pause(
         .await
         .context("fencing the source")?;
     m.fence_ms = ms(t.elapsed());
-    failpoint::hit("switchover:fenced");
+    failpoint::inject("switchover:fenced").await?;
 
     let t = Instant::now();
     let token = repl::marker_token("switch");
@@ -213,7 +213,7 @@ async fn inside_pause(
         m.sequences_synced += sequences::apply_all(&p.target, &moved).await?;
     }
     m.sequences_ms = ms(t.elapsed());
-    failpoint::hit("switchover:sequences-synced");
+    failpoint::inject("switchover:sequences-synced").await?;
     Ok(())
 }
 
