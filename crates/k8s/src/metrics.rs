@@ -282,6 +282,78 @@ mod tests {
         );
     }
 
+    /// Every `expr` of `dashboards/pgflip.json`, and every metric name in them.
+    fn dashboard_queries() -> (Vec<String>, Vec<String>) {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../dashboards/pgflip.json")).unwrap();
+        fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        match (k.as_str(), v.as_str()) {
+                            ("expr" | "query", Some(e)) => out.push(e.to_string()),
+                            _ => collect(v, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
+                _ => {}
+            }
+        }
+        let mut exprs = Vec::new();
+        collect(&dashboard, &mut exprs);
+        let mut names: Vec<String> = exprs
+            .iter()
+            .flat_map(|e| {
+                e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("pgflip_"))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        (exprs, names)
+    }
+
+    #[test]
+    fn the_dashboard_queries_only_what_the_controller_exports() {
+        let (exprs, names) = dashboard_queries();
+        assert!(exprs.len() >= 6, "{exprs:?}");
+        let m = Metrics::default();
+        m.switch_done("shop", "orders", "upgrade", Duration::from_millis(42));
+        m.set_phase("shop", "orders", "verify");
+        m.set_lag("shop", "orders", 1);
+        m.error("postgres");
+        let text = m.encode();
+        // The dashboard asks only for series the controller exports, and has a panel for
+        // each family it exports.
+        let exported: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        for name in &names {
+            assert!(
+                exported.contains(name.as_str()),
+                "the dashboard queries {name}, which the controller does not export:\n{text}"
+            );
+        }
+        for family in [
+            "pgflip_switches_total",
+            "pgflip_switch_pause_seconds",
+            "pgflip_phase",
+            "pgflip_replication_lag_bytes",
+            "pgflip_reconcile_errors_total",
+            "pgflip_leader",
+        ] {
+            assert!(
+                names.iter().any(|n| n.starts_with(family)),
+                "the dashboard has no panel for {family}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn probes_answer_and_readiness_follows_the_lease() {
         let port = pgflip_engine::run_as::free_port().unwrap();
