@@ -15,15 +15,7 @@ use std::time::Duration;
 /// gone, and clients run on blue within the bound. Then pgflip runs again, unarmed, and
 /// switches; the load lost nothing.
 async fn rolled_back_inside_the_pause(failpoint: &str, extra_spec: &str, cause: &str) {
-    let mut h = Harness::new(&format!(
-        "databases: [app]\nretainPrevious: 1h\n{extra_spec}"
-    ));
-    h.commit_version(15);
-    h.start(None);
-    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
-    let app = h.load_sample().await;
-    let load = h.load(&app, 2, 100);
-    h.kill();
+    let (mut h, app, load) = Harness::serving_15_under_load(extra_spec, 2, 100).await;
     h.start(Some(failpoint));
     let up = h.commit_version(16);
     h.wait("the first pause rolled back", 3 * MINUTE, |r| {

@@ -370,13 +370,7 @@ async fn ddl_after_copy_blocks_the_switch() {
 /// primaries behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_every_boundary_resumes_and_loses_nothing() {
-    let mut h = Harness::new("databases: [app]\nretainPrevious: 1h");
-    h.commit_version(15);
-    h.start(None);
-    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
-    let app = h.load_sample().await;
-    let load = h.load(&app, 3, 150);
-    h.kill();
+    let (mut h, _app, load) = Harness::serving_15_under_load("", 3, 150).await;
     let points = [
         "before:preflight",
         "before:provision",
@@ -407,16 +401,8 @@ async fn killed_at_every_boundary_resumes_and_loses_nothing() {
             h.log_tail()
         );
         // Whatever the moment, the endpoint names exactly one of the two servers.
-        let port = h.serving_port_direct().await;
-        let behind: Vec<&str> = ["blue", "green"]
-            .into_iter()
-            .filter(|c| h.instance_addr(c).is_some_and(|a| a.port == port))
-            .collect();
-        assert_eq!(
-            behind.len(),
-            1,
-            "{point}: endpoint port {port} matches {behind:?}"
-        );
+        let behind = h.endpoint_behind().await;
+        assert_eq!(behind.len(), 1, "{point}: the endpoint names {behind:?}");
     }
     h.start(None);
     let r = h

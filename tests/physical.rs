@@ -405,13 +405,7 @@ async fn a_copy_past_its_wal_bound_is_abandoned_and_cleaned_up() {
 /// names one server, and the switch completes with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_inside_the_copy_resumes_and_loses_nothing() {
-    let mut h = Harness::new("databases: [app]\nretainPrevious: 1h");
-    h.commit_version(15);
-    h.start(None);
-    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
-    let app = h.load_sample().await;
-    let load = h.load(&app, 2, 100);
-    h.kill();
+    let (mut h, _app, load) = Harness::serving_15_under_load("", 2, 100).await;
     let points = [
         "running:pg_basebackup",
         "physical:backup-taken",
@@ -431,12 +425,11 @@ async fn killed_inside_the_copy_resumes_and_loses_nothing() {
             "pgflip did not reach {point}\n{}",
             h.log_tail()
         );
-        let port = h.serving_port_direct().await;
-        let behind: Vec<&str> = ["blue", "green"]
-            .into_iter()
-            .filter(|c| h.instance_addr(c).is_some_and(|a| a.port == port))
-            .collect();
-        assert_eq!(behind, ["blue"], "{point}: the endpoint names blue only");
+        assert_eq!(
+            h.endpoint_behind().await,
+            ["blue"],
+            "{point}: the endpoint names blue only"
+        );
     }
     h.start(None);
     switched_physically_to_17(&h, "the switch after the crashes", up.as_ref().unwrap()).await;

@@ -371,6 +371,35 @@ impl Harness {
         })
     }
 
+    /// A database at 15 bootstrapped by pgflip with the sample schema, a load of `clients`
+    /// at `rate` tx/s through the endpoint, and pgflip stopped again (so a test starts it
+    /// with the failpoint it needs). Returns the harness, the app login and the load.
+    pub async fn serving_15_under_load(
+        extra_spec: &str,
+        clients: usize,
+        rate: u32,
+    ) -> (Harness, Credentials, pgflip_engine::load::LoadHandle) {
+        let mut h = Harness::new(&format!(
+            "databases: [app]\nretainPrevious: 1h\n{extra_spec}"
+        ));
+        h.commit_version(15);
+        h.start(None);
+        h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+        let app = h.load_sample().await;
+        let load = h.load(&app, clients, rate);
+        h.kill();
+        (h, app, load)
+    }
+
+    /// The colors whose instance the endpoint sends clients to (exactly one, always).
+    pub async fn endpoint_behind(&self) -> Vec<&'static str> {
+        let port = self.serving_port_direct().await;
+        ["blue", "green"]
+            .into_iter()
+            .filter(|c| self.instance_addr(c).is_some_and(|a| a.port == port))
+            .collect()
+    }
+
     /// Waits until `switches` switches are done and none is under way; then `serving_now`
     /// (color, major) serves and `revision` has its success status. Returns the record.
     pub async fn wait_switched(

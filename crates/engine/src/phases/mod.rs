@@ -134,21 +134,25 @@ impl<I: Instances, R: Router> Ctx<'_, I, R> {
     ) -> EngineResult<T> {
         let bound = self.desired.switchover.max_retained_wal_bytes;
         let watch = async {
+            let mut client = None;
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 // A read that fails (the source restarting, say) is not a reason to stop
-                // the copy: the next one decides.
-                let Ok(client) = self.connect(&self.source, "postgres").await else {
-                    continue;
-                };
-                if let Ok(Some(held)) = repl::retained_wal(&client, slots).await
-                    && held as u64 > bound
-                {
-                    return EngineError::RetainedWalBound {
-                        source_member: self.attempt.from,
-                        held_bytes: held,
-                        bound_bytes: bound,
-                    };
+                // the copy: the next one, on a new connection, decides.
+                if client.is_none() {
+                    client = self.connect(&self.source, "postgres").await.ok();
+                }
+                let Some(c) = &client else { continue };
+                match repl::retained_wal(c, slots).await {
+                    Ok(Some(held)) if held as u64 > bound => {
+                        return EngineError::RetainedWalBound {
+                            source_member: self.attempt.from,
+                            held_bytes: held,
+                            bound_bytes: bound,
+                        };
+                    }
+                    Ok(_) => {}
+                    Err(_) => client = None,
                 }
             }
         };

@@ -10,6 +10,7 @@ use crate::preflight;
 use crate::replication as repl;
 use crate::steps::{Learned, Stepped};
 use pgflip_core::plan::{AttemptKind, choose_copy};
+use pgflip_core::spec::CopyPreference;
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     let attempt = cx.attempt;
@@ -62,9 +63,16 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     let mut copy = None;
     if attempt.kind == AttemptKind::Full {
         refusals.extend(target_in_the_way(cx).await?);
-        let blocker = instances
-            .physical_copy_blocker(&attempt.from, &attempt.to, cx.desired)
-            .await?;
+        // Asked only where it can change the choice: it runs `pg_upgrade --check`.
+        let blocker = if cx.desired.copy == CopyPreference::Logical
+            || attempt.to.major <= attempt.from.major
+        {
+            None
+        } else {
+            instances
+                .physical_copy_blocker(&attempt.from, &attempt.to, cx.desired)
+                .await?
+        };
         match choose_copy(
             cx.desired.copy,
             attempt.from.major,

@@ -221,22 +221,20 @@ impl LocalInstances {
         if tokio::fs::try_exists(backup.join("backup_label")).await? {
             tokio::fs::write(backup.join("standby.signal"), b"").await?;
         }
-        {
-            let mut start = self.run_as.command(&old_bin.join("pg_ctl"));
-            start
-                .arg("start")
-                .arg("-D")
-                .arg(backup)
-                .arg("-l")
-                .arg(staging.join("replay.log"))
-                .args(["-w", "-t", "600"]);
-            run_async(start).await.with_context(|| {
-                format!(
-                    "starting the copy to replay it; see {}",
-                    staging.join("replay.log").display()
-                )
-            })?;
-        }
+        let mut start = self.run_as.command(&old_bin.join("pg_ctl"));
+        start
+            .arg("start")
+            .arg("-D")
+            .arg(backup)
+            .arg("-l")
+            .arg(staging.join("replay.log"))
+            .args(["-w", "-t", "600"]);
+        run_async(start).await.with_context(|| {
+            format!(
+                "starting the copy to replay it; see {}",
+                staging.join("replay.log").display()
+            )
+        })?;
         let addr = Addr {
             host: "127.0.0.1".into(),
             port,

@@ -20,9 +20,6 @@ impl LocalInstances {
         from: &Member,
         to: &Member,
     ) -> anyhow::Result<Option<String>> {
-        if to.major <= from.major {
-            return Ok(Some("pg_upgrade only goes up".into()));
-        }
         let (old_bin, new_bin) = match self.bins(from, to) {
             Ok(bins) => bins,
             Err(missing) => return Ok(Some(missing.to_string())),
