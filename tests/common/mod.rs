@@ -419,11 +419,17 @@ impl Harness {
             Some(serving_now),
             "{what}"
         );
-        assert_eq!(
-            self.wait_final_note(revision, MINUTE).await.state,
-            State::Success,
-            "{what}"
-        );
+        // The status follows the record: an attempt that was retried (a pause rolled back,
+        // say) carries a failure note until the success note lands.
+        let started = Instant::now();
+        while self.wait_final_note(revision, MINUTE).await.state != State::Success {
+            assert!(
+                started.elapsed() < MINUTE,
+                "{what}: no success status on {revision}: {:#?}",
+                self.notes(revision)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         r
     }
 
