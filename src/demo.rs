@@ -122,6 +122,7 @@ async fn run_in(root: &std::path::Path, opts: &DemoOptions) -> anyhow::Result<De
             state_dir: state.root.clone(),
             poll: Duration::from_millis(300),
             forge: None,
+            plan_every: Duration::from_secs(30),
         },
         stop_rx,
     ));
@@ -209,16 +210,13 @@ async fn wait_for(
     notes_of: Option<(&std::path::Path, &str)>,
 ) -> anyhow::Result<Record> {
     let started = Instant::now();
-    let mut last = String::new();
+    let mut watch = crate::watch::Watch::default();
     loop {
         let r = state.load_async().await?;
         if done(&r) {
             return Ok(r);
         }
-        let mut line = match &r.attempt {
-            Some(a) => format!("{} → {}: {}", a.from, a.to, a.phase),
-            None => String::new(),
-        };
+        let mut detail = None;
         if let Some((repo, rev)) = notes_of
             && let Some(u) = read_notes(repo, rev)
                 .await
@@ -228,14 +226,9 @@ async fn wait_for(
             if u.state == pgflip_core::report::State::Failure {
                 bail!("{what} failed: {}", u.message);
             }
-            if !line.is_empty() {
-                line = format!("{line} — {}", u.message);
-            }
+            detail = Some(u.message);
         }
-        if !line.is_empty() && line != last {
-            println!("  {:>6.1}s  {line}", started.elapsed().as_secs_f64());
-            last = line;
-        }
+        watch.show(&r, detail.as_deref());
         if started.elapsed() > timeout {
             bail!("{what} did not finish within {timeout:?}");
         }

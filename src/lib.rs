@@ -1,4 +1,5 @@
-//! pgflip's front: the binary's subcommands, local mode's run loop ([`local`]) and the
+//! pgflip's front: the binary's subcommands, local mode's run loop ([`local`]), plans on pull requests ([`plans`]),
+//! progress in the terminal ([`watch`]) and the
 //! end-to-end demo ([`demo`]). The rest lives in the workspace's crates:
 //!
 //! - `pgflip-core`: the pure model and decisions (the document, the phase machine, reports).
@@ -8,3 +9,5 @@
 
 pub mod demo;
 pub mod local;
+pub mod plans;
+pub mod watch;

@@ -4,7 +4,9 @@
 //! A thin loop around the shared [`Runner`]: look at the branch, take what it carries,
 //! step.
 
+use crate::plans::{PullRequestPlans, plan_update};
 use pgflip_core::plan::{Member, Record};
+use pgflip_core::report::Update;
 use pgflip_core::spec::Desired;
 use pgflip_engine::adapters::adopted::Adopting;
 use pgflip_engine::adapters::forge_status::{ForgeStatus, Sinks};
@@ -16,7 +18,7 @@ use pgflip_engine::adapters::pgbouncer::PgBouncer;
 use pgflip_engine::driver::{Driver, Progress, system_clock};
 use pgflip_engine::intake;
 use pgflip_engine::phases::Phases;
-use pgflip_engine::ports::{Instances, Source};
+use pgflip_engine::ports::{Instances, Source, StatusSink};
 use pgflip_engine::runner::Runner;
 use pgflip_engine::state::StateDir;
 use pgflip_engine::toolchain::Toolchain;
@@ -33,14 +35,18 @@ pub struct LocalOptions {
     pub file: Option<String>,
     pub state_dir: PathBuf,
     pub poll: Duration,
-    /// Also post commit statuses here (context `pgflip/<metadata.name>`).
+    /// Also post commit statuses here (context `pgflip/<metadata.name>`), and plans on
+    /// the open pull requests into the branch (`pgflip/plan/<metadata.name>`).
     pub forge: Option<ForgeStatus>,
+    /// How often to look at the open pull requests.
+    pub plan_every: Duration,
 }
 
 pub type LocalSinks = Sinks<GitNotes, ForgeStatus>;
 /// Servers the user lists in `spec.adopt`, else pgflip's own processes.
 pub type LocalServers = Adopting<LocalInstances, LocalPasswords>;
-pub type LocalRunner = Runner<Phases<LocalServers, PgBouncer>, StateDir, LocalSinks>;
+pub type LocalSteps = Phases<LocalServers, PgBouncer>;
+pub type LocalRunner = Runner<LocalSteps, StateDir, LocalSinks>;
 
 /// Runs until `stop` turns true. Every pass: observe the branch, take a new revision (a
 /// bad one gets a failure note and changes nothing), and take one step.
@@ -61,6 +67,10 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
             .as_ref()
             .map(|f| f.with_context(format!("pgflip/{name}"))),
     };
+    let mut plans = opts
+        .forge
+        .as_ref()
+        .map(|forge| PullRequestPlans::new(forge.clone(), notes.clone(), opts.plan_every));
     // Until a first valid desired state there is no runner: bad revisions are only reported.
     let mut unstarted = Some(state.load_async().await?);
     let mut runner: Option<LocalRunner> = None;
@@ -105,6 +115,12 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
                 })
             }
         };
+        if let (Some(plans), Some(runner)) = (plans.as_mut(), runner.as_ref()) {
+            let steps = runner.driver().steps();
+            plans
+                .look(&source, &opts.branch, &observed, steps, runner.record())
+                .await;
+        }
         match progress {
             Progress::Busy => {}
             Progress::After(d) => wait(d.min(opts.poll), &mut stop).await,
@@ -124,7 +140,18 @@ async fn build_driver(
     state: &StateDir,
     desired: &Desired,
     sinks: LocalSinks,
-) -> anyhow::Result<Driver<Phases<LocalServers, PgBouncer>, StateDir, LocalSinks>> {
+) -> anyhow::Result<Driver<LocalSteps, StateDir, LocalSinks>> {
+    Ok(Driver::new(
+        build_steps(state, desired).await?,
+        state.clone(),
+        sinks,
+        system_clock(),
+    ))
+}
+
+/// The phases over this machine's instances (or the servers the document adopts) and
+/// its PgBouncer endpoint.
+async fn build_steps(state: &StateDir, desired: &Desired) -> anyhow::Result<LocalSteps> {
     let toolchain = Toolchain::discover().await;
     let admin = state.admin_credentials()?;
     let own = LocalInstances::new(state.clone(), toolchain.clone(), admin.clone())?;
@@ -135,12 +162,40 @@ async fn build_driver(
         admin.clone(),
         desired.endpoint_port,
     )?;
-    Ok(Driver::new(
-        Phases::new(instances, router, toolchain, admin),
-        state.clone(),
-        sinks,
-        system_clock(),
-    ))
+    Ok(Phases::new(instances, router, toolchain, admin))
+}
+
+/// The plan of the document at `git_ref` of `repo` against what the state directory
+/// runs (`pgflip plan`, for a CI job on the host where pgflip runs): the update it
+/// makes, posted to the forge when one is given.
+pub async fn plan(
+    state_dir: PathBuf,
+    repo: String,
+    git_ref: String,
+    file: Option<String>,
+    forge: Option<ForgeStatus>,
+) -> anyhow::Result<Update> {
+    let state = StateDir::open(&state_dir)?;
+    let record = state.load_async().await?;
+    let Some(wanted) = &record.wanted else {
+        anyhow::bail!(
+            "{} runs nothing yet: nothing to plan against",
+            state_dir.display()
+        );
+    };
+    let source = GitSource::open_async(repo, "main".into(), file, state.dir("repo")).await?;
+    let observed = source.read_ref(&git_ref).await?.observed()?;
+    let steps = build_steps(&state, &wanted.desired).await?;
+    let mut update = plan_update(&steps, &record, &observed).await?;
+    if let Some(forge) = forge {
+        let name = observed.name.as_deref().unwrap_or("document");
+        update.at = pgflip_engine::clock::rfc3339_ms(pgflip_engine::clock::now_ms());
+        forge
+            .with_context(format!("pgflip/plan/{name}"))
+            .publish(&observed.revision, &update)
+            .await?;
+    }
+    Ok(update)
 }
 
 /// What runs each member the record names, for `pgflip status`: a server the user runs

@@ -1,4 +1,4 @@
-//! The one binary: `local`, `demo`, `bench`, `status`, `stop`, `crd`.
+//! The one binary: `local`, `plan`, `demo`, `bench`, `status`, `stop`, `crd`.
 
 use clap::{Parser, Subcommand};
 use pgflip_core::plan::Record;
@@ -41,6 +41,28 @@ enum Command {
         poll: Duration,
         #[command(flatten)]
         forge: ForgeArgs,
+        /// With --forge: how often to look at the open pull requests into the branch (each
+        /// new head that changes the document gets a `pgflip/plan/<name>` status).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        plan_every: Duration,
+    },
+    /// What merging a document would do, against what runs now, read-only: for a CI job on
+    /// the host where pgflip runs. Exits non-zero when the switch would be refused.
+    Plan {
+        /// A path to the Git repository, or its URL.
+        #[arg(long)]
+        repo: String,
+        /// The ref to plan: `refs/pull/7/head`, `refs/heads/bump-to-17`.
+        #[arg(long = "ref")]
+        git_ref: String,
+        /// The document's path (found by `kind: BlueGreenDatabase` if omitted).
+        #[arg(long)]
+        file: Option<String>,
+        #[arg(long, default_value = ".pgflip")]
+        state_dir: PathBuf,
+        /// Also post the plan as a commit status (`pgflip/plan/<name>`).
+        #[command(flatten)]
+        forge: ForgeArgs,
     },
     /// Show the active color and version, the phase and the history of switches.
     Status {
@@ -49,6 +71,9 @@ enum Command {
         /// Print the full record as JSON.
         #[arg(long)]
         json: bool,
+        /// Follow an attempt live (phases, bytes copied, rate, time left) until it ends.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
     /// Stop the instances and the endpoint of a state directory (they outlive `pgflip local`).
     Stop {
@@ -117,6 +142,7 @@ fn main() -> anyhow::Result<()> {
                 state_dir,
                 poll,
                 forge,
+                plan_every,
             } => {
                 let forge = forge.sink()?;
                 let rx = stop_signal();
@@ -128,14 +154,37 @@ fn main() -> anyhow::Result<()> {
                         state_dir,
                         poll,
                         forge,
+                        plan_every,
                     },
                     rx,
                 )
                 .await
             }
-            Command::Status { state_dir, json } => {
+            Command::Plan {
+                repo,
+                git_ref,
+                file,
+                state_dir,
+                forge,
+            } => {
+                let update =
+                    pgflip::local::plan(state_dir, repo, git_ref, file, forge.sink()?).await?;
+                print!("{}", update.report.as_deref().unwrap_or(""));
+                match update.state {
+                    pgflip_core::report::State::Failure => anyhow::bail!("{}", update.message),
+                    _ => Ok(()),
+                }
+            }
+            Command::Status {
+                state_dir,
+                json,
+                watch,
+            } => {
                 let state = StateDir::open(state_dir)?;
-                let record = state.load()?;
+                if watch {
+                    watch_attempt(&state).await?;
+                }
+                let record = state.load_async().await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&record)?);
                 } else {
@@ -158,6 +207,19 @@ fn main() -> anyhow::Result<()> {
             Command::Endpoint => pgflip_k8s::endpoint::run_pod(stop_signal()).await,
         }
     })
+}
+
+/// Shows the attempt under way until it ends (nothing when none is).
+async fn watch_attempt(state: &StateDir) -> anyhow::Result<()> {
+    let mut watch = pgflip::watch::Watch::default();
+    loop {
+        let record = state.load_async().await?;
+        if record.attempt.is_none() {
+            return Ok(());
+        }
+        watch.show(&record, None);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn render_status(r: &Record) -> String {
@@ -188,6 +250,9 @@ fn render_status(r: &Record) -> String {
     }
     if let Some(copy) = r.attempt.as_ref().and_then(|a| a.copy.as_ref()) {
         out.push_str(&format!("copy:     {copy}\n"));
+    }
+    if let Some(p) = r.attempt.as_ref().and_then(|a| a.progress) {
+        out.push_str(&format!("progress: {p}\n"));
     }
     if let Some(rev) = &r.failed_revision {
         out.push_str(&format!(

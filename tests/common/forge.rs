@@ -1,6 +1,7 @@
 //! A stand-in forge API on loopback: a real HTTP/1.1 server that records every request
 //! exactly as it arrived (method, path, headers, JSON body) and answers with the status
-//! codes it is told, in order (then 201). Forges are third-party APIs: this is the one
+//! codes it is told, in order (then 201); a GET of a path it was given a listing for
+//! (open pull requests) gets that JSON. Forges are third-party APIs: this is the one
 //! place a stand-in is right.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -21,6 +22,7 @@ pub struct FakeForge {
     pub url: String,
     requests: Arc<Mutex<Vec<Request>>>,
     answers: Arc<Mutex<VecDeque<u16>>>,
+    listings: Arc<Mutex<BTreeMap<String, serde_json::Value>>>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -30,23 +32,33 @@ impl FakeForge {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let answers = Arc::new(Mutex::new(VecDeque::new()));
-        let (reqs, ans) = (requests.clone(), answers.clone());
+        let listings = Arc::new(Mutex::new(BTreeMap::<String, serde_json::Value>::new()));
+        let (reqs, ans, lists) = (requests.clone(), answers.clone(), listings.clone());
         let server = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (reqs, ans) = (reqs.clone(), ans.clone());
+                let (reqs, ans, lists) = (reqs.clone(), ans.clone(), lists.clone());
                 tokio::spawn(async move {
                     let mut stream = BufReader::new(stream);
                     // Keep-alive: serve requests on this connection until it closes.
                     while let Some(request) = read_request(&mut stream).await {
+                        let listing = (request.method == "GET")
+                            .then(|| lists.lock().unwrap().get(&request.path).cloned())
+                            .flatten();
                         reqs.lock().unwrap().push(request);
-                        let code = ans.lock().unwrap().pop_front().unwrap_or(201);
-                        let body = if code < 300 {
-                            "{}"
-                        } else {
-                            "{\"message\":\"nope\"}"
+                        let (code, body) = match listing {
+                            Some(json) => (200, json.to_string()),
+                            None => {
+                                let code = ans.lock().unwrap().pop_front().unwrap_or(201);
+                                let body = if code < 300 {
+                                    "{}"
+                                } else {
+                                    "{\"message\":\"nope\"}"
+                                };
+                                (code, body.to_string())
+                            }
                         };
                         let response = format!(
                             "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -68,6 +80,7 @@ impl FakeForge {
             url,
             requests,
             answers,
+            listings,
             server,
         }
     }
@@ -75,6 +88,11 @@ impl FakeForge {
     /// The next requests get these status codes, in order.
     pub fn answer_with(&self, codes: &[u16]) {
         self.answers.lock().unwrap().extend(codes);
+    }
+
+    /// A GET of `path` (with its query) answers `json` from now on.
+    pub fn list(&self, path: &str, json: serde_json::Value) {
+        self.listings.lock().unwrap().insert(path.to_string(), json);
     }
 
     pub fn requests(&self) -> Vec<Request> {

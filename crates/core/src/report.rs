@@ -35,6 +35,9 @@ pub struct Update {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress_percent: Option<f64>,
+    /// Bytes done of the total, rate and time left, for phases that measure them.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub progress: Option<crate::progress::Progress>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub timings_ms: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -47,6 +50,9 @@ pub struct Update {
     pub left_behind: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A plan's readable report, several lines (see [`crate::forecast::Forecast::report`]).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub report: Option<String>,
     /// RFC 3339 time of the update, stamped by whoever publishes it (the core has no clock).
     #[serde(default)]
     pub at: String,
@@ -61,11 +67,13 @@ impl Update {
             to: None,
             message: message.into(),
             progress_percent: None,
+            progress: None,
             timings_ms: BTreeMap::new(),
             pause_ms: None,
             verified_tables: None,
             left_behind: Vec::new(),
             reason: None,
+            report: None,
             at: String::new(),
         }
     }
@@ -83,6 +91,16 @@ impl Update {
         self
     }
 
+    /// With progress in bytes: the percentage follows it, and the figures end the message.
+    pub fn with_progress(mut self, progress: Option<crate::progress::Progress>) -> Update {
+        if let Some(p) = progress {
+            self.message = format!("{}: {p}", self.message);
+            self.progress_percent = Some(p.percent());
+            self.progress = Some(p);
+        }
+        self
+    }
+
     /// The line a person reads first: `pgflip: pending [initial-sync] 15 → 16: initial sync 45%`.
     pub fn human_line(&self) -> String {
         let dir = match (&self.from, &self.to) {
@@ -97,10 +115,17 @@ impl Update {
         )
     }
 
-    /// A note body entry: the human line, then the JSON on one line.
+    /// A note body entry: the human line, a report's lines indented, then the JSON on one
+    /// line (the only line of an entry that starts with `{`).
     pub fn note_entry(&self) -> String {
+        let report: String = self
+            .report
+            .iter()
+            .flat_map(|r| r.lines())
+            .map(|l| format!("    {l}\n"))
+            .collect();
         format!(
-            "{}\n{}\n",
+            "{}\n{report}{}\n",
             self.human_line(),
             serde_json::to_string(self).expect("update serializes")
         )
@@ -127,10 +152,16 @@ mod tests {
             "preflight",
             "unlogged table public.cache cannot be carried over",
         );
-        let note = format!("{}{}", u.note_entry(), f.note_entry());
+        let mut plan = Update::new(State::Success, "plan", "upgrade 15 → 16");
+        plan.report = Some("{ looks like JSON\nsecond line".into());
+        let note = format!("{}{}{}", u.note_entry(), f.note_entry(), plan.note_entry());
+        assert!(
+            note.contains("\n    { looks like JSON\n    second line\n"),
+            "{note}"
+        );
         assert!(note.starts_with("pgflip: pending [initial-sync] 15 → 16: initial sync 45%\n"));
         let back = parse_note(&note);
-        assert_eq!(back, vec![u, f.clone()]);
+        assert_eq!(back, vec![u, f.clone(), plan]);
         assert_eq!(back[1].state, State::Failure);
         assert_eq!(
             back[1].reason.as_deref(),

@@ -39,3 +39,22 @@ pub async fn user_tables_where(
 pub fn display_name(schema: &str, name: &str) -> String {
     format!("{schema}.{name}")
 }
+
+/// The user's tables in the database `client` is connected to: how many (a partitioned
+/// table counts once) and their size with TOAST and indexes (materialized views included).
+pub async fn user_data_size(
+    client: &tokio_postgres::Client,
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            &format!(
+                "WITH ns AS ({USER_NAMESPACES}) \
+                 SELECT count(*) FILTER (WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition), \
+                        coalesce(sum(pg_total_relation_size(c.oid)) FILTER (WHERE c.relkind IN ('r', 'm')), 0)::bigint \
+                   FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace"
+            ),
+            &[],
+        )
+        .await?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}

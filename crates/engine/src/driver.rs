@@ -10,6 +10,7 @@ use super::steps::{Stepped, Steps, learn};
 use crate::failpoint;
 use crate::ports::{Journal, StatusSink};
 use pgflip_core::plan::{Attempt, Decision, Phase, Record, SwitchRecord, decide};
+use pgflip_core::progress::{Measured, Progress as ProgressReport, ProgressTracker};
 use pgflip_core::report::{State, Update};
 use pgflip_core::revision::Revision;
 use pgflip_core::spec::Desired;
@@ -52,6 +53,8 @@ pub struct Driver<S, J, K> {
     retries: Mutex<u32>,
     /// The last pending report published: (revision, phase) and when.
     last_report: Mutex<Option<(Revision, String, Instant)>>,
+    /// The progress of the phase under way: (revision, phase) and what it measured so far.
+    tracker: Mutex<Option<(Revision, Phase, ProgressTracker)>>,
 }
 
 impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
@@ -63,6 +66,7 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
             clock,
             retries: Mutex::new(0),
             last_report: Mutex::new(None),
+            tracker: Mutex::new(None),
         }
     }
 
@@ -221,6 +225,12 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
                 })
                 .await?;
                 tracing::info!(phase = %next, "phase");
+                if let Some(done) = self.finish_tracking(&ran.revision, phase) {
+                    let message = format!("{} done", phase.as_str().replace('-', " "));
+                    let update = Update::new(State::Pending, phase.as_str(), message);
+                    self.report(&ran.revision, between(update).with_progress(Some(done)))
+                        .await;
+                }
                 if next != Phase::Done {
                     let message = next.as_str().replace('-', " ");
                     self.report(
@@ -233,12 +243,25 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
             }
             Ok(Stepped::Waiting {
                 message,
-                percent,
+                measured,
                 recheck,
             }) => {
-                let mut u = between(Update::new(State::Pending, phase.as_str(), message));
-                u.progress_percent = percent;
-                self.report(&ran.revision, u).await;
+                let progress = measured.map(|m| self.track(&ran.revision, phase, m));
+                let update = between(Update::new(State::Pending, phase.as_str(), message))
+                    .with_progress(progress);
+                if self.due(&ran.revision, &update) {
+                    // Kept in the record too (throttled like the report): `pgflip status`,
+                    // the object's status and the metrics read it there.
+                    if progress.is_some() {
+                        self.record(record, |r| {
+                            if let Some(a) = r.attempt.as_mut() {
+                                a.progress = progress;
+                            }
+                        })
+                        .await?;
+                    }
+                    self.publish(&ran.revision, update).await;
+                }
                 Ok(Progress::After(recheck))
             }
             Err(e) if e.is_waiting() => {
@@ -397,6 +420,7 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
             pause_breakdown: m.clone(),
             timings_ms: attempt.timings_ms.clone(),
             copy: attempt.copy.clone(),
+            carried_bytes: attempt.carried_bytes,
         };
         self.record(record, |r| {
             r.history.push(finished);
@@ -443,21 +467,58 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         Ok(())
     }
 
-    /// Publishes an update; pending updates of one phase at most every [`REPORT_EVERY`]. A
-    /// sink failure is logged, never fatal: the databases matter more than the report.
-    pub async fn report(&self, revision: &Revision, mut update: Update) {
-        if update.state == State::Pending {
-            let mut last = self.last_report.lock().unwrap();
-            if let Some((r, phase, at)) = last.as_ref()
-                && r == revision
-                && *phase == update.phase
-                && at.elapsed() < REPORT_EVERY
-                && update.progress_percent != Some(100.0)
-            {
-                return;
-            }
-            *last = Some((revision.clone(), update.phase.clone(), Instant::now()));
+    /// Publishes an update; pending updates of one phase at most every [`REPORT_EVERY`].
+    pub async fn report(&self, revision: &Revision, update: Update) {
+        if self.due(revision, &update) {
+            self.publish(revision, update).await;
         }
+    }
+
+    /// Whether `update` is to be published now: always a final one or a phase's first or
+    /// last (100%), a pending one of the same phase at most every [`REPORT_EVERY`].
+    fn due(&self, revision: &Revision, update: &Update) -> bool {
+        if update.state != State::Pending {
+            return true;
+        }
+        let mut last = self.last_report.lock().unwrap();
+        if let Some((r, phase, at)) = last.as_ref()
+            && r == revision
+            && *phase == update.phase
+            && at.elapsed() < REPORT_EVERY
+            && update.progress_percent != Some(100.0)
+        {
+            return false;
+        }
+        *last = Some((revision.clone(), update.phase.clone(), Instant::now()));
+        true
+    }
+
+    /// The phase's progress from what it measured now (a new tracker for a new phase).
+    fn track(&self, revision: &Revision, phase: Phase, measured: Measured) -> ProgressReport {
+        let mut tracker = self.tracker.lock().unwrap();
+        let same = matches!(tracker.as_ref(), Some((r, p, _)) if r == revision && *p == phase);
+        if !same {
+            *tracker = Some((revision.clone(), phase, ProgressTracker::default()));
+        }
+        let (_, _, t) = tracker.as_mut().expect("set above");
+        t.observe(self.now_ms(), measured)
+    }
+
+    /// A measured phase that completed: its last figures, all done.
+    fn finish_tracking(&self, revision: &Revision, phase: Phase) -> Option<ProgressReport> {
+        let mut tracker = self.tracker.lock().unwrap();
+        match tracker.take() {
+            Some((r, p, mut t)) if &r == revision && p == phase => Some(t.finish(self.now_ms())),
+            other => {
+                *tracker = other;
+                None
+            }
+        }
+    }
+
+    /// Publishes an update. A sink failure is logged, never fatal: the databases matter
+    /// more than the report.
+    async fn publish(&self, revision: &Revision, mut update: Update) {
         update.at = crate::clock::rfc3339_ms(self.now_ms());
         tracing::info!(revision = %revision.short(), state = update.state.as_str(), phase = %update.phase, "{}", update.message);
         if let Err(e) = self.sink.publish(revision, &update).await {

@@ -5,6 +5,7 @@
 use crate::error::EngineResult;
 use crate::ports::Journal;
 use pgflip_core::plan::{Attempt, CopyChoice, Member, Record, Standby, SwitchMeasurement};
+use pgflip_core::progress::Measured;
 use pgflip_core::spec::Desired;
 use std::future::Future;
 use std::time::Duration;
@@ -54,10 +55,11 @@ pub trait Steps: Send + Sync {
 pub enum Stepped {
     /// The phase is complete; what it learned goes into the attempt.
     Done(Learned),
-    /// Still under way (initial sync, the lag gate): look again after `recheck`.
+    /// Still under way (initial sync, the lag gate): look again after `recheck`. What
+    /// was measured, if anything, becomes progress in bytes, rate and time left.
     Waiting {
         message: String,
-        percent: Option<f64>,
+        measured: Option<Measured>,
         recheck: Duration,
     },
 }
@@ -73,6 +75,8 @@ pub enum Learned {
         left_behind: Vec<String>,
         /// How green gets its first copy (None: nothing is copied, as for a switch back).
         copy: Option<CopyChoice>,
+        /// The size of what is carried (tables, TOAST, indexes) in all databases.
+        carried_bytes: u64,
     },
     /// The schema was copied from a source with this fingerprint (a later change blocks
     /// the switch); a physical copy also stopped right before `cut_lsn`.
@@ -102,10 +106,12 @@ pub(crate) fn learn(record: &mut Record, learned: Learned) {
             warnings,
             left_behind,
             copy,
+            carried_bytes,
         } => {
             attempt.warnings = warnings;
             attempt.left_behind = left_behind;
             attempt.copy = copy;
+            attempt.carried_bytes = Some(carried_bytes);
         }
         Learned::SchemaCopied {
             source_fingerprint,

@@ -68,6 +68,10 @@ pub struct BlueGreenDatabaseStatus {
     pub revision: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_switch: Option<LastSwitch>,
+    /// The phase's progress where it measures bytes (the initial copy, catch-up): bytes
+    /// done of the total, rate, seconds left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<pgflip_core::progress::Progress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

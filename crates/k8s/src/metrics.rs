@@ -33,6 +33,11 @@ struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseName {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorKind {
     kind: String,
 }
@@ -43,8 +48,16 @@ struct Inner {
     pause: Histogram,
     phase: Family<PhaseLabels, Gauge>,
     lag: Family<Database, Gauge>,
+    progress_done: Family<PhaseLabels, Gauge>,
+    progress_total: Family<PhaseLabels, Gauge>,
+    phase_seconds: Family<PhaseName, Histogram, fn() -> Histogram>,
     errors: Family<ErrorKind, Counter>,
     leader: Gauge,
+}
+
+/// 0.25 s … ~2.3 h: a phase of a switch, from a quick verification to a long copy.
+fn phase_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.25, 2.0, 16))
 }
 
 #[derive(Clone)]
@@ -74,6 +87,26 @@ impl Default for Metrics {
             "Bytes the replication target is behind its source",
             lag.clone(),
         );
+        let progress_done = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "progress_done_bytes",
+            "Bytes done in the phase under way (the initial copy, catch-up)",
+            progress_done.clone(),
+        );
+        let progress_total = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "progress_total_bytes",
+            "Bytes the phase under way has to do in all",
+            progress_total.clone(),
+        );
+        let phase_seconds = Family::<PhaseName, Histogram, fn() -> Histogram>::new_with_constructor(
+            phase_histogram,
+        );
+        registry.register(
+            "phase_duration_seconds",
+            "How long each phase of a completed switch took",
+            phase_seconds.clone(),
+        );
         let errors = Family::<ErrorKind, Counter>::default();
         registry.register(
             "reconcile_errors",
@@ -92,6 +125,9 @@ impl Default for Metrics {
             pause,
             phase,
             lag,
+            progress_done,
+            progress_total,
+            phase_seconds,
             errors,
             leader,
         }))
@@ -107,6 +143,48 @@ fn phase_labels(namespace: &str, name: &str, phase: &str) -> PhaseLabels {
 }
 
 impl Metrics {
+    /// A completed switch's phases, each as long as it took.
+    pub fn phases_took(&self, timings_ms: &std::collections::BTreeMap<String, u64>) {
+        for (phase, ms) in timings_ms {
+            self.0
+                .phase_seconds
+                .get_or_create(&PhaseName {
+                    phase: phase.clone(),
+                })
+                .observe(*ms as f64 / 1000.0);
+        }
+    }
+
+    /// The bytes done and to do of the phase under way (none: its series removed).
+    pub fn set_progress(
+        &self,
+        namespace: &str,
+        name: &str,
+        phase: &str,
+        progress: Option<pgflip_core::progress::Progress>,
+    ) {
+        self.remove_progress(namespace, name);
+        if let Some(p) = progress {
+            let labels = phase_labels(namespace, name, phase);
+            self.0
+                .progress_done
+                .get_or_create(&labels)
+                .set(p.done_bytes as i64);
+            self.0
+                .progress_total
+                .get_or_create(&labels)
+                .set(p.total_bytes as i64);
+        }
+    }
+
+    fn remove_progress(&self, namespace: &str, name: &str) {
+        for p in pgflip_core::plan::Phase::ALL.iter().map(|p| p.as_str()) {
+            let labels = phase_labels(namespace, name, p);
+            self.0.progress_done.remove(&labels);
+            self.0.progress_total.remove(&labels);
+        }
+    }
+
     pub fn switch_done(&self, namespace: &str, name: &str, direction: &str, pause: Duration) {
         self.0
             .switches
@@ -133,6 +211,7 @@ impl Metrics {
     /// are counters of what happened).
     pub fn forget(&self, namespace: &str, name: &str) {
         self.remove_phases(namespace, name);
+        self.remove_progress(namespace, name);
         self.0.lag.remove(&Database {
             namespace: namespace.into(),
             name: name.into(),
@@ -282,6 +361,46 @@ mod tests {
         );
     }
 
+    fn progress() -> pgflip_core::progress::Progress {
+        pgflip_core::progress::Progress {
+            done_bytes: 40,
+            total_bytes: 100,
+            bytes_per_second: None,
+            seconds_left: None,
+        }
+    }
+
+    #[test]
+    fn progress_follows_the_phase_and_phases_are_timed() {
+        let m = Metrics::default();
+        m.set_progress("shop", "orders", "initial-sync", Some(progress()));
+        let text = m.encode();
+        assert!(text.contains(r#"pgflip_progress_done_bytes{namespace="shop",name="orders",phase="initial-sync"} 40"#), "{text}");
+        assert!(text.contains(r#"pgflip_progress_total_bytes{namespace="shop",name="orders",phase="initial-sync"} 100"#), "{text}");
+        m.set_progress("shop", "orders", "verify", None);
+        assert!(
+            !m.encode().contains("pgflip_progress_done_bytes{"),
+            "{}",
+            m.encode()
+        );
+        m.phases_took(
+            &[
+                ("verify".to_string(), 3000),
+                ("initial-sync".to_string(), 100),
+            ]
+            .into(),
+        );
+        let text = m.encode();
+        assert!(
+            text.contains(r#"pgflip_phase_duration_seconds_count{phase="verify"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pgflip_phase_duration_seconds_sum{phase="verify"} 3.0"#),
+            "{text}"
+        );
+    }
+
     /// Every `expr` of `dashboards/pgflip.json`, and every metric name in them.
     fn dashboard_queries() -> (Vec<String>, Vec<String>) {
         let dashboard: serde_json::Value =
@@ -324,6 +443,8 @@ mod tests {
         m.switch_done("shop", "orders", "upgrade", Duration::from_millis(42));
         m.set_phase("shop", "orders", "verify");
         m.set_lag("shop", "orders", 1);
+        m.set_progress("shop", "orders", "initial-sync", Some(progress()));
+        m.phases_took(&[("initial-sync".to_string(), 1500)].into());
         m.error("postgres");
         let text = m.encode();
         // The dashboard asks only for series the controller exports, and has a panel for
@@ -344,6 +465,9 @@ mod tests {
             "pgflip_switch_pause_seconds",
             "pgflip_phase",
             "pgflip_replication_lag_bytes",
+            "pgflip_progress_done_bytes",
+            "pgflip_progress_total_bytes",
+            "pgflip_phase_duration_seconds",
             "pgflip_reconcile_errors_total",
             "pgflip_leader",
         ] {

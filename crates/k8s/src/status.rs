@@ -98,6 +98,7 @@ pub fn compute(
         active_version: r.serving.map(|s| s.major.to_string()),
         target_version: o.desired.ok().map(|d| d.major.to_string()),
         revision: o.revision.map(str::to_string),
+        progress: r.attempt.as_ref().and_then(|a| a.progress),
         last_switch: r.history.last().map(|h| LastSwitch {
             revision: h.revision.to_string(),
             from_version: h.from.major.to_string(),
@@ -229,6 +230,7 @@ mod tests {
                 pause_breakdown: Default::default(),
                 timings_ms: Default::default(),
                 copy: None,
+                carried_bytes: None,
             }],
             ..Default::default()
         };

@@ -210,6 +210,13 @@ pub struct Attempt {
     /// interrupted (a crash, a pod not there yet) is resumed, not the failed phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The size of what is carried (tables, TOAST, indexes), as preflight measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried_bytes: Option<u64>,
+    /// The current phase's progress in bytes, as last reported (the initial copy,
+    /// catch-up); cleared when the phase changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::progress::Progress>,
 }
 
 /// What one switchover measured (milliseconds).
@@ -247,6 +254,10 @@ pub struct SwitchRecord {
     /// How green got its first copy (absent before pgflip 0.3, and for switch-backs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopyChoice>,
+    /// The size of what was carried (tables, TOAST, indexes), as preflight measured it:
+    /// with the copy phases' time, the rate a plan's estimate uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried_bytes: Option<u64>,
 }
 
 /// Everything pgflip remembers, persisted atomically before every step.
@@ -350,6 +361,8 @@ impl Attempt {
             verified_tables: None,
             copy: None,
             failure: None,
+            carried_bytes: None,
+            progress: None,
         }
     }
 
@@ -361,6 +374,7 @@ impl Attempt {
             .or_default() += now_ms.saturating_sub(self.phase_started_ms);
         self.phase = phase;
         self.phase_started_ms = now_ms;
+        self.progress = None;
     }
 
     pub fn direction(&self) -> &'static str {

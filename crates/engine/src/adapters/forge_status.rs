@@ -8,6 +8,10 @@
 //! 5xx, 429) is retried with backoff; a refusal (401, 404, 422) is not. The token is
 //! sent in a header and never appears in a log, an error or a status.
 
+mod pulls;
+
+pub use pulls::{PullRequest, parse_pulls};
+
 use crate::ports::StatusSink;
 use anyhow::{Context, bail};
 use pgflip_core::report::{State, Update};
@@ -115,14 +119,9 @@ impl ForgeStatus {
                     State::Success => "success",
                     State::Failure => "failure",
                 };
-                let auth = if c.provider == Provider::Github {
-                    ("Authorization", format!("Bearer {}", c.token))
-                } else {
-                    ("Authorization", format!("token {}", c.token))
-                };
                 StatusRequest {
                     url: format!("{api}/repos/{}/statuses/{commit}", c.repository),
-                    auth,
+                    auth: self.auth(),
                     body: json!({
                         "state": state,
                         "context": c.context,
@@ -142,7 +141,7 @@ impl ForgeStatus {
                         "{api}/projects/{}/statuses/{commit}",
                         path_segment(&c.repository)
                     ),
-                    auth: ("PRIVATE-TOKEN", c.token.clone()),
+                    auth: self.auth(),
                     body: json!({
                         "state": state,
                         "name": c.context,
@@ -153,21 +152,36 @@ impl ForgeStatus {
         }
     }
 
+    /// The authentication header (name, value) the provider expects.
+    fn auth(&self) -> (&'static str, String) {
+        let token = &self.config.token;
+        match self.config.provider {
+            Provider::Github => ("Authorization", format!("Bearer {token}")),
+            Provider::Gitea => ("Authorization", format!("token {token}")),
+            Provider::Gitlab => ("PRIVATE-TOKEN", token.clone()),
+        }
+    }
+
+    /// GitHub's API wants its media type and version named.
+    fn api_version(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.config.provider {
+            Provider::Github => builder
+                .header("Accept", "application/vnd.github+json")
+                .header("X-GitHub-Api-Version", "2022-11-28"),
+            _ => builder,
+        }
+    }
+
     async fn send(&self, request: &StatusRequest) -> anyhow::Result<()> {
         let mut backoff = FIRST_BACKOFF;
         let mut last_error = String::new();
         for attempt in 1..=ATTEMPTS {
-            let mut builder = self
+            let builder = self
                 .http
                 .post(&request.url)
                 .header(request.auth.0, &request.auth.1)
                 .json(&request.body);
-            if self.config.provider == Provider::Github {
-                builder = builder
-                    .header("Accept", "application/vnd.github+json")
-                    .header("X-GitHub-Api-Version", "2022-11-28");
-            }
-            match builder.send().await {
+            match self.api_version(builder).send().await {
                 Ok(response) if response.status().is_success() => return Ok(()),
                 Ok(response) => {
                     let status = response.status();

@@ -179,6 +179,30 @@ impl GitSource {
     }
 }
 
+impl GitSource {
+    /// The document at another ref than the followed branch — a pull request's head as
+    /// the forge keeps it (`refs/pull/7/head`), a branch — fetched first from a URL. Only
+    /// read, for a plan.
+    pub async fn read_ref(&self, git_ref: &str) -> anyhow::Result<Head> {
+        let Some(name) = git_ref.strip_prefix("refs/") else {
+            bail!("{git_ref:?} is not a full ref name (refs/…)");
+        };
+        if !git2::Reference::is_valid_name(git_ref) || git_ref.contains('*') {
+            bail!("{git_ref:?} is not a valid ref name");
+        }
+        let wanted = RefToRead {
+            remote: git_ref.to_string(),
+            tracking: format!("refs/pgflip/read/{name}"),
+            shown: git_ref.to_string(),
+        };
+        let location = self.location.clone();
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || read_ref_blocking(&location, &wanted, file.as_deref()))
+            .await
+            .context("the Git worker thread failed")?
+    }
+}
+
 impl Source for GitSource {
     fn observe(&mut self) -> impl Future<Output = anyhow::Result<Observed>> + Send {
         let head = self.read_head();
@@ -246,7 +270,27 @@ fn read_head_blocking(
     branch: &str,
     file: Option<&str>,
 ) -> anyhow::Result<Head> {
-    let (repo, head_ref) = match location {
+    let wanted = RefToRead {
+        remote: format!("refs/heads/{branch}"),
+        tracking: format!("{TRACKING_PREFIX}{branch}"),
+        shown: format!("branch {branch:?}"),
+    };
+    read_ref_blocking(location, &wanted, file)
+}
+
+/// A ref to read: its name in the repository, where a clone keeps it, how it is named.
+struct RefToRead {
+    remote: String,
+    tracking: String,
+    shown: String,
+}
+
+fn read_ref_blocking(
+    location: &Location,
+    wanted: &RefToRead,
+    file: Option<&str>,
+) -> anyhow::Result<Head> {
+    let (repo, local_ref) = match location {
         Location::Path(path) => {
             let repo = Repository::open(path).map_err(|e| {
                 anyhow!(
@@ -255,20 +299,20 @@ fn read_head_blocking(
                     e.message()
                 )
             })?;
-            (repo, format!("refs/heads/{branch}"))
+            (repo, wanted.remote.as_str())
         }
         Location::Url { url, clone } => {
             let repo = Repository::open_bare(clone).map_err(|e| {
                 anyhow!("cannot open the clone {}: {}", clone.display(), e.message())
             })?;
-            fetch_branch(&repo, url, branch)?;
-            (repo, format!("{TRACKING_PREFIX}{branch}"))
+            fetch_ref(&repo, url, wanted)?;
+            (repo, wanted.tracking.as_str())
         }
     };
     let commit = repo
-        .find_reference(&head_ref)
+        .find_reference(local_ref)
         .and_then(|r| r.peel_to_commit())
-        .map_err(|e| anyhow!("branch {branch:?} not found: {}", e.message()))?;
+        .map_err(|e| anyhow!("{} not found: {}", wanted.shown, e.message()))?;
     let revision = commit.id().to_string();
     let short = &revision[..7];
     let tree = commit.tree()?;
@@ -282,21 +326,21 @@ fn read_head_blocking(
     })
 }
 
-/// Fetches `branch` from `url` into the clone's tracking ref. A branch that is gone from
-/// the remote is an error: pruning drops its stale tracking ref, so that its last known
-/// head is not mistaken for the current one.
-fn fetch_branch(repo: &Repository, url: &str, branch: &str) -> anyhow::Result<()> {
+/// Fetches a ref from `url` into the clone's tracking ref. A ref that is gone from the
+/// remote is an error: pruning drops its stale tracking ref, so that its last known head
+/// is not mistaken for the current one.
+fn fetch_ref(repo: &Repository, url: &str, wanted: &RefToRead) -> anyhow::Result<()> {
     let shown = redact_url(url);
     let fail = |e: git2::Error| {
         anyhow!(
-            "fetching {branch:?} from {shown}: {}",
+            "fetching {} from {shown}: {}",
+            wanted.shown,
             redact_in(e.message(), url)
         )
     };
     // Anonymous: the URL with its credentials is used for this connection only.
     let mut remote = repo.remote_anonymous(url).map_err(fail)?;
-    let tracking = format!("{TRACKING_PREFIX}{branch}");
-    let refspec = format!("+refs/heads/{branch}:{tracking}");
+    let refspec = format!("+{}:{}", wanted.remote, wanted.tracking);
     let mut opts = git_remote::fetch_options(Some(url));
     opts.prune(git2::FetchPrune::On);
     remote
@@ -304,8 +348,8 @@ fn fetch_branch(repo: &Repository, url: &str, branch: &str) -> anyhow::Result<()
         .map_err(fail)?;
     // (Not `remote.list()`: git2 0.20 builds a slice from a null pointer when the remote
     // advertises no refs at all, which aborts debug builds.)
-    if repo.find_reference(&tracking).is_err() {
-        bail!("branch {branch:?} not found at {shown}");
+    if repo.find_reference(&wanted.tracking).is_err() {
+        bail!("{} not found at {shown}", wanted.shown);
     }
     Ok(())
 }

@@ -31,8 +31,11 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
         });
     }
     Ok(Stepped::Waiting {
-        message: format!("catching up: {worst} bytes behind"),
-        percent: None,
+        message: format!(
+            "catching up: {} behind",
+            pgflip_core::progress::bytes(worst.max(0) as u64)
+        ),
+        measured: Some(pgflip_core::progress::Measured::Behind(worst.max(0) as u64)),
         recheck: Duration::from_millis(200),
     })
 }

@@ -7,6 +7,7 @@ mod catch_up;
 mod cleanup;
 mod copy_schema;
 mod initial_sync;
+mod plan;
 mod preflight;
 mod provision;
 mod replicate;

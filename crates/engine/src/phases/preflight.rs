@@ -1,6 +1,7 @@
 //! Preflight: everything the switch needs, checked on the source before anything is
-//! touched (see [`crate::preflight`] for the rules). Only when every check passes
-//! is the source prepared: replica identities set, pgflip's own schema created.
+//! touched (see [`crate::preflight`] for the rules): the [`survey`], which a plan shares.
+//! Only when every check passes is the source prepared: replica identities set, pgflip's
+//! own schema created.
 
 use super::Ctx;
 use crate::catalog::USER_NAMESPACES;
@@ -9,17 +10,35 @@ use crate::ports::{Instances, Router};
 use crate::preflight;
 use crate::replication as repl;
 use crate::steps::{Learned, Stepped};
-use pgflip_core::plan::{AttemptKind, choose_copy};
+use pgflip_core::forecast::DatabaseSize;
+use pgflip_core::plan::{AttemptKind, CopyChoice, choose_copy};
 use pgflip_core::spec::CopyPreference;
+use tokio_postgres::Client;
 
-pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
+/// What preflight finds, read-only: the run below acts on it, and a plan
+/// ([`super::Phases::forecast`]) reports it.
+pub(super) struct Survey {
+    /// Tools of either direction that are not installed (refused before anything else).
+    pub missing_tools: Vec<String>,
+    pub refusals: Vec<String>,
+    pub warnings: Vec<String>,
+    pub left_behind: Vec<String>,
+    /// Per database: a connection to the source and what was found there.
+    pub findings: Vec<(Client, preflight::Findings)>,
+    pub sizes: Vec<DatabaseSize>,
+    /// How green would get its first copy (a full switch whose method can be chosen).
+    pub copy: Option<CopyChoice>,
+}
+
+/// Everything the switch needs, checked on the source; changes nothing anywhere.
+pub(super) async fn survey<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Survey> {
     let attempt = cx.attempt;
     let toolchain = &cx.parts.toolchain;
     // Both directions: a switch whose way back cannot be taken is not started.
     let instances = &cx.parts.instances;
     let from_here = instances.runs_here(attempt.from.major, cx.desired).await?;
     let to_here = instances.runs_here(attempt.to.major, cx.desired).await?;
-    let missing = preflight::missing_tools(
+    let missing_tools = preflight::missing_tools(
         toolchain,
         attempt.kind,
         attempt.from.major,
@@ -32,15 +51,23 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
             }
         },
     );
-    if !missing.is_empty() {
-        return Err(EngineError::ToolMissing(missing));
-    }
-    let mut refusals = Vec::new();
-    let mut warnings = Vec::new();
-    let mut left_behind = Vec::new();
-    let mut findings = Vec::new();
+    let mut survey = Survey {
+        missing_tools,
+        refusals: Vec::new(),
+        warnings: Vec::new(),
+        left_behind: Vec::new(),
+        findings: Vec::new(),
+        sizes: Vec::new(),
+        copy: None,
+    };
     for db in &cx.desired.databases {
         let client = cx.connect(&cx.source, db).await?;
+        let (tables, bytes) = crate::catalog::user_data_size(&client).await?;
+        survey.sizes.push(DatabaseSize {
+            name: db.clone(),
+            tables,
+            bytes,
+        });
         let f = preflight::check(
             &client,
             db,
@@ -49,20 +76,24 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
             toolchain,
         )
         .await?;
-        refusals.extend(f.refusals.iter().map(|r| format!("{db}: {r}")));
-        warnings.extend(f.warnings.iter().map(|w| format!("{db}: {w}")));
-        left_behind.extend(f.left_behind.iter().map(|w| format!("{db}: {w}")));
-        findings.push((client, f));
+        let prefixed = |lines: &[String]| {
+            lines
+                .iter()
+                .map(|l| format!("{db}: {l}"))
+                .collect::<Vec<_>>()
+        };
+        survey.refusals.extend(prefixed(&f.refusals));
+        survey.warnings.extend(prefixed(&f.warnings));
+        survey.left_behind.extend(prefixed(&f.left_behind));
+        survey.findings.push((client, f));
     }
     if attempt.kind == AttemptKind::SwitchBack {
         let fp = cx.fingerprint(&cx.source).await?;
         if Some(&fp) != attempt.source_fingerprint.as_ref() {
-            refusals.push(format!("the schema on {} changed after the switch (DDL is not replicated); the retained {} cannot take over", attempt.from, attempt.to));
+            survey.refusals.push(format!("the schema on {} changed after the switch (DDL is not replicated); the retained {} cannot take over", attempt.from, attempt.to));
         }
     }
-    let mut copy = None;
     if attempt.kind == AttemptKind::Full {
-        refusals.extend(target_in_the_way(cx).await?);
         // Asked only where it can change the choice: it runs `pg_upgrade --check`.
         let blocker = if cx.desired.copy == CopyPreference::Logical
             || attempt.to.major <= attempt.from.major
@@ -79,25 +110,37 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
             attempt.to.major,
             blocker.as_deref(),
         ) {
-            Ok(choice) => copy = Some(choice),
-            Err(refusal) => refusals.push(refusal),
+            Ok(choice) => survey.copy = Some(choice),
+            Err(refusal) => survey.refusals.push(refusal),
         }
     }
-    if !refusals.is_empty() {
-        return Err(EngineError::Refused(refusals));
+    Ok(survey)
+}
+
+pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
+    let mut survey = survey(cx).await?;
+    if !survey.missing_tools.is_empty() {
+        return Err(EngineError::ToolMissing(survey.missing_tools));
+    }
+    if cx.attempt.kind == AttemptKind::Full {
+        survey.refusals.extend(target_in_the_way(cx).await?);
+    }
+    if !survey.refusals.is_empty() {
+        return Err(EngineError::Refused(survey.refusals));
     }
     // Passed: now (and only now) prepare the source.
-    for (client, f) in &findings {
+    for (client, f) in &survey.findings {
         preflight::ensure_replica_identity_full(client, &f.needs_replica_identity_full).await?;
         repl::ensure_own_schema(client).await?;
     }
-    for w in &warnings {
+    for w in &survey.warnings {
         tracing::warn!("{w}");
     }
     Ok(Stepped::Done(Learned::Preflight {
-        warnings,
-        left_behind,
-        copy,
+        warnings: survey.warnings,
+        left_behind: survey.left_behind,
+        copy: survey.copy,
+        carried_bytes: survey.sizes.iter().map(|d| d.bytes).sum(),
     }))
 }
 

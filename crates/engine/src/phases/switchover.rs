@@ -33,7 +33,7 @@ pub(super) async fn run<I: Instances, R: Router, J: Journal>(
             if !sessions.is_empty() {
                 return Ok(Stepped::Waiting {
                     message: direct_clients::describe(&sessions, &cx.source.to_string()),
-                    percent: None,
+                    measured: None,
                     recheck: DIRECT_CLIENTS_RECHECK,
                 });
             }

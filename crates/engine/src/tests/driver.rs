@@ -373,8 +373,31 @@ async fn waiting_phases_ask_to_be_called_back_and_report_progress() {
         .filter_map(|(_, u)| u.progress_percent)
         .collect();
     // 20% came within the throttle window of the phase's first report: not published;
-    // 100% always is.
-    assert_eq!(progress, vec![100.0]);
+    // 100% always is, with its bytes, and into the record as well; then the phase's
+    // end, all done.
+    assert_eq!(progress, vec![100.0, 100.0]);
+    let (_, done) = updates
+        .iter()
+        .find(|(_, u)| u.progress_percent.is_some())
+        .unwrap();
+    let bytes = done.progress.expect("bytes reported");
+    assert_eq!((bytes.done_bytes, bytes.total_bytes), (100, 100));
+    assert!(
+        done.message.contains("100 B of 100 B (100%)"),
+        "{}",
+        done.message
+    );
+    let saved = h.journal.saved.lock().unwrap().clone();
+    assert!(
+        saved.iter().any(|r| r
+            .attempt
+            .as_ref()
+            .and_then(|a| a.progress)
+            .is_some_and(|p| p.done_bytes == 100)),
+        "the progress was not kept in the record"
+    );
+    // A new phase starts without it.
+    assert_eq!(h.record.attempt.as_ref().unwrap().progress, None);
 }
 
 #[tokio::test]

@@ -142,8 +142,11 @@ impl Steps for FakeSteps {
             }
             Some(Scripted::Waiting(percent)) => {
                 return Ok(Stepped::Waiting {
-                    message: format!("initial sync {percent:.0}%"),
-                    percent: Some(percent),
+                    message: "initial sync".into(),
+                    measured: Some(pgflip_core::progress::Measured::Done {
+                        done: percent as u64,
+                        total: 100,
+                    }),
                     recheck: Duration::from_millis(250),
                 });
             }
@@ -160,6 +163,7 @@ impl Steps for FakeSteps {
                 warnings: vec![],
                 left_behind: vec![],
                 copy: None,
+                carried_bytes: 1000,
             },
             Phase::Provision => {
                 self.world.lock().unwrap().instances.insert(to);

@@ -314,6 +314,12 @@ async fn reconcile(
             .as_ref()
             .map_or("idle", |a| a.phase.as_str());
         context.metrics.set_phase(&namespace, &name, phase);
+        context.metrics.set_progress(
+            &namespace,
+            &name,
+            phase,
+            runner.record().attempt.as_ref().and_then(|a| a.progress),
+        );
         match pace(
             progress,
             STEPS_PER_RECONCILE.saturating_sub(started.elapsed()),

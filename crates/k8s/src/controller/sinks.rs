@@ -71,6 +71,7 @@ impl StatusSink for KubeEvents {
                 direction,
                 Duration::from_secs_f64(pause / 1000.0),
             );
+            self.metrics.phases_took(&update.timings_ms);
         }
         let mut note = update.message.clone();
         note.truncate(1000);
