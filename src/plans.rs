@@ -77,7 +77,7 @@ impl PullRequestPlans {
                 self.planned.insert(pull.head);
                 continue;
             }
-            let update = match plan_update(steps, record, &observed).await {
+            let mut update = match plan_update(steps, record, &observed).await {
                 Ok(u) => u,
                 Err(e) => {
                     // Blue unreachable, say: no verdict now, tried again next time.
@@ -93,7 +93,6 @@ impl PullRequestPlans {
                 first: self.notes.clone(),
                 second: Some(self.forge.with_context(format!("pgflip/plan/{name}"))),
             };
-            let mut update = update;
             update.at = pgflip_engine::clock::rfc3339_ms(pgflip_engine::clock::now_ms());
             tracing::info!(pull = pull.number, head = %&pull.head[..pull.head.len().min(7)], state = update.state.as_str(), "plan: {}", update.message);
             match sinks.publish(&observed.revision, &update).await {

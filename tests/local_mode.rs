@@ -443,17 +443,7 @@ async fn killed_at_every_boundary_resumes_and_loses_nothing() {
 async fn url_repository_gets_notes_pushed_and_status_reports() {
     let forge = common::forge::FakeForge::start().await;
     let mut h = Harness::with_remote("databases: [app]\nretainPrevious: 1h");
-    h.extra_args = [
-        "--forge",
-        "github",
-        "--forge-api",
-        &forge.url,
-        "--forge-repository",
-        "shop/db",
-    ]
-    .map(String::from)
-    .to_vec();
-    h.extra_env = vec![("PGFLIP_FORGE_TOKEN".into(), "forge-t0ken".into())];
+    h.report_to_github(&forge, "forge-t0ken");
     let first = h.commit_version(15);
     h.start(None);
     h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;

@@ -96,19 +96,9 @@ async fn assert_untouched(h: &Harness) {
 async fn a_pull_request_gets_a_plan_that_refuses_then_passes_and_touches_nothing() {
     let forge = FakeForge::start().await;
     let mut h = Harness::new("databases: [app]");
-    h.extra_args = [
-        "--forge",
-        "github",
-        "--forge-api",
-        &forge.url,
-        "--forge-repository",
-        "shop/db",
-        "--plan-every",
-        "300ms",
-    ]
-    .map(String::from)
-    .to_vec();
-    h.extra_env = vec![("PGFLIP_FORGE_TOKEN".into(), "forge-t0ken".into())];
+    h.report_to_github(&forge, "forge-t0ken");
+    h.extra_args
+        .extend(["--plan-every", "300ms"].map(String::from));
     forge.list(PULLS, json!([]));
     let main = h.commit_version(15);
     h.start(None);

@@ -140,6 +140,24 @@ impl Harness {
         }
     }
 
+    /// `pgflip local` will post statuses to `forge` (a stand-in GitHub API) for the
+    /// repository `shop/db`, with `token`.
+    pub fn report_to_github(&mut self, forge: &forge::FakeForge, token: &str) {
+        self.extra_args.extend(
+            [
+                "--forge",
+                "github",
+                "--forge-api",
+                &forge.url,
+                "--forge-repository",
+                "shop/db",
+            ]
+            .map(String::from),
+        );
+        self.extra_env
+            .push(("PGFLIP_FORGE_TOKEN".into(), token.into()));
+    }
+
     /// Starts `pgflip local` (optionally armed to kill itself at a failpoint).
     pub fn start(&mut self, failpoint: Option<&str>) {
         self.runs += 1;

@@ -10,12 +10,14 @@ use super::steps::{Stepped, Steps, learn};
 use crate::failpoint;
 use crate::ports::{Journal, StatusSink};
 use pgflip_core::plan::{Attempt, Decision, Phase, Record, SwitchRecord, decide};
-use pgflip_core::progress::{Measured, Progress as ProgressReport, ProgressTracker};
+use pgflip_core::progress::ProgressTracker;
 use pgflip_core::report::{State, Update};
 use pgflip_core::revision::Revision;
 use pgflip_core::spec::Desired;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod reports;
 
 /// Consecutive transient failures of one phase after which the attempt fails for good.
 pub const MAX_RETRIES: u32 = 5;
@@ -465,64 +467,5 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         self.journal.save(&next).await.map_err(EngineError::from)?;
         *record = next;
         Ok(())
-    }
-
-    /// Publishes an update; pending updates of one phase at most every [`REPORT_EVERY`].
-    pub async fn report(&self, revision: &Revision, update: Update) {
-        if self.due(revision, &update) {
-            self.publish(revision, update).await;
-        }
-    }
-
-    /// Whether `update` is to be published now: always a final one or a phase's first or
-    /// last (100%), a pending one of the same phase at most every [`REPORT_EVERY`].
-    fn due(&self, revision: &Revision, update: &Update) -> bool {
-        if update.state != State::Pending {
-            return true;
-        }
-        let mut last = self.last_report.lock().unwrap();
-        if let Some((r, phase, at)) = last.as_ref()
-            && r == revision
-            && *phase == update.phase
-            && at.elapsed() < REPORT_EVERY
-            && update.progress_percent != Some(100.0)
-        {
-            return false;
-        }
-        *last = Some((revision.clone(), update.phase.clone(), Instant::now()));
-        true
-    }
-
-    /// The phase's progress from what it measured now (a new tracker for a new phase).
-    fn track(&self, revision: &Revision, phase: Phase, measured: Measured) -> ProgressReport {
-        let mut tracker = self.tracker.lock().unwrap();
-        let same = matches!(tracker.as_ref(), Some((r, p, _)) if r == revision && *p == phase);
-        if !same {
-            *tracker = Some((revision.clone(), phase, ProgressTracker::default()));
-        }
-        let (_, _, t) = tracker.as_mut().expect("set above");
-        t.observe(self.now_ms(), measured)
-    }
-
-    /// A measured phase that completed: its last figures, all done.
-    fn finish_tracking(&self, revision: &Revision, phase: Phase) -> Option<ProgressReport> {
-        let mut tracker = self.tracker.lock().unwrap();
-        match tracker.take() {
-            Some((r, p, mut t)) if &r == revision && p == phase => Some(t.finish(self.now_ms())),
-            other => {
-                *tracker = other;
-                None
-            }
-        }
-    }
-
-    /// Publishes an update. A sink failure is logged, never fatal: the databases matter
-    /// more than the report.
-    async fn publish(&self, revision: &Revision, mut update: Update) {
-        update.at = crate::clock::rfc3339_ms(self.now_ms());
-        tracing::info!(revision = %revision.short(), state = update.state.as_str(), phase = %update.phase, "{}", update.message);
-        if let Err(e) = self.sink.publish(revision, &update).await {
-            tracing::warn!(error = %format!("{e:#}"), "could not publish the status");
-        }
     }
 }
