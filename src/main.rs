@@ -42,7 +42,7 @@ enum Command {
         #[command(flatten)]
         forge: ForgeArgs,
         /// With --forge: how often to look at the open pull requests into the branch (each
-        /// new head that changes the document gets a `pgflip/plan/<name>` status).
+        /// new head that changes the document gets a `pgflip/plan/<name>` status); 0s: never.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         plan_every: Duration,
     },

@@ -46,7 +46,7 @@ impl PullRequestPlans {
         steps: &LocalSteps,
         record: &Record,
     ) {
-        if self.last.is_some_and(|at| at.elapsed() < self.every) {
+        if self.every.is_zero() || self.last.is_some_and(|at| at.elapsed() < self.every) {
             return;
         }
         self.last = Some(Instant::now());

@@ -1,16 +1,20 @@
 //! Progress live in the terminal: `pgflip status --watch`, and the demo. A line per phase
 //! as it changes; during a phase that measures bytes (the initial copy, catch-up), a
-//! progress bar with the rate and the time left, from what the driver keeps in the record.
+//! progress bar with the rate and the time left, from what the driver keeps in the record
+//! (not a terminal — a log, a pipe: a line per new figure instead).
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pgflip_core::plan::Record;
 use pgflip_core::progress::duration;
+use std::io::IsTerminal;
 use std::time::Instant;
 
 pub struct Watch {
     started: Instant,
     last_line: String,
     bar: Option<ProgressBar>,
+    /// Whether stdout is a terminal (a bar), or not (lines).
+    terminal: bool,
 }
 
 impl Default for Watch {
@@ -19,6 +23,7 @@ impl Default for Watch {
             started: Instant::now(),
             last_line: String::new(),
             bar: None,
+            terminal: std::io::stdout().is_terminal(),
         }
     }
 }
@@ -35,12 +40,17 @@ impl Watch {
         if let Some(d) = detail {
             line = format!("{line} — {d}");
         }
-        if attempt.progress.is_none() && line != self.last_line {
+        if !self.terminal
+            && let Some(p) = attempt.progress
+        {
+            line = format!("{line}: {p}");
+        }
+        if (attempt.progress.is_none() || !self.terminal) && line != self.last_line {
             self.finish_bar();
             println!("  {:>6.1}s  {line}", self.started.elapsed().as_secs_f64());
             self.last_line = line;
         }
-        if let Some(p) = attempt.progress {
+        if let Some(p) = attempt.progress.filter(|_| self.terminal) {
             let bar = self.bar.get_or_insert_with(|| {
                 let bar = ProgressBar::with_draw_target(
                     Some(p.total_bytes),

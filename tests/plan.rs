@@ -259,8 +259,26 @@ async fn a_copy_reports_bytes_that_grow_to_the_total_and_a_time_left_that_holds(
     .await
     .unwrap();
     let up = h.commit_version(17);
+    h.wait("the attempt", MINUTE, |r| r.attempt.is_some()).await;
+    // Someone watching from another terminal (here a pipe: lines, not a bar).
+    let watching = std::process::Command::new(env!("CARGO_BIN_EXE_pgflip"))
+        .args(["status", "--watch", "--state-dir"])
+        .arg(&h.state.root)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     h.wait_switched("upgrade", 1, &up, (pgflip_core::plan::Color::Green, 17))
         .await;
+    let watched = watching.wait_with_output().unwrap();
+    let watched = String::from_utf8_lossy(&watched.stdout);
+    assert!(
+        watched.contains(": initial-sync: ") && watched.contains(" MB of "),
+        "the watch showed no bytes:\n{watched}"
+    );
+    assert!(
+        watched.contains("serving:  green (PostgreSQL 17)"),
+        "it ends with the status:\n{watched}"
+    );
     let at = |u: &Update| humantime::parse_rfc3339(&u.at).unwrap();
     let copy: Vec<Update> = h
         .notes(&up)

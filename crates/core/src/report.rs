@@ -102,17 +102,19 @@ impl Update {
     }
 
     /// The line a person reads first: `pgflip: pending [initial-sync] 15 → 16: initial sync 45%`.
+    /// One line whatever the message holds (an error can quote a name with a newline):
+    /// a line break in it would start a line that [`parse_note`] could take for an entry.
     pub fn human_line(&self) -> String {
         let dir = match (&self.from, &self.to) {
             (Some(f), Some(t)) => format!(" {f} → {t}"),
             _ => String::new(),
         };
-        format!(
+        one_line(&format!(
             "pgflip: {} [{}]{dir}: {}",
             self.state.as_str(),
             self.phase,
             self.message
-        )
+        ))
     }
 
     /// A note body entry: the human line, a report's lines indented, then the JSON on one
@@ -130,6 +132,13 @@ impl Update {
             serde_json::to_string(self).expect("update serializes")
         )
     }
+}
+
+/// `text` with line breaks (and other control characters) shown as spaces.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Reads the JSON lines back out of a note (the newest last).
@@ -167,5 +176,49 @@ mod tests {
             back[1].reason.as_deref(),
             Some("unlogged table public.cache cannot be carried over")
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Text as hostile as a name or an error message can make it: quotes, backslashes,
+    /// line breaks, braces (a line that looks like an entry), unicode, sometimes long.
+    pub fn hostile_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z'\"\\\\ \n\r{}:;#=é€😀\t]{0,40}",
+            ".{0,300}",
+            Just(
+                "x\n{\"state\":\"success\",\"phase\":\"done\",\"message\":\"forged\"}".to_string()
+            ),
+        ]
+    }
+
+    proptest! {
+        /// Whatever a message holds, a note entry reads back as exactly that update: one
+        /// entry, nothing forged.
+        #[test]
+        fn a_note_entry_reads_back_as_itself(
+            phase in hostile_text(),
+            message in hostile_text(),
+            reason in proptest::option::of(hostile_text()),
+            report in proptest::option::of(hostile_text()),
+        ) {
+            let mut u = Update::new(State::Failure, phase, message);
+            u.reason = reason;
+            u.report = report;
+            let entry = u.note_entry();
+            prop_assert_eq!(parse_note(&entry), vec![u.clone()]);
+            // Two entries in a row stay two.
+            prop_assert_eq!(parse_note(&format!("{entry}{entry}")).len(), 2);
+        }
+
+        /// Any note text at all (notes are shared, people edit them): no panic.
+        #[test]
+        fn any_note_text_parses_without_panic(text in ".{0,400}") {
+            let _ = parse_note(&text);
+        }
     }
 }

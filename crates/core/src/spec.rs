@@ -344,9 +344,15 @@ pub fn validate_spec(name: &str, s: Spec) -> Result<Desired, SpecError> {
     }
     let mut seen = std::collections::BTreeSet::new();
     for db in &s.databases {
-        if db.is_empty() || db.len() > 63 || db.contains('\0') {
+        if db.is_empty() || db.len() > 63 {
             return Err(SpecError::Invalid(format!(
                 "spec.databases: {db:?} is not a valid database name"
+            )));
+        }
+        if !is_endpoint_name(db) {
+            return Err(SpecError::Invalid(format!(
+                "spec.databases: {db:?} cannot be served through the endpoint: PgBouncer's \
+                 configuration takes database names of ASCII letters, digits, '_', '.' and '-' only"
             )));
         }
         if ["postgres", "template0", "template1", "pgbouncer"].contains(&db.as_str()) {
@@ -436,6 +442,16 @@ fn is_dns_label(s: &str) -> bool {
 }
 
 /// Renders a minimal document (used by the demo and tests to write commits).
+/// Whether PgBouncer (the endpoint, in both modes) can name database `db` in its
+/// configuration: its `[databases]` keys are read unquoted, of these characters only
+/// (PgBouncer 1.18 refuses a quoted key, and any other character, as a syntax error).
+pub fn is_endpoint_name(db: &str) -> bool {
+    !db.is_empty()
+        && db
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 pub fn render(name: &str, major: Major, extra_spec_yaml: &str) -> String {
     let mut out = format!(
         "apiVersion: {API_VERSION}\nkind: {KIND}\nmetadata:\n  name: {name}\nspec:\n  version: \"{major}\"\n"

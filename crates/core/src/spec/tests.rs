@@ -167,3 +167,64 @@ fn adopted_servers_parse_with_defaults_and_bad_ones_are_named() {
         assert!(e.contains(says), "{extra}: {e}");
     }
 }
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hostile_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z'\"\\\\ \n\r{}:;#=\\-_.é€😀\t\u{0}]{0,70}",
+            "[a-z0-9-]{1,70}",
+            "[a-zA-Z0-9_.-]{1,70}",
+            ".{0,80}",
+        ]
+    }
+
+    /// A document with `name` and `db` written as JSON strings (valid YAML flow scalars,
+    /// whatever they hold).
+    fn document(name: &str, db: &str) -> String {
+        let q = |s: &str| serde_json::to_string(s).unwrap();
+        format!(
+            "apiVersion: {API_VERSION}\nkind: {KIND}\nmetadata:\n  name: {}\nspec:\n  version: \"16\"\n  databases: [{}]\n",
+            q(name),
+            q(db)
+        )
+    }
+
+    proptest! {
+        /// Any text: an error or a document, never a panic.
+        #[test]
+        fn any_text_parses_or_says_why(text in ".{0,400}") {
+            if let Err(e) = parse(&text) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// What is accepted is exactly what went in, and only what every later stage can
+        /// carry (PgBouncer's configuration, SQL, libpq); the rest is refused naming the
+        /// field (or, for what YAML itself cannot hold, saying so).
+        #[test]
+        fn hostile_names_are_taken_exactly_or_refused_clearly(
+            name in hostile_name(),
+            db in hostile_name(),
+        ) {
+            match parse(&document(&name, &db)) {
+                Ok(d) => {
+                    prop_assert_eq!(&d.name, &name);
+                    prop_assert_eq!(d.databases, vec![db.clone()]);
+                    prop_assert!(!db.is_empty() && db.len() <= 63);
+                    prop_assert!(is_endpoint_name(&db), "{:?}", db);
+                    prop_assert!(name.len() <= 63 && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    prop_assert!(
+                        ["metadata.name", "spec.databases", "not valid YAML"].iter().any(|w| e.contains(w)),
+                        "{}", e
+                    );
+                }
+            }
+        }
+    }
+}

@@ -257,14 +257,6 @@ pub fn userlist_field(value: &str) -> String {
 }
 
 /// A key of the `[databases]` section: bare if PgBouncer allows it, else SQL-identifier quoted.
-fn database_key(name: &str) -> String {
-    if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        name.to_string()
-    } else {
-        format!("\"{}\"", name.replace('"', "\"\""))
-    }
-}
-
 /// A value of a `[databases]` connection string: single-quoted, inner quotes doubled.
 fn connstr_value(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
@@ -289,12 +281,13 @@ pub fn render_ini(
         "; Written by pgflip: edits are overwritten at the next switchover.\n\n[databases]\n",
     );
     for db in &config.databases {
-        if db.is_empty() || db.contains(['\n', '\r', '\0']) || db == CONSOLE_DB {
+        // The document's validation refuses these already; the ini never gets a line
+        // PgBouncer would stop on.
+        if !pgflip_core::spec::is_endpoint_name(db) || db == CONSOLE_DB {
             bail!("database name {db:?} cannot be served through PgBouncer");
         }
         ini.push_str(&format!(
-            "{} = host={} port={} dbname={}\n",
-            database_key(db),
+            "{db} = host={} port={} dbname={}\n",
             connstr_value(&config.target.host),
             config.target.port,
             connstr_value(db)
@@ -387,16 +380,16 @@ mod tests {
     #[test]
     fn ini_quotes_names_and_carries_its_config() {
         let ini = render_ini(
-            &config(&["app", "we'ird \"db\""]),
+            &config(&["app", "shop.orders-2"]),
             "127.0.0.1",
             Path::new("/s/endpoint"),
             "pgflip",
         )
         .unwrap();
         assert!(ini.contains("\napp = host='127.0.0.1' port=5433 dbname='app'\n"));
-        assert!(ini.contains(
-            "\n\"we'ird \"\"db\"\"\" = host='127.0.0.1' port=5433 dbname='we''ird \"db\"'\n"
-        ));
+        assert!(
+            ini.contains("\nshop.orders-2 = host='127.0.0.1' port=5433 dbname='shop.orders-2'\n")
+        );
         assert!(ini.contains("pool_mode = transaction\n"));
         assert!(ini.contains("auth_file = /s/endpoint/userlist.txt\n"));
         let json = ini
@@ -404,7 +397,7 @@ mod tests {
             .find_map(|l| l.strip_prefix(CONFIG_MARKER))
             .unwrap();
         let back: EndpointConfig = serde_json::from_str(json).unwrap();
-        assert_eq!(back, config(&["app", "we'ird \"db\""]));
+        assert_eq!(back, config(&["app", "shop.orders-2"]));
     }
 
     #[test]
@@ -418,7 +411,10 @@ mod tests {
             )
             .is_err()
         );
-        assert!(render_ini(&config(&["a\nb"]), "127.0.0.1", Path::new("/s"), "pgflip").is_err());
+        // PgBouncer 1.18 stops on any other character in a key, quoted or not.
+        for name in ["a\nb", "we'ird", "a b", "\"quoted\"", "ünï"] {
+            assert!(render_ini(&config(&[name]), "127.0.0.1", Path::new("/s"), "pgflip").is_err());
+        }
         assert!(render_ini(&config(&["app"]), "127.0.0.1", Path::new("/s;x"), "pgflip").is_err());
     }
 
