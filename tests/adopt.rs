@@ -151,6 +151,8 @@ async fn adopts_a_server_moves_it_to_its_own_instance_back_and_releases_it() {
         "{status}"
     );
     assert!(!status.contains(&user.superuser.password));
+    // The adopted server's password, and pgflip's own, nowhere they do not belong.
+    h.assert_no_credentials(&[&user.superuser.password, &h.admin().password]);
     assert_eq!(load.failed_so_far(), 0);
     assert_eq!(
         load.lost_commits(&h.endpoint(), &h.admin(), "app")

@@ -542,6 +542,46 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         !logs.contains(&creds.password),
         "the admin password is not logged"
     );
+    // Nor anywhere else people read: every log the cluster wrote (the controllers, the
+    // endpoint pods, the PostgreSQL servers), the object (annotations, status), the
+    // state ConfigMap, the events and the forge's statuses.
+    let mut readable = String::new();
+    let mut logs_read = 0;
+    let mut dirs = vec![cluster.dir().to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "log") {
+                readable.push_str(&String::from_utf8_lossy(&std::fs::read(&path).unwrap()));
+                logs_read += 1;
+            }
+        }
+    }
+    assert!(logs_read > 2, "only {logs_read} logs found");
+    let object = Api::<BlueGreenDatabase>::namespaced(client.clone(), NS)
+        .get(DB)
+        .await
+        .unwrap();
+    readable.push_str(&serde_json::to_string(&object).unwrap());
+    let configmaps = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    readable.push_str(&serde_json::to_string(&configmaps).unwrap());
+    let events = Api::<Event>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(!events.items.is_empty(), "the events were read");
+    readable.push_str(&serde_json::to_string(&events).unwrap());
+    for r in forge.requests() {
+        readable.push_str(&r.body.to_string());
+    }
+    for secret in ["forge-t0ken", creds.password.as_str()] {
+        assert!(!readable.contains(secret), "a credential is readable");
+    }
 }
 
 fn first_log(cluster: &Cluster) -> String {

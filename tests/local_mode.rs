@@ -527,6 +527,17 @@ async fn url_repository_gets_notes_pushed_and_status_reports() {
     );
     let log = h.log_tail();
     assert!(!log.contains("forge-t0ken"), "the token is not logged");
+    // Nor is any credential anywhere else: logs of every process, the state, the notes;
+    // and the statuses (their bodies) hold neither.
+    let admin = h.admin().password;
+    h.assert_no_credentials(&["forge-t0ken", &admin]);
+    for r in forge.requests() {
+        let body = r.body.to_string();
+        assert!(
+            !body.contains("forge-t0ken") && !body.contains(&admin),
+            "{body}"
+        );
+    }
 }
 
 /// The pause is bounded: a transaction that does not finish keeps PgBouncer from draining,

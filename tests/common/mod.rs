@@ -158,6 +158,80 @@ impl Harness {
             .push(("PGFLIP_FORGE_TOKEN".into(), token.into()));
     }
 
+    /// None of `secrets` appears anywhere a person or a tool reads: every log (pgflip's,
+    /// PgBouncer's, each PostgreSQL server's), the record and every other file of the
+    /// state directory, and the git notes of every commit. Left out: where credentials
+    /// belong (`secrets/`, PgBouncer's `userlist.txt`) and PostgreSQL's data files (a
+    /// subscription's connection string is in its catalog, where PostgreSQL keeps it).
+    pub fn assert_no_credentials(&self, secrets: &[&str]) {
+        const DATA_FILES: [&str; 16] = [
+            "base",
+            "global",
+            "pg_wal",
+            "pg_xact",
+            "pg_multixact",
+            "pg_logical",
+            "pg_replslot",
+            "pg_subtrans",
+            "pg_stat",
+            "pg_stat_tmp",
+            "pg_snapshots",
+            "pg_twophase",
+            "pg_notify",
+            "pg_serial",
+            "pg_commit_ts",
+            "pg_dynshmem",
+        ];
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    if name != "secrets" && name != ".git" && !DATA_FILES.contains(&name.as_str()) {
+                        walk(&path, out);
+                    }
+                } else if name != "userlist.txt" {
+                    out.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(self.dir.path(), &mut files);
+        assert!(
+            files
+                .iter()
+                .any(|f| f.extension().is_some_and(|e| e == "log")),
+            "no log was read: {files:?}"
+        );
+        for file in &files {
+            let Ok(bytes) = std::fs::read(file) else {
+                continue;
+            };
+            for secret in secrets {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "a credential is in {}",
+                    file.display()
+                );
+            }
+        }
+        let repo = git2::Repository::open(&self.repo).unwrap();
+        let notes = repo.notes(Some(pgflip_engine::adapters::git_notes::NOTES_REF));
+        for note in notes.into_iter().flatten().flatten() {
+            let text = GitNotes::read_text(&self.repo, &note.1.to_string()).unwrap();
+            for secret in secrets {
+                assert!(
+                    !text.contains(secret),
+                    "a credential is in the note of {}",
+                    note.1
+                );
+            }
+        }
+    }
+
     /// Starts `pgflip local` (optionally armed to kill itself at a failpoint).
     pub fn start(&mut self, failpoint: Option<&str>) {
         self.runs += 1;

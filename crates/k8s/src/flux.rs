@@ -243,4 +243,34 @@ mod tests {
 
         assert_eq!(KustomizationStatus::default().applied_revision(), None);
     }
+
+    mod hostile {
+        use super::super::SourceRevision;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever a Kustomization's status holds: a revision or an error naming it.
+            #[test]
+            fn any_text_is_a_revision_or_an_error(text in ".{0,120}") {
+                if let Err(e) = SourceRevision::parse(&text) {
+                    prop_assert!(e.contains("is not a Flux source revision"));
+                }
+            }
+
+            /// Every form Flux writes reads back as its branch and commit, whatever the
+            /// branch is called (it may hold '@', '/' and ':').
+            #[test]
+            fn written_revisions_read_back(
+                branch in "[a-zA-Z0-9/@:._-]{1,40}",
+                sha in "[0-9a-fA-F]{40}",
+            ) {
+                let r = SourceRevision::parse(&format!("{branch}@sha1:{sha}")).unwrap();
+                prop_assert_eq!(r.reference.as_deref(), Some(branch.as_str()));
+                let lower = sha.to_ascii_lowercase();
+                prop_assert_eq!(r.commit(), Some(lower.as_str()));
+                let bare = SourceRevision::parse(&format!("sha1:{sha}")).unwrap();
+                prop_assert_eq!(bare.commit(), r.commit());
+            }
+        }
+    }
 }

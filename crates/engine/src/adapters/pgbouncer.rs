@@ -422,4 +422,40 @@ mod tests {
     fn userlist_fields_double_quotes() {
         assert_eq!(userlist_field("pa\"ss"), "\"pa\"\"ss\"");
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A `[databases]` line read as PgBouncer 1.18 reads it: an unquoted key, then
+        /// `dbname='…'` with `''` for a quote.
+        fn read_back(ini: &str) -> Vec<(String, String)> {
+            let section = ini.split("[databases]\n").nth(1).unwrap();
+            let section = section.split("\n[pgbouncer]").next().unwrap();
+            section
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| {
+                    let (key, rest) = l.split_once(" = ").unwrap();
+                    let value = rest.split("dbname='").nth(1).unwrap();
+                    let value = value.strip_suffix('\'').unwrap().replace("''", "'");
+                    (key.to_string(), value)
+                })
+                .collect()
+        }
+
+        proptest! {
+            /// A name the document accepts is written so that it reads back as itself; any
+            /// other is refused, never written.
+            #[test]
+            fn names_read_back_or_are_refused(
+                db in prop_oneof!["[a-zA-Z0-9_.-]{1,30}", "[a-z'\"\\ \n;#=é]{1,30}"],
+            ) {
+                match render_ini(&config(&[&db]), "127.0.0.1", Path::new("/s"), "pgflip") {
+                    Ok(ini) => prop_assert_eq!(read_back(&ini), vec![(db.clone(), db.clone())]),
+                    Err(_) => prop_assert!(!pgflip_core::spec::is_endpoint_name(&db) || db == CONSOLE_DB),
+                }
+            }
+        }
+    }
 }
