@@ -43,6 +43,10 @@ pub struct LocalOptions {
 }
 
 pub type LocalSinks = Sinks<GitNotes, ForgeStatus>;
+
+/// How often notes the remote did not take are pushed again (each try can take a second
+/// when the remote is unreachable).
+const PUSH_RETRY_EVERY: Duration = Duration::from_secs(5);
 /// Servers the user lists in `spec.adopt`, else pgflip's own processes.
 pub type LocalServers = Adopting<LocalInstances, LocalPasswords>;
 pub type LocalSteps = Phases<LocalServers, PgBouncer>;
@@ -74,23 +78,32 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
     // Until a first valid desired state there is no runner: bad revisions are only reported.
     let mut unstarted = Some(state.load_async().await?);
     let mut runner: Option<LocalRunner> = None;
+    let mut last_push_retry = std::time::Instant::now();
     loop {
         if *stop.borrow() {
             return Ok(());
         }
+        // An unreachable repository stops only the taking of new revisions: a switch
+        // under way goes on (its notes are pushed once the remote is back).
         let observed = match source.observe().await {
-            Ok(o) => o,
+            Ok(o) => Some(o),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "could not read the repository");
-                wait(opts.poll, &mut stop).await;
-                continue;
+                None
             }
         };
+        if last_push_retry.elapsed() >= PUSH_RETRY_EVERY {
+            last_push_retry = std::time::Instant::now();
+            if let Err(e) = notes.push_pending().await {
+                tracing::debug!(error = %format!("{e:#}"), "the notes are not pushed yet");
+            }
+        }
         if runner.is_none()
             && let Some(record) = unstarted.as_mut()
+            && let Some(observed) = &observed
         {
-            let sinks = sinks_for(&intake::subject_name(&observed, record));
-            if let Err(e) = intake::take_revision(&observed, record, &state, &sinks).await {
+            let sinks = sinks_for(&intake::subject_name(observed, record));
+            if let Err(e) = intake::take_revision(observed, record, &state, &sinks).await {
                 tracing::warn!(error = %e, "could not take the revision");
             }
             if let Some(wanted) = &record.wanted {
@@ -105,7 +118,11 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
         let progress = match runner.as_mut() {
             None => Progress::Idle,
             Some(runner) => {
-                let result = match runner.take(&observed).await {
+                let taken = match &observed {
+                    Some(observed) => runner.take(observed).await,
+                    None => Ok(()),
+                };
+                let result = match taken {
                     Ok(()) => runner.step().await,
                     Err(e) => Err(e),
                 };
@@ -115,10 +132,12 @@ pub async fn run(opts: LocalOptions, mut stop: watch::Receiver<bool>) -> anyhow:
                 })
             }
         };
-        if let (Some(plans), Some(runner)) = (plans.as_mut(), runner.as_ref()) {
+        if let (Some(plans), Some(runner), Some(observed)) =
+            (plans.as_mut(), runner.as_ref(), observed.as_ref())
+        {
             let steps = runner.driver().steps();
             plans
-                .look(&source, &opts.branch, &observed, steps, runner.record())
+                .look(&source, &opts.branch, observed, steps, runner.record())
                 .await;
         }
         match progress {

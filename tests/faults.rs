@@ -1,5 +1,6 @@
 //! Faults, reached directly rather than through a crash: the pause's rollback after an
-//! error inside the pause, and after the pause's bound expires once blue is fenced.
+//! error inside the pause, and after the pause's bound expires once blue is fenced; the
+//! Git remote gone mid-switch; the branch force-pushed under a switch.
 
 mod common;
 
@@ -91,4 +92,186 @@ async fn the_pause_bound_expiring_after_the_fence_rolls_back_onto_blue() {
         "the pause reached its bound",
     )
     .await;
+}
+
+/// The Git remote goes away in the middle of a switch: the switch is not held up by it
+/// (the revision was taken already) and completes under load; its notes reach the remote
+/// once the remote is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_git_remote_does_not_hold_a_switch() {
+    let mut h = Harness::with_remote("databases: [app]\nretainPrevious: 1h");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    let load = h.load(&app, 2, 100);
+    let up = h.commit_version(16);
+    h.wait("the switch began", MINUTE, |r| {
+        r.attempt
+            .as_ref()
+            .is_some_and(|a| a.phase >= pgflip_core::plan::Phase::CopySchema)
+    })
+    .await;
+    let remote = h.remote.clone().unwrap();
+    let away = remote.with_extension("away");
+    std::fs::rename(&remote, &away).unwrap();
+    assert!(
+        h.record().attempt.is_some(),
+        "the switch was still under way when the remote went"
+    );
+    let r = h
+        .wait("the switch, remote gone", 3 * MINUTE, |r| {
+            r.history.len() == 1 && r.attempt.is_none()
+        })
+        .await;
+    assert_eq!(
+        r.serving.map(|m| (m.color, m.major.0)),
+        Some((Color::Green, 16))
+    );
+    assert!(
+        h.log_tail().contains("could not read the repository"),
+        "the remote was gone: {}",
+        h.log_tail()
+    );
+    std::fs::rename(&away, &remote).unwrap();
+    // The notes written meanwhile are pushed once it is back.
+    h.wait_switched(
+        "the notes after the remote came back",
+        1,
+        &up,
+        (Color::Green, 16),
+    )
+    .await;
+    h.stop_load_checked(load).await;
+}
+
+/// The branch is force-pushed during a switch so that the commit being switched to is no
+/// longer on it, and the new head asks for the version that serves: pgflip follows the
+/// branch, as for any new commit — the attempt is superseded, its green removed, blue
+/// keeps serving, nothing is lost and nothing is left on blue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_force_push_that_drops_the_commit_supersedes_the_switch() {
+    let (mut h, _app, load) = Harness::serving_15_under_load("", 2, 100).await;
+    h.start(None);
+    let base = git2::Repository::open(&h.repo)
+        .unwrap()
+        .head()
+        .unwrap()
+        .peel_to_commit()
+        .unwrap()
+        .id();
+    let up = h.commit_version(16);
+    h.wait("the switch began", MINUTE, |r| {
+        r.attempt
+            .as_ref()
+            .is_some_and(|a| a.phase >= pgflip_core::plan::Phase::InitialSync)
+    })
+    .await;
+    // `git reset --hard <base>`, a new commit, `git push --force`.
+    let repo = git2::Repository::open(&h.repo).unwrap();
+    repo.reset(
+        repo.find_commit(base).unwrap().as_object(),
+        git2::ResetType::Hard,
+        None,
+    )
+    .unwrap();
+    let text = h
+        .document(15)
+        .replace("retainPrevious: 1h", "retainPrevious: 2h");
+    let head = h.commit_text(&text, "back to 15, rewritten");
+    let r = h
+        .wait("the attempt superseded", 2 * MINUTE, |r| {
+            r.attempt.is_none()
+        })
+        .await;
+    assert_eq!(
+        r.serving.map(|m| (m.color, m.major.0)),
+        Some((Color::Blue, 15))
+    );
+    assert!(r.history.is_empty(), "nothing was switched");
+    let dropped = h.wait_final_note(&up, MINUTE).await;
+    assert!(
+        dropped.message.contains("superseded") && dropped.message.contains(&head[..7]),
+        "{dropped:?}"
+    );
+    assert!(!h.instance_exists("green"), "green is removed");
+    assert_eq!(
+        h.replication_objects("blue", "app").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(h.endpoint_behind().await, ["blue"]);
+    h.stop_load_checked(load).await;
+}
+
+/// Green's PostgreSQL is SIGKILLed during the initial copy: noticed within seconds (it
+/// used to take a minute: the killed postmaster, a zombie until reaped, passed for a live
+/// server), green restarted, the copy resumed, and the switch completes under load with
+/// nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn green_killed_during_the_copy_is_noticed_and_the_switch_completes() {
+    let (mut h, _app, load) = Harness::serving_15_under_load("copy: logical", 2, 100).await;
+    let admin = h.admin();
+    let blue = connect(&h.instance_addr("blue").unwrap(), &admin, "app")
+        .await
+        .unwrap();
+    blue.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);
+         INSERT INTO big SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 150000) g;",
+    )
+    .await
+    .unwrap();
+    h.start(None);
+    let up = h.commit_version(16);
+    h.wait("the copy", 2 * MINUTE, |r| {
+        r.attempt
+            .as_ref()
+            .is_some_and(|a| a.phase == pgflip_core::plan::Phase::InitialSync)
+    })
+    .await;
+    let pid_file = h.state.dir("instances").join("green/data/postmaster.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let killed = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Noticed within seconds: a step that failed on it says so on the commit, or (when
+    // the next look finds it first) the log names the dead server as it is restarted.
+    loop {
+        let status = h
+            .notes(&up)
+            .into_iter()
+            .find(|u| u.phase == "initial-sync" && u.message.contains("; retrying (1/"));
+        if let Some(status) = status {
+            eprintln!("the status: {}", status.message);
+            break;
+        }
+        if h.log_tail().contains("the postmaster is dead") {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "the fault was not noticed: {:#?}\n{}",
+            h.notes(&up),
+            h.log_tail(),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("noticed after {:?}", killed.elapsed());
+    h.wait_switched(
+        "the switch after green was killed",
+        1,
+        &up,
+        (Color::Green, 16),
+    )
+    .await;
+    eprintln!("switched after {:?}", killed.elapsed());
+    h.stop_load_checked(load).await;
 }

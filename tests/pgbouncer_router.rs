@@ -243,8 +243,10 @@ async fn pause_blocked_by_an_open_transaction_times_out_and_resumes() {
         .simple_query("BEGIN; INSERT INTO pgflip_ledger (client, seq) VALUES (-1, 1)")
         .await
         .unwrap();
+    // Long enough to outlast the checks below on a loaded machine (CI ran this at 2 s
+    // while other tests compiled, and the commit came first).
     let commit = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
         holder.simple_query("COMMIT").await.map(|_| ())
     });
 

@@ -313,6 +313,13 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
                     *r
                 };
                 tracing::warn!(phase = %phase, attempt = n, kind = e.metric_label(), error = %e, "step failed, retrying");
+                // Said on the commit at once (not throttled): a fault is news.
+                let retrying = Update::new(
+                    State::Pending,
+                    phase.as_str(),
+                    format!("{e}; retrying ({n}/{MAX_RETRIES})"),
+                );
+                self.publish(&ran.revision, between(retrying)).await;
                 if n >= MAX_RETRIES {
                     *self.retries.lock().unwrap() = 0;
                     let exhausted = EngineError::RetriesExhausted {

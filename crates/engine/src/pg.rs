@@ -17,9 +17,13 @@ pub fn config(addr: &Addr, creds: &Credentials, dbname: &str) -> tokio_postgres:
     c
 }
 
-/// Waits (up to a minute) until the server accepts a login.
-pub async fn wait_ready(addr: &Addr, admin: &Credentials) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+/// Waits (up to `within`) until the server accepts a login.
+pub async fn wait_ready(
+    addr: &Addr,
+    admin: &Credentials,
+    within: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         match crate::pg::connect(addr, admin, "postgres").await {
             Ok(c) => {

@@ -16,6 +16,7 @@ use pgflip_core::revision::Revision;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +40,9 @@ pub struct GitNotes {
     push_remote: Option<String>,
     /// One publish at a time: each reads the note, appends and moves the notes ref.
     lock: Arc<Mutex<()>>,
+    /// Whether notes were written that the remote has not taken yet (it was unreachable):
+    /// [`GitNotes::push_pending`] tries again.
+    unpushed: Arc<AtomicBool>,
 }
 
 impl GitNotes {
@@ -51,6 +55,7 @@ impl GitNotes {
             repo_dir,
             push_remote,
             lock: Arc::new(Mutex::new(())),
+            unpushed: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -67,6 +72,24 @@ impl GitNotes {
     }
 }
 
+impl GitNotes {
+    /// Pushes notes written while the remote was unreachable (nothing to do otherwise):
+    /// a switch that ended then still gets its final notes to the remote.
+    pub async fn push_pending(&self) -> anyhow::Result<()> {
+        if !self.unpushed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (repo_dir, push_remote) = (self.repo_dir.clone(), self.push_remote.clone());
+        let (lock, unpushed) = (self.lock.clone(), self.unpushed.clone());
+        tokio::task::spawn_blocking(move || {
+            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            push_recorded(&open(&repo_dir)?, push_remote.as_deref(), &unpushed)
+        })
+        .await
+        .context("the Git worker thread failed")?
+    }
+}
+
 impl StatusSink for GitNotes {
     fn publish(
         &self,
@@ -76,6 +99,7 @@ impl StatusSink for GitNotes {
         let repo_dir = self.repo_dir.clone();
         let push_remote = self.push_remote.clone();
         let lock = self.lock.clone();
+        let unpushed = self.unpushed.clone();
         let commit = revision.as_commit().map(str::to_string);
         let entry = update.note_entry();
         async move {
@@ -84,7 +108,11 @@ impl StatusSink for GitNotes {
                 // A panic in an earlier publish leaves nothing half-done that matters
                 // (refs move atomically), so a poisoned lock is still usable.
                 let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                publish_blocking(&repo_dir, push_remote.as_deref(), &revision, &entry)
+                let repo = open(&repo_dir)?;
+                let oid = parse_revision(&revision)?;
+                append(&repo, oid, &entry)
+                    .with_context(|| format!("writing the note on {revision}"))?;
+                push_recorded(&repo, push_remote.as_deref(), &unpushed)
             })
             .await
             .context("the Git worker thread failed")?
@@ -92,19 +120,18 @@ impl StatusSink for GitNotes {
     }
 }
 
-fn publish_blocking(
-    repo_dir: &Path,
+/// Pushes the notes ref, if there is a remote, remembering whether the remote has it.
+fn push_recorded(
+    repo: &Repository,
     push_remote: Option<&str>,
-    revision: &str,
-    entry: &str,
+    unpushed: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let repo = open(repo_dir)?;
-    let oid = parse_revision(revision)?;
-    append(&repo, oid, entry).with_context(|| format!("writing the note on {revision}"))?;
-    match push_remote {
-        Some(remote) => push_with_merge(&repo, remote),
-        None => Ok(()),
-    }
+    let Some(remote) = push_remote else {
+        return Ok(());
+    };
+    let pushed = push_with_merge(repo, remote);
+    unpushed.store(pushed.is_err(), Ordering::SeqCst);
+    pushed
 }
 
 fn open(repo_dir: &Path) -> anyhow::Result<Repository> {

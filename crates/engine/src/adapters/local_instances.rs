@@ -4,7 +4,7 @@
 //! Layout: `<state>/instances/<color>/{data/, instance.json, server.log}`; the socket
 //! directory is the instance directory itself (mode 0700, owned by the server user).
 
-use crate::ports::{Addr, Credentials};
+use crate::ports::{Addr, Credentials, NotReady};
 use crate::ports::{Instances, Result};
 use crate::replication::SERVER_SETTINGS;
 use crate::run_as::{RunAs, free_port, run_async, succeeds};
@@ -16,6 +16,7 @@ use pgflip_core::spec::Desired;
 use pgflip_core::spec::Major;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 mod physical;
 mod upgrade_check;
@@ -73,6 +74,29 @@ impl LocalInstances {
 
     async fn running(&self, member: &Member, major: Major) -> anyhow::Result<bool> {
         let data = self.dir(member).join("data");
+        // A postmaster killed outright can linger as a zombie until its parent (often
+        // init, which may reap late) collects it: `pg_ctl status` and PostgreSQL's own
+        // lock-file check both take it for a live server, so it would neither be reported
+        // down nor be restarted. Its lock file is stale; the shared-memory interlock still
+        // keeps a new postmaster out while any of its children live.
+        if let Some(pid) = postmaster_pid(&data).await
+            && is_zombie(pid).await
+        {
+            tracing::warn!(%member, pid, "the postmaster is dead (a zombie): removing its lock files to restart it");
+            tokio::fs::remove_file(data.join("postmaster.pid"))
+                .await
+                .ok();
+            // Its Unix socket's lock file (in the instance directory) names it too.
+            if let Ok(mut entries) = tokio::fs::read_dir(self.dir(member)).await {
+                while let Ok(Some(e)) = entries.next_entry().await {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(".s.PGSQL.") && name.ends_with(".lock") {
+                        tokio::fs::remove_file(e.path()).await.ok();
+                    }
+                }
+            }
+            return Ok(false);
+        }
         let mut cmd = self.run_as.command(&self.pg_ctl(major)?);
         cmd.arg("status").arg("-D").arg(&data);
         succeeds(cmd).await
@@ -139,12 +163,30 @@ impl LocalInstances {
             .arg("-l")
             .arg(dir.join("server.log"))
             .args(["-w", "-t", "120"]);
-        run_async(pg_ctl).await.with_context(|| {
-            format!(
-                "starting {member}; see {}",
+        if let Err(e) = run_async(pg_ctl).await {
+            let log = tokio::fs::read_to_string(dir.join("server.log"))
+                .await
+                .unwrap_or_default();
+            // After the postmaster was killed, its children may run on for a while (one
+            // busy copying notices the death only at its next wait); PostgreSQL refuses
+            // to start beside them. That passes by itself: a wait, not a failure.
+            let last_start = log.rsplit("starting PostgreSQL").next().unwrap_or("");
+            if last_start.contains("pre-existing shared memory block") {
+                return Err(NotReady(format!(
+                    "{member}: the processes of its stopped server are still exiting; starting it again shortly"
+                ))
+                .into());
+            }
+            let why = last_start
+                .lines()
+                .rfind(|l| l.contains("FATAL") || l.contains("PANIC"))
+                .map(|l| format!(" ({})", l.trim()))
+                .unwrap_or_default();
+            return Err(e.context(format!(
+                "starting {member}{why}; see {}",
                 dir.join("server.log").display()
-            )
-        })?;
+            )));
+        }
         Ok(())
     }
 }
@@ -201,6 +243,30 @@ fn move_port(dir: &Path, file: &InstanceFile) -> anyhow::Result<()> {
     )
 }
 
+/// How long a server may take to accept logins after a start (crash recovery included).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to try logging in before looking whether the server still runs.
+const READY_LOOK: Duration = Duration::from_secs(1);
+
+/// The pid in a data directory's `postmaster.pid`, if there is one.
+async fn postmaster_pid(data: &Path) -> Option<i32> {
+    let text = tokio::fs::read_to_string(data.join("postmaster.pid"))
+        .await
+        .ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// Whether `pid` has exited and waits to be reaped (Linux: state `Z` in `/proc/<pid>/stat`,
+/// after the command name in parentheses).
+async fn is_zombie(pid: i32) -> bool {
+    let Ok(stat) = tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await else {
+        return false;
+    };
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        == Some("Z")
+}
+
 impl Instances for LocalInstances {
     async fn ensure(&self, member: &Member, _desired: &Desired) -> Result<Addr> {
         let member = *member;
@@ -225,8 +291,20 @@ impl Instances for LocalInstances {
             host: "127.0.0.1".into(),
             port: file.port,
         };
-        crate::pg::wait_ready(&addr, &self.admin).await?;
-        Ok(addr)
+        // Up to a minute for a server starting (crash recovery), but one that is gone
+        // meanwhile (killed right after the look above) is an error at once: the retry
+        // starts it again.
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            match crate::pg::wait_ready(&addr, &self.admin, READY_LOOK).await {
+                Ok(()) => return Ok(addr),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(e) if !self.running(&member, file.major).await? => {
+                    return Err(e.context(format!("{member} is not running")));
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     async fn addr(&self, member: &Member, _desired: &Desired) -> Result<Option<Addr>> {
