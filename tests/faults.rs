@@ -23,16 +23,22 @@ async fn rolled_back_inside_the_pause(failpoint: &str, extra_spec: &str, cause: 
         r.attempt.as_ref().is_some_and(|a| a.pause_failures >= 1)
     })
     .await;
+    // The status follows the record (a moment later, on a loaded machine).
+    let names_it = |u: &pgflip_core::report::Update| {
+        u.message.contains("switchover aborted") && u.message.contains(cause)
+    };
+    let noted = std::time::Instant::now();
+    while !h.notes(&up).iter().any(names_it) {
+        assert!(
+            noted.elapsed() < Duration::from_secs(10),
+            "no status names the rollback ({cause}): {:#?}",
+            h.notes(&up)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Frozen before the next pause (the retry waits a second, then catches up and
     // verifies again).
     h.kill();
-    let notes = h.notes(&up);
-    assert!(
-        notes
-            .iter()
-            .any(|u| u.message.contains("switchover aborted") && u.message.contains(cause)),
-        "no status names the rollback ({cause}): {notes:#?}"
-    );
 
     let admin = h.admin();
     let blue = h.instance_addr("blue").unwrap();
@@ -167,18 +173,12 @@ async fn a_force_push_that_drops_the_commit_supersedes_the_switch() {
             .is_some_and(|a| a.phase >= pgflip_core::plan::Phase::InitialSync)
     })
     .await;
-    // `git reset --hard <base>`, a new commit, `git push --force`.
-    let repo = git2::Repository::open(&h.repo).unwrap();
-    repo.reset(
-        repo.find_commit(base).unwrap().as_object(),
-        git2::ResetType::Hard,
-        None,
-    )
-    .unwrap();
+    // A commit on <base> replaces the branch in one ref update, as `git push --force`
+    // does: the branch never shows <base> itself in between.
     let text = h
         .document(15)
         .replace("retainPrevious: 1h", "retainPrevious: 2h");
-    let head = h.commit_text(&text, "back to 15, rewritten");
+    let head = common::commit_onto(&h.repo, "refs/heads/main", &base.to_string(), &text);
     let r = h
         .wait("the attempt superseded", 2 * MINUTE, |r| {
             r.attempt.is_none()

@@ -7,37 +7,13 @@ mod common;
 
 use common::forge::FakeForge;
 use common::{Harness, MINUTE};
-use git2::{Oid, Repository, Signature};
 use pgflip_core::report::{State, Update};
 use pgflip_engine::adapters::forge_status::{ForgeConfig, ForgeStatus, Provider};
 use pgflip_engine::pg::connect;
 use serde_json::json;
-use std::path::Path;
 use std::time::Duration;
 
 const PULLS: &str = "/repos/shop/db/pulls?state=open&per_page=100";
-
-/// Commits `text` as `db/database.yaml` on top of `parent` into `git_ref` (where a forge
-/// keeps a pull request's head), leaving the branch alone.
-fn push_pull_request(repo: &Path, git_ref: &str, parent: &str, text: &str) -> String {
-    let repo = Repository::open(repo).unwrap();
-    let parent = repo.find_commit(Oid::from_str(parent).unwrap()).unwrap();
-    let blob = repo.blob(text.as_bytes()).unwrap();
-    let db = parent.tree().unwrap().get_path(Path::new("db")).unwrap();
-    let mut db_tree = repo
-        .treebuilder(Some(&repo.find_tree(db.id()).unwrap()))
-        .unwrap();
-    db_tree.insert("database.yaml", blob, 0o100644).unwrap();
-    let db_id = db_tree.write().unwrap();
-    let mut root = repo.treebuilder(Some(&parent.tree().unwrap())).unwrap();
-    root.insert("db", db_id, 0o040000).unwrap();
-    let tree = repo.find_tree(root.write().unwrap()).unwrap();
-    let sig = Signature::now("dev", "dev@example.com").unwrap();
-    let id = repo
-        .commit(Some(git_ref), &sig, &sig, "bump", &tree, &[&parent])
-        .unwrap();
-    id.to_string()
-}
 
 /// The plan statuses posted on `sha`: (state, description).
 fn plan_statuses(forge: &FakeForge, sha: &str) -> Vec<(String, String)> {
@@ -114,7 +90,7 @@ async fn a_pull_request_gets_a_plan_that_refuses_then_passes_and_touches_nothing
     .unwrap();
 
     // A pull request into main that bumps the version: refused, naming the table.
-    let bump = push_pull_request(&h.repo, "refs/pull/1/head", &main, &h.document(17));
+    let bump = common::commit_onto(&h.repo, "refs/pull/1/head", &main, &h.document(17));
     let pull = |head: &str| json!([{"number": 1, "head": {"sha": head, "ref": "bump"}, "base": {"ref": "main"}}]);
     forge.list(PULLS, pull(&bump));
     let ((state, description), note) = wait_plan(&h, &forge, &bump).await;
@@ -132,7 +108,7 @@ async fn a_pull_request_gets_a_plan_that_refuses_then_passes_and_touches_nothing
     app.batch_execute("ALTER TABLE cache SET LOGGED")
         .await
         .unwrap();
-    let fixed = push_pull_request(&h.repo, "refs/pull/1/head", &bump, &h.document(17));
+    let fixed = common::commit_onto(&h.repo, "refs/pull/1/head", &bump, &h.document(17));
     forge.list(PULLS, pull(&fixed));
     let ((state, description), note) = wait_plan(&h, &forge, &fixed).await;
     assert_eq!(state, "success", "{description}");

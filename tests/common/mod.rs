@@ -588,3 +588,31 @@ impl Harness {
         port.parse().unwrap()
     }
 }
+
+/// Commits `text` as `db/database.yaml` on top of `parent` straight into `git_ref` (a
+/// pull request's head where a forge keeps it, or a branch rewritten as by a force-push),
+/// in one ref update; the work tree is left alone.
+pub fn commit_onto(repo: &Path, git_ref: &str, parent: &str, text: &str) -> String {
+    let repo = git2::Repository::open(repo).unwrap();
+    let parent = repo
+        .find_commit(git2::Oid::from_str(parent).unwrap())
+        .unwrap();
+    let blob = repo.blob(text.as_bytes()).unwrap();
+    let db = parent.tree().unwrap().get_path(Path::new("db")).unwrap();
+    let mut db_tree = repo
+        .treebuilder(Some(&repo.find_tree(db.id()).unwrap()))
+        .unwrap();
+    db_tree.insert("database.yaml", blob, 0o100644).unwrap();
+    let db_id = db_tree.write().unwrap();
+    let mut root = repo.treebuilder(Some(&parent.tree().unwrap())).unwrap();
+    root.insert("db", db_id, 0o040000).unwrap();
+    let tree = repo.find_tree(root.write().unwrap()).unwrap();
+    let sig = git2::Signature::now("dev", "dev@example.com").unwrap();
+    let id = repo
+        .commit(None, &sig, &sig, "bump", &tree, &[&parent])
+        .unwrap();
+    // Forced: the ref may point anywhere before (a rewritten branch).
+    repo.reference(git_ref, id, true, "pgflip test: force")
+        .unwrap();
+    id.to_string()
+}
