@@ -4,7 +4,7 @@
 //! A thin loop around the shared [`Runner`]: look at the branch, take what it carries,
 //! step.
 
-use crate::plans::{PullRequestPlans, plan_update};
+use crate::plans::{PullRequestPlans, plan_context, plan_update};
 use pgflip_core::plan::{Member, Record};
 use pgflip_core::report::Update;
 use pgflip_core::spec::Desired;
@@ -202,15 +202,14 @@ pub async fn plan(
             state_dir.display()
         );
     };
+    // Opened on a branch it never reads: only `git_ref` is.
     let source = GitSource::open_async(repo, "main".into(), file, state.dir("repo")).await?;
     let observed = source.read_ref(&git_ref).await?.observed()?;
     let steps = build_steps(&state, &wanted.desired).await?;
-    let mut update = plan_update(&steps, &record, &observed).await?;
+    let update = plan_update(&steps, &record, &observed).await?;
     if let Some(forge) = forge {
-        let name = observed.name.as_deref().unwrap_or("document");
-        update.at = pgflip_engine::clock::rfc3339_ms(pgflip_engine::clock::now_ms());
         forge
-            .with_context(format!("pgflip/plan/{name}"))
+            .with_context(plan_context(&observed))
             .publish(&observed.revision, &update)
             .await?;
     }

@@ -77,7 +77,7 @@ impl PullRequestPlans {
                 self.planned.insert(pull.head);
                 continue;
             }
-            let mut update = match plan_update(steps, record, &observed).await {
+            let update = match plan_update(steps, record, &observed).await {
                 Ok(u) => u,
                 Err(e) => {
                     // Blue unreachable, say: no verdict now, tried again next time.
@@ -85,15 +85,10 @@ impl PullRequestPlans {
                     continue;
                 }
             };
-            let name = observed
-                .name
-                .clone()
-                .unwrap_or_else(|| "document".to_string());
             let sinks = Sinks {
                 first: self.notes.clone(),
-                second: Some(self.forge.with_context(format!("pgflip/plan/{name}"))),
+                second: Some(self.forge.with_context(plan_context(&observed))),
             };
-            update.at = pgflip_engine::clock::rfc3339_ms(pgflip_engine::clock::now_ms());
             tracing::info!(pull = pull.number, head = %&pull.head[..pull.head.len().min(7)], state = update.state.as_str(), "plan: {}", update.message);
             match sinks.publish(&observed.revision, &update).await {
                 Ok(()) => {
@@ -107,31 +102,32 @@ impl PullRequestPlans {
     }
 }
 
-/// The plan of one observed revision as an update: its verdict, its line and its report
-/// (an invalid document is a failure saying why).
+/// The plan of one observed revision as an update, stamped now: its verdict, its line
+/// and its report (an invalid document is a failure saying why).
 pub async fn plan_update(
     steps: &LocalSteps,
     record: &Record,
     observed: &Observed,
 ) -> anyhow::Result<Update> {
-    let proposed = match &observed.desired {
-        Ok(d) => d,
-        Err(why) => {
-            return Ok(Update::failure(
-                "plan",
-                format!("the document is invalid: {why}"),
-            ));
-        }
+    let now = pgflip_engine::clock::now_ms();
+    let mut update = match &observed.desired {
+        Ok(proposed) => update_of(
+            &steps
+                .forecast(record, &observed.revision, proposed, now)
+                .await?,
+        ),
+        Err(why) => Update::failure("plan", format!("the document is invalid: {why}")),
     };
-    let forecast = steps
-        .forecast(
-            record,
-            &observed.revision,
-            proposed,
-            pgflip_engine::clock::now_ms(),
-        )
-        .await?;
-    Ok(update_of(&forecast))
+    update.at = pgflip_engine::clock::rfc3339_ms(now);
+    Ok(update)
+}
+
+/// The commit-status context of a plan: `pgflip/plan/<metadata.name>`.
+pub fn plan_context(observed: &Observed) -> String {
+    format!(
+        "pgflip/plan/{}",
+        observed.name.as_deref().unwrap_or("document")
+    )
 }
 
 fn update_of(forecast: &Forecast) -> Update {

@@ -214,12 +214,7 @@ async fn green_killed_during_the_copy_is_noticed_and_the_switch_completes() {
     let blue = connect(&h.instance_addr("blue").unwrap(), &admin, "app")
         .await
         .unwrap();
-    blue.batch_execute(
-        "CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);
-         INSERT INTO big SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 150000) g;",
-    )
-    .await
-    .unwrap();
+    common::add_big_table(&blue, 150000).await;
     h.start(None);
     let up = h.commit_version(16);
     h.wait("the copy", 2 * MINUTE, |r| {

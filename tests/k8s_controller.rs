@@ -239,14 +239,8 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
 
     // Commit statuses go to a stand-in GitHub API on loopback.
     let forge = common::forge::FakeForge::start().await;
-    let forge_args = [
-        "--forge",
-        "github",
-        "--forge-api",
-        &forge.url,
-        "--forge-repository",
-        "shop/db",
-    ];
+    let forge_args = forge.github_args();
+    let forge_args: Vec<&str> = forge_args.iter().map(String::as_str).collect();
     // Two replicas: the first leads; the second waits on the lease.
     let mut first = Controller::start_with(
         &cluster,

@@ -228,12 +228,7 @@ async fn a_copy_reports_bytes_that_grow_to_the_total_and_a_time_left_that_holds(
     h.start(None);
     h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
     let app = connect(&h.endpoint(), &h.admin(), "app").await.unwrap();
-    app.batch_execute(
-        "CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);
-         INSERT INTO big SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 250000) g;",
-    )
-    .await
-    .unwrap();
+    common::add_big_table(&app, 250000).await;
     let up = h.commit_version(17);
     h.wait("the attempt", MINUTE, |r| r.attempt.is_some()).await;
     // Someone watching from another terminal (here a pipe: lines, not a bar).

@@ -90,6 +90,21 @@ impl FakeForge {
         self.answers.lock().unwrap().extend(codes);
     }
 
+    /// The flags that make `pgflip local` or `pgflip controller` report to this forge as
+    /// GitHub, for the repository `shop/db`.
+    pub fn github_args(&self) -> Vec<String> {
+        [
+            "--forge",
+            "github",
+            "--forge-api",
+            &self.url,
+            "--forge-repository",
+            "shop/db",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// A GET of `path` (with its query) answers `json` from now on.
     pub fn list(&self, path: &str, json: serde_json::Value) {
         self.listings.lock().unwrap().insert(path.to_string(), json);

@@ -143,17 +143,7 @@ impl Harness {
     /// `pgflip local` will post statuses to `forge` (a stand-in GitHub API) for the
     /// repository `shop/db`, with `token`.
     pub fn report_to_github(&mut self, forge: &forge::FakeForge, token: &str) {
-        self.extra_args.extend(
-            [
-                "--forge",
-                "github",
-                "--forge-api",
-                &forge.url,
-                "--forge-repository",
-                "shop/db",
-            ]
-            .map(String::from),
-        );
+        self.extra_args.extend(forge.github_args());
         self.extra_env
             .push(("PGFLIP_FORGE_TOKEN".into(), token.into()));
     }
@@ -615,4 +605,16 @@ pub fn commit_onto(repo: &Path, git_ref: &str, parent: &str, text: &str) -> Stri
     repo.reference(git_ref, id, true, "pgflip test: force")
         .unwrap();
     id.to_string()
+}
+
+/// Adds table `big` of `rows` rows of about 1 kB each (uncompressed text) in the database
+/// `client` is connected to: a copy that takes seconds.
+pub async fn add_big_table(client: &tokio_postgres::Client, rows: u32) {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL);
+             INSERT INTO big SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, {rows}) g;"
+        ))
+        .await
+        .unwrap();
 }

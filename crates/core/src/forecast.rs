@@ -18,7 +18,7 @@ const ASSUMED_LOGICAL_RATE: f64 = 10e6;
 const ASSUMED_PHYSICAL_RATE: f64 = 40e6;
 const ASSUMED_FIXED_S: f64 = 30.0;
 /// The phases whose time is the copy's (the rest is counted as fixed).
-pub const COPY_PHASES: [&str; 4] = ["provision", "copy-schema", "replicate", "initial-sync"];
+const COPY_PHASES: [&str; 4] = ["provision", "copy-schema", "replicate", "initial-sync"];
 
 /// What one carried database holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

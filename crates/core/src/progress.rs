@@ -103,9 +103,7 @@ impl ProgressTracker {
             seconds_left,
         }
     }
-}
 
-impl ProgressTracker {
     /// The phase completed: everything measured is done (a copy's last tables finish
     /// between two looks).
     pub fn finish(&mut self, now_ms: u64) -> Progress {

@@ -83,18 +83,7 @@ impl LocalInstances {
             && is_zombie(pid).await
         {
             tracing::warn!(%member, pid, "the postmaster is dead (a zombie): removing its lock files to restart it");
-            tokio::fs::remove_file(data.join("postmaster.pid"))
-                .await
-                .ok();
-            // Its Unix socket's lock file (in the instance directory) names it too.
-            if let Ok(mut entries) = tokio::fs::read_dir(self.dir(member)).await {
-                while let Ok(Some(e)) = entries.next_entry().await {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with(".s.PGSQL.") && name.ends_with(".lock") {
-                        tokio::fs::remove_file(e.path()).await.ok();
-                    }
-                }
-            }
+            remove_lock_files(&self.dir(member)).await;
             return Ok(false);
         }
         let mut cmd = self.run_as.command(&self.pg_ctl(major)?);
@@ -254,6 +243,23 @@ async fn postmaster_pid(data: &Path) -> Option<i32> {
         .await
         .ok()?;
     text.lines().next()?.trim().parse().ok()
+}
+
+/// Removes a dead postmaster's lock files in an instance directory: the data directory's
+/// `postmaster.pid` and its Unix socket's `.s.PGSQL.<port>.lock` (both name it).
+async fn remove_lock_files(dir: &Path) {
+    tokio::fs::remove_file(dir.join("data/postmaster.pid"))
+        .await
+        .ok();
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    while let Ok(Some(e)) = entries.next_entry().await {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".s.PGSQL.") && name.ends_with(".lock") {
+            tokio::fs::remove_file(e.path()).await.ok();
+        }
+    }
 }
 
 /// Whether `pid` has exited and waits to be reaped (Linux: state `Z` in `/proc/<pid>/stat`,

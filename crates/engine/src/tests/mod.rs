@@ -6,6 +6,7 @@
 mod crash;
 mod driver;
 mod fakes;
+mod reports;
 mod runner;
 
 use super::driver::{Driver, Progress};
