@@ -53,8 +53,9 @@ pub struct Driver<S, J, K> {
     clock: Clock,
     /// Consecutive transient failures of the current phase.
     retries: Mutex<u32>,
-    /// The last pending report published: (revision, phase) and when.
-    last_report: Mutex<Option<(Revision, String, Instant)>>,
+    /// The last pending report published: (revision, phase), when, and whether it said
+    /// 100%.
+    last_report: Mutex<Option<(Revision, String, Instant, bool)>>,
     /// The progress of the phase under way: (revision, phase) and what it measured so far.
     tracker: Mutex<Option<(Revision, Phase, ProgressTracker)>>,
 }
@@ -230,7 +231,8 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
                 if let Some(done) = self.finish_tracking(&ran.revision, phase) {
                     let message = format!("{} done", phase.as_str().replace('-', " "));
                     let update = Update::new(State::Pending, phase.as_str(), message);
-                    self.report(&ran.revision, between(update).with_progress(Some(done)))
+                    // Once per phase: not throttled.
+                    self.publish(&ran.revision, between(update).with_progress(Some(done)))
                         .await;
                 }
                 if next != Phase::Done {

@@ -24,16 +24,24 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
         if update.state != State::Pending {
             return true;
         }
+        let complete = update.progress_percent == Some(100.0);
         let mut last = self.last_report.lock().unwrap();
-        if let Some((r, phase, at)) = last.as_ref()
+        // A phase's first 100% always goes out; the same 100% again (tables copied but not
+        // all streaming yet) waits its turn like any other figure.
+        if let Some((r, phase, at, was_complete)) = last.as_ref()
             && r == revision
             && *phase == update.phase
             && at.elapsed() < REPORT_EVERY
-            && update.progress_percent != Some(100.0)
+            && (!complete || *was_complete)
         {
             return false;
         }
-        *last = Some((revision.clone(), update.phase.clone(), Instant::now()));
+        *last = Some((
+            revision.clone(),
+            update.phase.clone(),
+            Instant::now(),
+            complete,
+        ));
         true
     }
 
