@@ -68,6 +68,35 @@ pub struct Harness {
     pub extra_env: Vec<(String, String)>,
     child: Option<Child>,
     runs: u32,
+    /// File systems mounted for this test, unmounted once everything is stopped.
+    mounts: Vec<Tmpfs>,
+}
+
+/// A tmpfs of a fixed size mounted for a test (a disk that fills up); unmounted when
+/// dropped. Mounting needs root, as the tests run (PostgreSQL itself drops to its user).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a {size} tmpfs at {} (needs root)",
+            at.display()
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
 
 impl Harness {
@@ -93,6 +122,7 @@ impl Harness {
             extra_env: Vec::new(),
             child: None,
             runs: 0,
+            mounts: Vec::new(),
         }
     }
 
@@ -394,6 +424,13 @@ impl Harness {
             .any(|name| name == color || name.starts_with(&format!("{color}.")))
     }
 
+    /// Gives `color`'s instance (made later by pgflip) a file system of its own of `size`.
+    pub fn mount_instance_dir(&mut self, color: &str, size: &str) -> PathBuf {
+        let at = self.state.dir("instances").join(color);
+        self.mounts.push(Tmpfs::mount(&at, size));
+        at
+    }
+
     /// Publications, replication slots and subscriptions made by pgflip on an instance.
     pub async fn replication_objects(&self, color: &str, db: &str) -> Vec<String> {
         let addr = self.instance_addr(color).expect("instance exists");
@@ -534,17 +571,19 @@ impl Harness {
 
     /// The port the endpoint currently sends clients to.
     pub async fn serving_port(&self, app: &Credentials) -> u16 {
-        let c = connect(&self.endpoint(), app, "app").await.unwrap();
-        let rows = c
-            .simple_query("SELECT current_setting('port')")
-            .await
-            .unwrap();
+        self.try_serving_port(app).await.unwrap()
+    }
+
+    /// [`Harness::serving_port`], or why the endpoint did not answer.
+    pub async fn try_serving_port(&self, app: &Credentials) -> anyhow::Result<u16> {
+        let c = connect(&self.endpoint(), app, "app").await?;
+        let rows = c.simple_query("SELECT current_setting('port')").await?;
         for m in rows {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-                return r.get(0).unwrap().parse().unwrap();
+                return Ok(r.get(0).unwrap_or_default().parse()?);
             }
         }
-        panic!("no row")
+        anyhow::bail!("no row")
     }
 }
 
@@ -557,6 +596,8 @@ impl Drop for Harness {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        // Only now that nothing runs from them.
+        self.mounts.clear();
     }
 }
 

@@ -7,6 +7,11 @@ use pgflip_core::plan::{Member, Phase};
 use pgflip_core::spec::Major;
 use std::time::Duration;
 
+/// Below this many bytes free on the target's file system, a copy stops: PostgreSQL needs
+/// room for a WAL segment and a checkpoint to keep running at all, and a server that hits
+/// "no space left" mid-copy fails its table copies over and over (or stops).
+pub const MIN_FREE_BYTES: u64 = 64 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// Preflight found what cannot be carried over (or a switch back that cannot be taken).
@@ -39,6 +44,18 @@ pub enum EngineError {
         target: Member,
         timeout: Duration,
         behind_bytes: i64,
+    },
+    /// The target's file system is (nearly) full during the copy: the attempt ends and
+    /// its target is removed, which gives the room back.
+    #[error(
+        "{target} is out of disk space during {phase}: {} free, less than the {} it needs to go on; the attempt is abandoned and {target} removed, the source keeps serving (make room, then push a new commit)",
+        pgflip_core::progress::bytes(*.free_bytes),
+        pgflip_core::progress::bytes(crate::error::MIN_FREE_BYTES)
+    )]
+    OutOfSpace {
+        target: Member,
+        phase: Phase,
+        free_bytes: u64,
     },
     /// The consistent comparison found differences.
     #[error(
@@ -102,6 +119,7 @@ impl EngineError {
             | EngineError::SchemaChanged { .. }
             | EngineError::CatchUpTimeout { .. }
             | EngineError::RetainedWalBound { .. }
+            | EngineError::OutOfSpace { .. }
             | EngineError::VerificationMismatch { .. }
             | EngineError::PauseGaveUp { .. }
             | EngineError::RetriesExhausted { .. } => true,
@@ -126,6 +144,7 @@ impl EngineError {
             EngineError::SchemaChanged { .. } => "schema_changed",
             EngineError::CatchUpTimeout { .. } => "catch_up_timeout",
             EngineError::RetainedWalBound { .. } => "retained_wal_bound",
+            EngineError::OutOfSpace { .. } => "out_of_space",
             EngineError::VerificationMismatch { .. } => "verification_mismatch",
             EngineError::PauseAborted { .. } => "pause_aborted",
             EngineError::PauseGaveUp { .. } => "pause_gave_up",

@@ -120,6 +120,16 @@ pub trait Instances: Send + Sync {
         self.remove(member, desired)
     }
 
+    /// Bytes free for `member`'s data where it is (or will be) kept, or None when pgflip
+    /// cannot see that file system (a pod's volume, a server the user runs).
+    fn free_space(
+        &self,
+        _member: &Member,
+        _desired: &Desired,
+    ) -> impl Future<Output = Result<Option<u64>>> + Send {
+        async { Ok(None) }
+    }
+
     /// Why `to` cannot be made here from a physical copy of `from` (a base backup upgraded
     /// with `pg_upgrade`), or None when it can.
     fn physical_copy_blocker(
@@ -179,6 +189,11 @@ pub trait Router: Send + Sync {
     fn ensure(&self, desired: &Desired, initial: &Addr) -> impl Future<Output = Result<()>> + Send;
     /// Where the endpoint sends clients now (its stored configuration).
     fn target(&self) -> impl Future<Output = Result<Option<Addr>>> + Send;
+    /// Whether the endpoint's process still runs (false: start it again with
+    /// [`Router::ensure`]). Where something else restarts it (a pod), always true.
+    fn is_up(&self) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(true) }
+    }
     /// Holds new transactions once in-flight ones finish. On `timeout` it resumes and fails,
     /// so clients are never left hanging.
     fn pause(&self, timeout: Duration) -> impl Future<Output = Result<()>> + Send;

@@ -228,12 +228,20 @@ pub async fn ensure_subscription(
     Ok(())
 }
 
+/// Enables or disables the subscription if it exists and is not so already.
 pub async fn set_subscription_enabled(
     target: &Client,
     name: &str,
     enabled: bool,
 ) -> anyhow::Result<()> {
-    if subscription_exists(target, name).await? {
+    let now: Option<bool> = target
+        .query_opt(
+            "SELECT subenabled FROM pg_subscription WHERE subname = $1 AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[&name],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if now.is_some_and(|now| now != enabled) {
         let verb = if enabled { "ENABLE" } else { "DISABLE" };
         target
             .batch_execute(&format!("ALTER SUBSCRIPTION {} {verb}", ident(name)))

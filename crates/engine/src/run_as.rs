@@ -198,3 +198,14 @@ fn describe(cmd: &Command) -> String {
     parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
     parts.join(" ")
 }
+
+/// Whether `pid` has exited and waits to be reaped (Linux: state `Z` in `/proc/<pid>/stat`,
+/// after the command name in parentheses).
+pub async fn is_zombie(pid: i32) -> bool {
+    let Ok(stat) = tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await else {
+        return false;
+    };
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        == Some("Z")
+}

@@ -41,6 +41,10 @@ pub trait Steps: Send + Sync {
         attempt: &Attempt,
         desired: &Desired,
     ) -> impl Future<Output = EngineResult<()>> + Send;
+    /// Whether what [`Steps::adopt`] started still runs (the endpoint may have died).
+    fn still_up(&self) -> impl Future<Output = EngineResult<bool>> + Send {
+        async { Ok(true) }
+    }
     /// Ends reverse replication to the standby and removes it.
     fn decommission(
         &self,

@@ -42,6 +42,10 @@ use tokio_postgres::Client;
 /// so this is seconds at most; beyond it the step fails and is retried).
 const CATCH_UP_BEFORE_PAUSE: Duration = Duration::from_secs(60);
 
+/// How long undoing a rolled-back pause may wait on the target (clients are back on the
+/// source by then; this only bounds how long pgflip itself waits).
+const TARGET_ROLLBACK_BOUND: Duration = Duration::from_secs(10);
+
 /// Everything the switchover needs to know about the two sides.
 pub struct Sides<'a> {
     pub from: Member,
@@ -98,6 +102,7 @@ pub async fn run<R: Router, J: Journal>(
         .iter()
         .map(|p| link_name(s.to.color, s.from.color, &p.db))
         .collect();
+    ready_target_links(&pairs, &reverse, s).await?;
     for (p, name) in pairs.iter().zip(&reverse) {
         repl::ensure_publication(&p.target, name).await?;
     }
@@ -217,7 +222,10 @@ async fn inside_pause(
     Ok(())
 }
 
-/// Undoes a pause that did not reach the commit point: clients go back to the source.
+/// Undoes a pause that did not reach the commit point: clients go back to the source
+/// first; then the target's side is undone, within a bound, since the target may be what
+/// stopped answering (what is left undone there is redone before the next pause:
+/// [`ready_target_links`]).
 async fn roll_back_pause<R: Router>(
     router: &R,
     source_admin: &Client,
@@ -227,13 +235,34 @@ async fn roll_back_pause<R: Router>(
 ) -> anyhow::Result<()> {
     fence::unfence(source_admin).await?;
     router.resume().await?;
+    let target_side = async {
+        for (p, rev) in pairs.iter().zip(reverse) {
+            let forward = link_name(s.from.color, s.to.color, &p.db);
+            repl::set_subscription_enabled(&p.target, &forward, true).await?;
+            repl::drop_slot(&p.target, rev).await?;
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(TARGET_ROLLBACK_BOUND, target_side).await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::warn!(target = %s.to, "the target did not answer while the pause was rolled back; its links are readied before the next pause");
+            Ok(())
+        }
+    }
+}
+
+/// Before a pause: the forward subscription applying and no reverse slot on the target.
+/// A slot left by a pause whose rollback could not reach the target would start at that
+/// earlier pause, and send back to the source writes it already has.
+async fn ready_target_links(
+    pairs: &[DbPair],
+    reverse: &[String],
+    s: &Sides<'_>,
+) -> anyhow::Result<()> {
     for (p, rev) in pairs.iter().zip(reverse) {
-        repl::set_subscription_enabled(
-            &p.target,
-            &link_name(s.from.color, s.to.color, &p.db),
-            true,
-        )
-        .await?;
+        let forward = link_name(s.from.color, s.to.color, &p.db);
+        repl::set_subscription_enabled(&p.target, &forward, true).await?;
         repl::drop_slot(&p.target, rev).await?;
     }
     Ok(())

@@ -317,6 +317,13 @@ impl<I: Instances, P: Passwords> Instances for Adopting<I, P> {
         }
     }
 
+    async fn free_space(&self, member: &Member, desired: &Desired) -> Result<Option<u64>> {
+        match self.find(member.major, desired).await? {
+            Some(_) => Ok(None),
+            None => self.inner.free_space(member, desired).await,
+        }
+    }
+
     async fn remove(&self, member: &Member, desired: &Desired) -> Result<()> {
         match self.find(member.major, desired).await? {
             Some(server) => self.clean_copy(&server, desired).await,

@@ -7,7 +7,7 @@
 use crate::ports::{Addr, Credentials, NotReady};
 use crate::ports::{Instances, Result};
 use crate::replication::SERVER_SETTINGS;
-use crate::run_as::{RunAs, free_port, run_async, succeeds};
+use crate::run_as::{RunAs, free_port, is_zombie, run_async, succeeds};
 use crate::state::{StateDir, blocking, write_atomic};
 use crate::toolchain::Toolchain;
 use anyhow::{Context, bail};
@@ -184,12 +184,43 @@ impl LocalInstances {
 /// an interrupted init is discarded first.
 fn make_instance_dir(dir: &Path, run_as: RunAs) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
+    remove_dir(dir)?;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     run_as.own(dir)
+}
+
+/// Removes `dir` and everything in it; when it is a mount point (a volume of its own for an
+/// instance's data), it is emptied and stays.
+fn remove_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .with_context(|| format!("removing {}", path.display()))?;
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => Ok(()),
+        other => other.with_context(|| format!("removing {}", dir.display())),
+    }
+}
+
+/// Bytes free to an unprivileged writer on the file system that holds `path` (or would:
+/// its nearest existing ancestor).
+fn free_bytes(path: &Path) -> anyhow::Result<u64> {
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .context("no existing ancestor")?;
+    let fs = nix::sys::statvfs::statvfs(existing)
+        .with_context(|| format!("statvfs {}", existing.display()))?;
+    Ok(fs.blocks_available() * fs.fragment_size())
 }
 
 /// Who may log in, and how: the server user over the socket (its directory is private),
@@ -262,17 +293,6 @@ async fn remove_lock_files(dir: &Path) {
     }
 }
 
-/// Whether `pid` has exited and waits to be reaped (Linux: state `Z` in `/proc/<pid>/stat`,
-/// after the command name in parentheses).
-async fn is_zombie(pid: i32) -> bool {
-    let Ok(stat) = tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await else {
-        return false;
-    };
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        == Some("Z")
-}
-
 impl Instances for LocalInstances {
     async fn ensure(&self, member: &Member, _desired: &Desired) -> Result<Addr> {
         let member = *member;
@@ -322,6 +342,11 @@ impl Instances for LocalInstances {
                 host: "127.0.0.1".into(),
                 port: f.port,
             }))
+    }
+
+    async fn free_space(&self, member: &Member, _desired: &Desired) -> Result<Option<u64>> {
+        let data = self.dir(member).join("data");
+        Ok(Some(blocking(move || free_bytes(&data)).await?))
     }
 
     async fn physical_copy_blocker(
@@ -377,13 +402,8 @@ impl Instances for LocalInstances {
         }
         // A data directory of many gigabytes takes a while to unlink.
         blocking(move || {
-            for dir in [dir, staging] {
-                if dir.exists() {
-                    std::fs::remove_dir_all(&dir)
-                        .with_context(|| format!("removing {}", dir.display()))?;
-                }
-            }
-            Ok(())
+            remove_dir(&dir)?;
+            remove_dir(&staging)
         })
         .await
     }

@@ -142,15 +142,23 @@ impl PgBouncer {
         .await
     }
 
-    /// The pid in the pidfile, if that process is alive.
+    /// The pid in the pidfile, if that process is alive (a killed PgBouncer can linger
+    /// as a zombie until something reaps it: that is not alive).
     async fn pid(&self) -> Option<nix::unistd::Pid> {
         let text = tokio::fs::read_to_string(self.dir.join("pgbouncer.pid"))
             .await
             .ok()?;
-        live_pid(&text)
+        let pid = live_pid(&text)?;
+        (!crate::run_as::is_zombie(pid.as_raw()).await).then_some(pid)
     }
 
+    /// Starts PgBouncer; called only when [`Self::pid`] found none alive.
     async fn start(&self) -> anyhow::Result<()> {
+        // A killed PgBouncer's pidfile stays, and PgBouncer refuses to start beside a
+        // pid that still answers a signal (a zombie does).
+        tokio::fs::remove_file(self.dir.join("pgbouncer.pid"))
+            .await
+            .ok();
         let bin = self.toolchain.pgbouncer()?;
         let mut cmd = self.run_as.command(&bin);
         cmd.arg("-d").arg(self.ini_path());
@@ -223,6 +231,10 @@ impl Router for PgBouncer {
 
     async fn target(&self) -> Result<Option<Addr>> {
         Ok(self.read_config().await?.map(|c| c.target))
+    }
+
+    async fn is_up(&self) -> Result<bool> {
+        Ok(self.pid().await.is_some())
     }
 
     async fn pause(&self, timeout: Duration) -> Result<()> {

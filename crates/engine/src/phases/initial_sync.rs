@@ -10,6 +10,7 @@ use pgflip_core::progress::Measured;
 use std::time::Duration;
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
+    cx.ensure_room().await?;
     let target = cx.target().await?;
     let (mut ready, mut total) = (0, 0);
     let (mut copied, mut size) = (0, 0);

@@ -15,7 +15,7 @@ mod reverse_sync;
 mod switchover;
 mod verify;
 
-use super::error::{EngineError, EngineResult};
+use super::error::{EngineError, EngineResult, MIN_FREE_BYTES};
 use super::pg::connect;
 use super::replication::{self as repl, link_name};
 use super::schema;
@@ -99,6 +99,20 @@ impl<I: Instances, R: Router> Ctx<'_, I, R> {
             .instances
             .ensure(&self.attempt.to, self.desired)
             .await?)
+    }
+
+    /// Ends the attempt when the target's file system is (nearly) full: checked before the
+    /// target is touched, since a server out of room may not even start.
+    async fn ensure_room(&self) -> EngineResult<()> {
+        let instances = &self.parts.instances;
+        match instances.free_space(&self.attempt.to, self.desired).await? {
+            Some(free) if free < MIN_FREE_BYTES => Err(EngineError::OutOfSpace {
+                target: self.attempt.to,
+                phase: self.attempt.phase,
+                free_bytes: free,
+            }),
+            _ => Ok(()),
+        }
     }
 
     async fn connect(&self, addr: &Addr, db: &str) -> EngineResult<Client> {
@@ -209,6 +223,10 @@ impl<I: Instances, R: Router> Steps for Phases<I, R> {
             self.instances.ensure(&a.to, desired).await?;
         }
         Ok(self.router.ensure(desired, &addr).await?)
+    }
+
+    async fn still_up(&self) -> EngineResult<bool> {
+        Ok(self.router.is_up().await?)
     }
 
     async fn bootstrap(&self, member: Member, desired: &Desired) -> EngineResult<Member> {

@@ -5,13 +5,14 @@
 
 use super::Ctx;
 use crate::catalog::USER_NAMESPACES;
-use crate::error::{EngineError, EngineResult};
+use crate::error::{EngineError, EngineResult, MIN_FREE_BYTES};
 use crate::ports::{Instances, Router};
 use crate::preflight;
 use crate::replication as repl;
 use crate::steps::{Learned, Stepped};
 use pgflip_core::forecast::DatabaseSize;
 use pgflip_core::plan::{AttemptKind, CopyChoice, choose_copy};
+use pgflip_core::progress::bytes;
 use pgflip_core::spec::CopyPreference;
 use tokio_postgres::Client;
 
@@ -94,6 +95,18 @@ pub(super) async fn survey<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> Engin
         }
     }
     if attempt.kind == AttemptKind::Full {
+        let carried: u64 = survey.sizes.iter().map(|d| d.bytes).sum();
+        if let Some(free) = instances.free_space(&attempt.to, cx.desired).await?
+            && free < carried + MIN_FREE_BYTES
+        {
+            survey.refusals.push(format!(
+                "{} would not fit: its file system has {} free, the copy needs at least {} (the data) and {} to run in",
+                attempt.to,
+                bytes(free),
+                bytes(carried),
+                bytes(MIN_FREE_BYTES)
+            ));
+        }
         // Asked only where it can change the choice: it runs `pg_upgrade --check`.
         let blocker = if cx.desired.copy == CopyPreference::Logical
             || attempt.to.major <= attempt.from.major

@@ -1,8 +1,11 @@
 //! Faults, reached directly rather than through a crash: the pause's rollback after an
 //! error inside the pause, and after the pause's bound expires once blue is fenced; the
-//! Git remote gone mid-switch; the branch force-pushed under a switch.
+//! Git remote gone mid-switch; the branch force-pushed under a switch. The servers'
+//! own faults (killed, frozen, out of disk) are in [`servers`].
 
+#[path = "../common/mod.rs"]
 mod common;
+mod servers;
 
 use common::{Harness, MINUTE};
 use pgflip_core::plan::Color;
@@ -200,74 +203,5 @@ async fn a_force_push_that_drops_the_commit_supersedes_the_switch() {
         Vec::<String>::new()
     );
     assert_eq!(h.endpoint_behind().await, ["blue"]);
-    h.stop_load_checked(load).await;
-}
-
-/// Green's PostgreSQL is SIGKILLed during the initial copy: noticed within seconds (it
-/// used to take a minute: the killed postmaster, a zombie until reaped, passed for a live
-/// server), green restarted, the copy resumed, and the switch completes under load with
-/// nothing lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "under CI load one table's copy never finished after the kill (7/8 tables for 5 minutes): a leftover tablesync slot or walsender on blue, not fixed yet; passes alone (`cargo test --test faults -- --ignored green_killed`)"]
-async fn green_killed_during_the_copy_is_noticed_and_the_switch_completes() {
-    let (mut h, _app, load) = Harness::serving_15_under_load("copy: logical", 2, 100).await;
-    let admin = h.admin();
-    let blue = connect(&h.instance_addr("blue").unwrap(), &admin, "app")
-        .await
-        .unwrap();
-    common::add_big_table(&blue, 150000).await;
-    h.start(None);
-    let up = h.commit_version(16);
-    h.wait("the copy", 2 * MINUTE, |r| {
-        r.attempt
-            .as_ref()
-            .is_some_and(|a| a.phase == pgflip_core::plan::Phase::InitialSync)
-    })
-    .await;
-    let pid_file = h.state.dir("instances").join("green/data/postmaster.pid");
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let killed = std::time::Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    // Noticed within seconds: a step that failed on it says so on the commit, or (when
-    // the next look finds it first) the log names the dead server as it is restarted.
-    loop {
-        let status = h
-            .notes(&up)
-            .into_iter()
-            .find(|u| u.phase == "initial-sync" && u.message.contains("; retrying (1/"));
-        if let Some(status) = status {
-            eprintln!("the status: {}", status.message);
-            break;
-        }
-        if h.log_tail().contains("the postmaster is dead") {
-            break;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(15),
-            "the fault was not noticed: {:#?}\n{}",
-            h.notes(&up),
-            h.log_tail(),
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    eprintln!("noticed after {:?}", killed.elapsed());
-    h.wait_switched(
-        "the switch after green was killed",
-        1,
-        &up,
-        (Color::Green, 16),
-    )
-    .await;
-    eprintln!("switched after {:?}", killed.elapsed());
     h.stop_load_checked(load).await;
 }
