@@ -5,7 +5,7 @@ CARGO ?= cargo
 DEMO_JSON ?=
 export PGFLIP_TOOLCHAIN := $(CURDIR)/.toolchain
 
-.PHONY: setup setup-kube setup-flux build demo test test-k8s test-flux test-unit lint bench clean
+.PHONY: setup setup-kube setup-flux build demo test test-k8s test-flux test-unit lint bench soak clean
 
 setup:
 	@bash scripts/setup-rust.sh
@@ -48,6 +48,16 @@ test-flux: setup setup-kube setup-flux
 BENCH_ARGS ?=
 bench: build
 	./target/release/pgflip bench $(BENCH_ARGS)
+
+# The soak (tests/soak.rs): SWITCHES switches and reverts under a writing ledger, each with a
+# fault drawn from a seeded generator; figures to SOAK_JSON. SEED=<n> replays a run (the
+# seed is printed). `make test` runs the same with 3 switches.
+SWITCHES ?= 20
+SOAK_JSON ?= soak.json
+SEED ?=
+soak: setup
+	SOAK_SWITCHES=$(SWITCHES) SOAK_JSON=$(abspath $(SOAK_JSON)) $(if $(SEED),SOAK_SEED=$(SEED),) \
+		$(CARGO) test --test soak -- --nocapture
 
 test-unit:
 	$(CARGO) test --workspace --lib

@@ -120,6 +120,17 @@ pub trait Instances: Send + Sync {
         self.remove(member, desired)
     }
 
+    /// Whether `member`'s server process still runs, as far as pgflip looks after it
+    /// (false: [`Instances::ensure`] starts it again). A server someone else runs (a pod,
+    /// the user's own) is theirs to restart: always true.
+    fn is_up(
+        &self,
+        _member: &Member,
+        _desired: &Desired,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        async { Ok(true) }
+    }
+
     /// Bytes free for `member`'s data where it is (or will be) kept, or None when pgflip
     /// cannot see that file system (a pod's volume, a server the user runs).
     fn free_space(

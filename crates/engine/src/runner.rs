@@ -58,8 +58,14 @@ impl<S: Steps, J: Journal, K: StatusSink> Runner<S, J, K> {
     /// One step towards the target; first, once, starts or adopts what runs (instances
     /// and the endpoint outlive pgflip), and again whenever the endpoint has died.
     pub async fn step(&mut self) -> EngineResult<Progress> {
-        if self.adopted && !self.driver.steps().still_up().await? {
-            tracing::warn!("the endpoint is down: starting it again where it pointed");
+        if self.adopted
+            && let Some(wanted) = &self.record.wanted
+            && !self
+                .driver
+                .steps()
+                .still_up(&self.record, &wanted.desired)
+                .await?
+        {
             self.adopted = false;
         }
         if !self.adopted

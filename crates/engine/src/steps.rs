@@ -41,8 +41,13 @@ pub trait Steps: Send + Sync {
         attempt: &Attempt,
         desired: &Desired,
     ) -> impl Future<Output = EngineResult<()>> + Send;
-    /// Whether what [`Steps::adopt`] started still runs (the endpoint may have died).
-    fn still_up(&self) -> impl Future<Output = EngineResult<bool>> + Send {
+    /// Whether what [`Steps::adopt`] started still runs: the serving and standby
+    /// instances and the endpoint (any may have died; adopting again restarts them).
+    fn still_up(
+        &self,
+        _record: &Record,
+        _desired: &Desired,
+    ) -> impl Future<Output = EngineResult<bool>> + Send {
         async { Ok(true) }
     }
     /// Ends reverse replication to the standby and removes it.

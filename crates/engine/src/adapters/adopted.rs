@@ -317,6 +317,13 @@ impl<I: Instances, P: Passwords> Instances for Adopting<I, P> {
         }
     }
 
+    async fn is_up(&self, member: &Member, desired: &Desired) -> Result<bool> {
+        match self.find(member.major, desired).await? {
+            Some(_) => Ok(true),
+            None => self.inner.is_up(member, desired).await,
+        }
+    }
+
     async fn free_space(&self, member: &Member, desired: &Desired) -> Result<Option<u64>> {
         match self.find(member.major, desired).await? {
             Some(_) => Ok(None),

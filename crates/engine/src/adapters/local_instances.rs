@@ -344,6 +344,14 @@ impl Instances for LocalInstances {
             }))
     }
 
+    async fn is_up(&self, member: &Member, _desired: &Desired) -> Result<bool> {
+        let Some(pid) = postmaster_pid(&self.dir(member).join("data")).await else {
+            return Ok(false);
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        Ok(alive && !is_zombie(pid).await)
+    }
+
     async fn free_space(&self, member: &Member, _desired: &Desired) -> Result<Option<u64>> {
         let data = self.dir(member).join("data");
         Ok(Some(blocking(move || free_bytes(&data)).await?))

@@ -225,8 +225,22 @@ impl<I: Instances, R: Router> Steps for Phases<I, R> {
         Ok(self.router.ensure(desired, &addr).await?)
     }
 
-    async fn still_up(&self) -> EngineResult<bool> {
-        Ok(self.router.is_up().await?)
+    async fn still_up(&self, record: &Record, desired: &Desired) -> EngineResult<bool> {
+        let members = record
+            .serving
+            .into_iter()
+            .chain(record.standby.as_ref().map(|s| s.member));
+        for member in members {
+            if !self.instances.is_up(&member, desired).await? {
+                tracing::warn!(%member, "not running: starting it again");
+                return Ok(false);
+            }
+        }
+        if !self.router.is_up().await? {
+            tracing::warn!("the endpoint is not running: starting it again where it pointed");
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     async fn bootstrap(&self, member: Member, desired: &Desired) -> EngineResult<Member> {
