@@ -172,7 +172,7 @@ async fn compare_all(blue: &Client, green: &Client) -> verify::Report {
             .unwrap();
     }
     let tables = verify::list_tables(blue).await.unwrap();
-    let report = verify::compare(blue, green, &tables, Verification::Full)
+    let report = verify::compare(blue, green, &tables, Verification::Full, &mut |_| {})
         .await
         .unwrap();
     for c in [blue, green] {

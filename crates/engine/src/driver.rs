@@ -194,10 +194,8 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
                     self.finish(record, &attempt).await?;
                     return Ok(Progress::Busy);
                 }
-                let result = self
-                    .steps
-                    .run(&attempt, desired, record, &self.journal)
-                    .await;
+                let run = self.steps.run(&attempt, desired, record, &self.journal);
+                let result = self.reporting_live(&attempt, run).await;
                 self.after_phase(record, &attempt, desired, result).await
             }
         }

@@ -41,6 +41,11 @@ pub trait Steps: Send + Sync {
         attempt: &Attempt,
         desired: &Desired,
     ) -> impl Future<Output = EngineResult<()>> + Send;
+    /// What the step under way has measured so far (a message and bytes), while it runs:
+    /// for steps that take long in one go.
+    fn live_progress(&self) -> Option<(String, Measured)> {
+        None
+    }
     /// Whether what [`Steps::adopt`] started still runs: the serving and standby
     /// instances and the endpoint (any may have died; adopting again restarts them).
     fn still_up(

@@ -195,17 +195,19 @@ pub async fn table_checksum(
 }
 
 /// Compares every table of `tables` on blue and green, both sides of a table at once.
+/// Compares `tables` one after another; `compared(i)` is told when the i-th is done.
 pub async fn compare(
     blue: &Client,
     green: &Client,
     tables: &[QualifiedName],
     level: Verification,
+    compared: &mut (dyn FnMut(usize) + Send),
 ) -> anyhow::Result<Report> {
     let mut report = Report::default();
     if level == Verification::None {
         return Ok(report);
     }
-    for (schema, table) in tables {
+    for (i, (schema, table)) in tables.iter().enumerate() {
         let name = display_name(schema, table);
         let (b, g) = tokio::join!(
             table_checksum(blue, schema, table, level),
@@ -229,6 +231,7 @@ pub async fn compare(
                 hex::encode(&g.sha256[..6])
             ));
         }
+        compared(i);
     }
     Ok(report)
 }
@@ -237,6 +240,27 @@ struct TableShape {
     partitioned: bool,
     /// Column names, sorted.
     columns: Vec<String>,
+}
+
+/// The size of each table on disk (a partitioned table's leaves summed), in `tables`'
+/// order: what the verification's progress counts in.
+pub async fn table_sizes(client: &Client, tables: &[QualifiedName]) -> anyhow::Result<Vec<u64>> {
+    let mut sizes = Vec::with_capacity(tables.len());
+    for (schema, table) in tables {
+        let size: i64 = client
+            .query_one(
+                "SELECT (CASE WHEN c.relkind = 'p'
+                     THEN (SELECT coalesce(sum(pg_table_size(t.relid)), 0) FROM pg_partition_tree(c.oid) t)
+                     ELSE pg_table_size(c.oid) END)::bigint
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2",
+                &[schema, table],
+            )
+            .await?
+            .get(0);
+        sizes.push(size.max(0) as u64);
+    }
+    Ok(sizes)
 }
 
 /// Pins the settings that shape values' text and reads the table's kind and columns, in

@@ -4,11 +4,14 @@
 use super::{Driver, REPORT_EVERY};
 use crate::ports::{Journal, StatusSink};
 use crate::steps::Steps;
-use pgflip_core::plan::Phase;
+use pgflip_core::plan::{Attempt, Phase};
 use pgflip_core::progress::{Measured, Progress as ProgressReport, ProgressTracker};
 use pgflip_core::report::{State, Update};
 use pgflip_core::revision::Revision;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How often a long step's measured progress is looked at.
+const LIVE_LOOK_EVERY: Duration = Duration::from_millis(250);
 
 impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
     /// Publishes an update; pending updates of one phase at most every [`REPORT_EVERY`].
@@ -43,6 +46,35 @@ impl<S: Steps, J: Journal, K: StatusSink> Driver<S, J, K> {
             complete,
         ));
         true
+    }
+
+    /// Awaits a step, reporting what it has measured so far ([`Steps::live_progress`])
+    /// while it runs, at most every [`REPORT_EVERY`] (a base backup, a verification: one pass that
+    /// takes long).
+    pub(super) async fn reporting_live<T>(
+        &self,
+        attempt: &Attempt,
+        run: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut run = std::pin::pin!(run);
+        // Looked at often (a lock), published as throttled as any pending update.
+        let mut tick = tokio::time::interval(LIVE_LOOK_EVERY);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                done = &mut run => return done,
+                _ = tick.tick() => {
+                    let Some((message, measured)) = self.steps.live_progress() else {
+                        continue;
+                    };
+                    let progress = self.track(&attempt.revision, attempt.phase, measured);
+                    let update = Update::new(State::Pending, attempt.phase.as_str(), message)
+                        .between(attempt.from.major, attempt.to.major)
+                        .with_progress(Some(progress));
+                    self.report(&attempt.revision, update).await;
+                }
+            }
+        }
     }
 
     /// The phase's progress from what it measured now (a new tracker for a new phase).

@@ -24,6 +24,7 @@ use super::switchover::Sides;
 use crate::ports::{Addr, Credentials, Instances, Journal, Router};
 use crate::toolchain::Toolchain;
 use pgflip_core::plan::{Attempt, CopyMethod, Member, Phase, Record};
+use pgflip_core::progress::Measured;
 use pgflip_core::spec::Desired;
 use tokio_postgres::Client;
 
@@ -34,6 +35,9 @@ pub struct Phases<I, R> {
     router: R,
     toolchain: Toolchain,
     admin: Credentials,
+    /// What the step under way has measured so far, for a step that runs long in one go
+    /// (a base backup, the verification): the driver reports it while it waits.
+    live: std::sync::Mutex<Option<(String, Measured)>>,
 }
 
 impl<I: Instances, R: Router> Phases<I, R> {
@@ -43,7 +47,13 @@ impl<I: Instances, R: Router> Phases<I, R> {
             router,
             toolchain,
             admin,
+            live: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Sets (or, with None, clears) what the step under way has measured so far.
+    fn set_live(&self, now: Option<(String, Measured)>) {
+        *self.live.lock().unwrap() = now;
     }
 
     pub fn instances(&self) -> &I {
@@ -225,6 +235,10 @@ impl<I: Instances, R: Router> Steps for Phases<I, R> {
         Ok(self.router.ensure(desired, &addr).await?)
     }
 
+    fn live_progress(&self) -> Option<(String, Measured)> {
+        self.live.lock().unwrap().clone()
+    }
+
     async fn still_up(&self, record: &Record, desired: &Desired) -> EngineResult<bool> {
         let members = record
             .serving
@@ -254,6 +268,7 @@ impl<I: Instances, R: Router> Steps for Phases<I, R> {
         record: &mut Record,
         journal: &J,
     ) -> EngineResult<Stepped> {
+        self.set_live(None);
         let source = self.instances.ensure(&attempt.from, desired).await?;
         let cx = Ctx {
             parts: self,

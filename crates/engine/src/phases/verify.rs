@@ -10,6 +10,7 @@ use crate::pg::qualified;
 use crate::ports::{Instances, Router};
 use crate::steps::{Learned, Stepped};
 use crate::verify;
+use pgflip_core::progress::Measured;
 use pgflip_core::spec::{UnsupportedPolicy, Verification};
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
@@ -17,9 +18,10 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     let target = cx.target().await?;
     let mut tables = 0;
     if cx.desired.verification != Verification::None {
+        // Every database's list and sizes first, so progress counts bytes of the whole.
+        let mut listed = Vec::new();
         for db in &cx.desired.databases {
             let src = cx.connect(&cx.source, db).await?;
-            let tgt = cx.connect(&target, db).await?;
             // What preflight let through under `warn` is not carried, hence not compared;
             // it is reported as left behind (preflight listed it for the final status).
             let listing =
@@ -37,7 +39,14 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
                     names.join(", ")
                 );
             }
-            let list = listing.compared;
+            let sizes = verify::table_sizes(&src, &listing.compared).await?;
+            listed.push((db, src, listing.compared, sizes));
+        }
+        let total: u64 = listed.iter().flat_map(|(.., sizes)| sizes).sum();
+        let count: usize = listed.iter().map(|(_, _, list, _)| list.len()).sum();
+        let (mut done, mut done_tables) = (0u64, 0usize);
+        for (db, src, list, sizes) in listed {
+            let tgt = cx.connect(&target, db).await?;
             let at = verify::CutAt {
                 source: &cx.source,
                 target: &target,
@@ -46,7 +55,16 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
             };
             verify::consistent_cut(&at, &src, &tgt, &list, cx.desired.switchover.pause_timeout)
                 .await?;
-            let report = verify::compare(&src, &tgt, &list, cx.desired.verification).await?;
+            let mut compared = |i: usize| {
+                done += sizes[i];
+                done_tables += 1;
+                cx.parts.set_live(Some((
+                    format!("verifying ({done_tables}/{count} tables)"),
+                    Measured::Done { done, total },
+                )));
+            };
+            let report =
+                verify::compare(&src, &tgt, &list, cx.desired.verification, &mut compared).await?;
             let _ = tokio::join!(src.batch_execute("COMMIT"), tgt.batch_execute("COMMIT"));
             if !report.mismatches.is_empty() {
                 return Err(EngineError::VerificationMismatch {
