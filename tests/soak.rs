@@ -10,7 +10,6 @@ mod common;
 
 use common::{Harness, MINUTE};
 use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 use pgflip_core::plan::Color;
 use pgflip_engine::load::{LoadReport, lost_commits};
 use pgflip_engine::pg::connect;
@@ -85,39 +84,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn postmaster(h: &Harness, color: &str) -> Option<Pid> {
-    let file = h
-        .state
-        .dir("instances")
-        .join(color)
-        .join("data/postmaster.pid");
-    let text = std::fs::read_to_string(file).ok()?;
-    Some(Pid::from_raw(text.lines().next()?.trim().parse().ok()?))
-}
-
-/// `signal` to a server's postmaster and every process it started.
-fn signal_server(h: &Harness, color: &str, signal: Signal) {
-    let Some(parent) = postmaster(h, color) else {
-        return;
-    };
-    let _ = nix::sys::signal::kill(parent, signal);
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let ppid = std::fs::read_to_string(entry.path().join("stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                    .and_then(|p| p.parse::<i32>().ok())
-            });
-        if ppid == Some(parent.as_raw()) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
-        }
-    }
-}
-
 async fn inject(h: &mut Harness, fault: Fault) {
     let serving = h.record().serving.map(|m| m.color).unwrap_or(Color::Blue);
     let other = match serving {
@@ -131,28 +97,16 @@ async fn inject(h: &mut Harness, fault: Fault) {
             h.start(None);
         }
         Fault::EndpointKilled => {
-            let pidfile = h.state.dir("endpoint").join("pgbouncer.pid");
-            if let Some(pid) = std::fs::read_to_string(pidfile)
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-            {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-        Fault::ServingKilled => {
-            if let Some(pid) = postmaster(h, serving.as_str()) {
+            if let Some(pid) = h.pgbouncer() {
                 let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
             }
         }
-        Fault::OtherKilled => {
-            if let Some(pid) = postmaster(h, other) {
-                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            }
-        }
+        Fault::ServingKilled => h.kill_server(serving.as_str()),
+        Fault::OtherKilled => h.kill_server(other),
         Fault::OtherFrozen => {
-            signal_server(h, other, Signal::SIGSTOP);
+            h.signal_server(other, Signal::SIGSTOP);
             tokio::time::sleep(Duration::from_secs(3)).await;
-            signal_server(h, other, Signal::SIGCONT);
+            h.signal_server(other, Signal::SIGCONT);
         }
     }
 }

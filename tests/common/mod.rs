@@ -9,6 +9,7 @@ pub mod forge;
 pub mod git_http;
 pub mod kube;
 pub mod node_agent;
+pub mod signals;
 pub mod user_server;
 
 use pgflip_core::plan::Record;
@@ -558,9 +559,20 @@ impl Harness {
         &self,
         load: pgflip_engine::load::LoadHandle,
     ) -> pgflip_engine::load::LoadReport {
-        let report = load.stop().await;
-        assert!(report.committed > 100, "the load ran: {}", report.committed);
+        let report = self.stop_load_lossless(load).await;
         assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+        report
+    }
+
+    /// Stops the load when a fault cut clients off (their errors are the fault's): it
+    /// committed, and every acknowledged commit is there behind the endpoint.
+    pub async fn stop_load_lossless(
+        &self,
+        load: pgflip_engine::load::LoadHandle,
+    ) -> pgflip_engine::load::LoadReport {
+        let report = load.stop().await;
+        eprintln!("{} committed, {} failed", report.committed, report.failed);
+        assert!(report.committed > 100, "the load ran: {}", report.committed);
         let lost =
             pgflip_engine::load::lost_commits(&report, &self.endpoint(), &self.admin(), "app")
                 .await

@@ -4,9 +4,10 @@
 
 use super::common::{self, Harness, MINUTE};
 use nix::sys::signal::Signal;
-use nix::unistd::Pid;
-use pgflip_core::plan::{Color, Phase};
+use pgflip_core::plan::{Color, Phase, SwitchStep};
+use pgflip_engine::load::LoadHandle;
 use pgflip_engine::pg::connect;
+use pgflip_engine::ports::{Addr, Credentials};
 use std::time::{Duration, Instant};
 
 /// Green's PostgreSQL is SIGKILLed during the initial copy: noticed within seconds (it
@@ -30,7 +31,7 @@ async fn green_killed_during_the_copy_is_noticed_and_the_switch_completes() {
     })
     .await;
     let killed = Instant::now();
-    nix::sys::signal::kill(postmaster(&h, "green"), Signal::SIGKILL).unwrap();
+    h.kill_server("green");
     // Noticed within seconds: a step that failed on it says so on the commit, or (when
     // the next look finds it first) the log names the dead server as it is restarted.
     loop {
@@ -199,43 +200,6 @@ async fn green_running_out_of_disk_during_the_copy_ends_the_attempt_and_blue_ser
     h.stop_load_checked(load).await;
 }
 
-/// The postmaster of `color`'s instance.
-fn postmaster(h: &Harness, color: &str) -> Pid {
-    let pid_file = h
-        .state
-        .dir("instances")
-        .join(color)
-        .join("data/postmaster.pid");
-    let text = std::fs::read_to_string(&pid_file).unwrap();
-    Pid::from_raw(text.lines().next().unwrap().parse().unwrap())
-}
-
-/// Sends `signal` to `color`'s postmaster and every process it started (backends, the
-/// replication workers): SIGSTOP freezes the whole server, as a hung machine would.
-fn signal_server(h: &Harness, color: &str, signal: Signal) {
-    let parent = postmaster(h, color);
-    let mut pids = vec![parent];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // After the command name in parentheses: state, then the parent's pid.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok());
-        if ppid == Some(parent.as_raw()) {
-            pids.push(Pid::from_raw(pid));
-        }
-    }
-    for pid in pids {
-        let _ = nix::sys::signal::kill(pid, signal);
-    }
-}
-
 /// Green stops answering (SIGSTOP) inside the pause, after the forward subscription was
 /// disabled and the reverse slot made there: the pause's bound ends it, clients are back on
 /// blue (unfenced) within it although green cannot be told anything. Once green answers
@@ -245,17 +209,8 @@ fn signal_server(h: &Harness, color: &str, signal: Signal) {
 /// reverse stream without an apply error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn green_frozen_inside_the_pause_rolls_back_onto_blue_and_the_switch_completes_later() {
-    let (mut h, app, load) =
-        Harness::serving_15_under_load("switchover:\n  pauseTimeout: 2s", 2, 100).await;
-    h.start(Some("stall:switchover:sequences-synced"));
-    let up = h.commit_version(16);
-    h.wait("the pause", 3 * MINUTE, |r| {
-        r.attempt
-            .as_ref()
-            .is_some_and(|a| a.switch_step == Some(pgflip_core::plan::SwitchStep::Pausing))
-    })
-    .await;
-    signal_server(&h, "green", Signal::SIGSTOP);
+    let (mut h, app, load, up) = stalled_in_the_pause("sequences-synced").await;
+    h.signal_server("green", Signal::SIGSTOP);
     let frozen = Instant::now();
     let blue = h.instance_addr("blue").unwrap();
     // Clients run on blue again once the bound has passed, without waiting on green.
@@ -274,19 +229,13 @@ async fn green_frozen_inside_the_pause_rolls_back_onto_blue_and_the_switch_compl
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("clients on blue {:?} after green froze", frozen.elapsed());
-    let blue_postgres = connect(&blue, &h.admin(), "postgres").await.unwrap();
-    assert!(
-        !pgflip_engine::fence::is_fenced(&blue_postgres)
-            .await
-            .unwrap(),
-        "blue takes writes again"
-    );
+    assert_takes_writes(&h, &blue).await;
     h.wait("the rollback recorded", MINUTE, |r| {
         r.attempt.as_ref().is_some_and(|a| a.pause_failures >= 1)
     })
     .await;
     h.kill();
-    signal_server(&h, "green", Signal::SIGCONT);
+    h.signal_server("green", Signal::SIGCONT);
 
     h.start(None);
     h.wait_switched("the switch once green answers", 1, &up, (Color::Green, 16))
@@ -331,23 +280,8 @@ async fn green_frozen_inside_the_pause_rolls_back_onto_blue_and_the_switch_compl
 /// connections drop (the fault, not pgflip); no acknowledged commit is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_killed_inside_the_pause_comes_back_on_blue_and_the_switch_completes() {
-    let (mut h, app, load) =
-        Harness::serving_15_under_load("switchover:\n  pauseTimeout: 2s", 2, 100).await;
-    h.start(Some("stall:switchover:fenced"));
-    let up = h.commit_version(16);
-    h.wait("the pause", 3 * MINUTE, |r| {
-        r.attempt
-            .as_ref()
-            .is_some_and(|a| a.switch_step == Some(pgflip_core::plan::SwitchStep::Pausing))
-    })
-    .await;
-    let pidfile = h.state.dir("endpoint").join("pgbouncer.pid");
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let (mut h, app, load, up) = stalled_in_the_pause("fenced").await;
+    nix::sys::signal::kill(h.pgbouncer().unwrap(), Signal::SIGKILL).unwrap();
     let killed = Instant::now();
     let blue = h.instance_addr("blue").unwrap();
     let port = loop {
@@ -368,13 +302,7 @@ async fn pgbouncer_killed_inside_the_pause_comes_back_on_blue_and_the_switch_com
         killed.elapsed()
     );
     assert_eq!(port, blue.port, "the endpoint points at blue");
-    let blue_postgres = connect(&blue, &h.admin(), "postgres").await.unwrap();
-    assert!(
-        !pgflip_engine::fence::is_fenced(&blue_postgres)
-            .await
-            .unwrap(),
-        "blue takes writes again"
-    );
+    assert_takes_writes(&h, &blue).await;
     let named = h
         .notes(&up)
         .into_iter()
@@ -394,16 +322,7 @@ async fn pgbouncer_killed_inside_the_pause_comes_back_on_blue_and_the_switch_com
         (Color::Green, 16),
     )
     .await;
-    let report = load.stop().await;
-    eprintln!(
-        "{} committed, {} failed: {:?}",
-        report.committed, report.failed, report.errors
-    );
-    assert!(report.committed > 100);
-    let lost = pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
-        .await
-        .unwrap();
-    assert_eq!(lost, 0, "acknowledged commits lost");
+    h.stop_load_lossless(load).await;
 }
 
 /// Blue's PostgreSQL is SIGKILLed during the initial copy: pgflip notices within seconds,
@@ -425,7 +344,7 @@ async fn blue_killed_during_the_copy_is_restarted_and_the_switch_completes() {
             .is_some_and(|a| a.phase == Phase::InitialSync)
     })
     .await;
-    nix::sys::signal::kill(postmaster(&h, "blue"), Signal::SIGKILL).unwrap();
+    h.kill_server("blue");
     let killed = Instant::now();
     // Served again within seconds: pgflip starts blue again.
     loop {
@@ -449,17 +368,35 @@ async fn blue_killed_during_the_copy_is_restarted_and_the_switch_completes() {
         (Color::Green, 16),
     )
     .await;
-    let report = load.stop().await;
-    eprintln!("{} committed, {} failed", report.committed, report.failed);
-    assert!(report.committed > 100);
-    let lost = pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
-        .await
-        .unwrap();
-    assert_eq!(lost, 0, "acknowledged commits lost");
+    h.stop_load_lossless(load).await;
     let reverse = pgflip_engine::replication::link_name(Color::Green, Color::Blue, "app");
     assert_eq!(
         h.replication_objects("green", "app").await,
         [format!("publication {reverse}"), format!("slot {reverse}")],
         "only the reverse link is left"
+    );
+}
+
+/// Serving 15 under load, pgflip armed to stall at `switchover:<point>` inside the pause
+/// (bound: 2 s), a switch to 16 committed, and the pause begun.
+async fn stalled_in_the_pause(point: &str) -> (Harness, Credentials, LoadHandle, String) {
+    let (mut h, app, load) =
+        Harness::serving_15_under_load("switchover:\n  pauseTimeout: 2s", 2, 100).await;
+    h.start(Some(&format!("stall:switchover:{point}")));
+    let up = h.commit_version(16);
+    h.wait("the pause", 3 * MINUTE, |r| {
+        r.attempt
+            .as_ref()
+            .is_some_and(|a| a.switch_step == Some(SwitchStep::Pausing))
+    })
+    .await;
+    (h, app, load, up)
+}
+
+async fn assert_takes_writes(h: &Harness, addr: &Addr) {
+    let postgres = connect(addr, &h.admin(), "postgres").await.unwrap();
+    assert!(
+        !pgflip_engine::fence::is_fenced(&postgres).await.unwrap(),
+        "{addr} takes writes again"
     );
 }
