@@ -195,6 +195,7 @@ async fn inside_pause(
     for p in pairs {
         repl::write_marker(&p.source, &token).await?;
     }
+    failpoint::hit("switchover:marker-written");
     for p in pairs {
         repl::wait_marker(&p.target, &token, s.pause_timeout()).await?;
     }
@@ -210,6 +211,7 @@ async fn inside_pause(
         .await?;
         repl::ensure_slot(&p.target, rev).await?;
     }
+    failpoint::hit("switchover:reverse-slot-made");
     m.reverse_setup_ms = ms(t.elapsed());
 
     let t = Instant::now();

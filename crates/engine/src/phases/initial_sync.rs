@@ -27,6 +27,9 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     if ready == total {
         return Ok(Stepped::Done(Learned::Nothing));
     }
+    if copied > 0 {
+        crate::failpoint::hit("initial-sync:copying");
+    }
     Ok(Stepped::Waiting {
         message: format!("initial sync ({ready}/{total} tables)"),
         measured: Some(Measured::Done {

@@ -56,6 +56,7 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
             verify::consistent_cut(&at, &src, &tgt, &list, cx.desired.switchover.pause_timeout)
                 .await?;
             let mut compared = |i: usize| {
+                crate::failpoint::hit("verify:compared-a-table");
                 done += sizes[i];
                 done_tables += 1;
                 cx.parts.set_live(Some((
