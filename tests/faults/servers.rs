@@ -400,3 +400,41 @@ async fn assert_takes_writes(h: &Harness, addr: &Addr) {
         "{addr} takes writes again"
     );
 }
+
+/// Blue stops answering (SIGSTOP) inside the pause, for longer than the pause's bound: the
+/// rollback waits for blue (it must be unfenced before clients are let through, or they
+/// would hit a read-only server), so clients are held by the endpoint — not failed — and
+/// run on blue again once it answers; then the switch completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_frozen_inside_the_pause_holds_clients_then_they_run_on_blue_again() {
+    let (mut h, app, load, up) = stalled_in_the_pause("fenced").await;
+    h.signal_server("blue", Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    h.signal_server("blue", Signal::SIGCONT);
+    let thawed = Instant::now();
+    let blue = h.instance_addr("blue").unwrap();
+    loop {
+        let answered =
+            tokio::time::timeout(Duration::from_millis(500), h.try_serving_port(&app)).await;
+        if matches!(answered, Ok(Ok(port)) if port == blue.port) {
+            break;
+        }
+        assert!(
+            thawed.elapsed() < Duration::from_secs(10),
+            "clients did not run on blue again: {answered:?}\n{}",
+            h.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("clients on blue {:?} after it answered", thawed.elapsed());
+    assert_takes_writes(&h, &blue).await;
+    h.wait("the rollback recorded", MINUTE, |r| {
+        r.attempt.as_ref().is_some_and(|a| a.pause_failures >= 1)
+    })
+    .await;
+    h.kill();
+    h.start(None);
+    h.wait_switched("the switch after blue froze", 1, &up, (Color::Green, 16))
+        .await;
+    h.stop_load_checked(load).await;
+}
