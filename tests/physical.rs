@@ -319,12 +319,19 @@ async fn auto_upgrades_physically_and_reverts() {
         .await
         .unwrap();
     let c = connect(&endpoint, &admin, "app").await.unwrap();
+    // An extension whose version differs between the majors (1.10 on 15, 1.11 on 17):
+    // pg_upgrade carries 1.10 over as it was.
     c.batch_execute(
         "CREATE TABLE keyless (n bigint NOT NULL); GRANT ALL ON keyless TO app;
-         INSERT INTO keyless SELECT -g FROM generate_series(1, 1000) g",
+         INSERT INTO keyless SELECT -g FROM generate_series(1, 1000) g;
+         CREATE EXTENSION pg_stat_statements",
     )
     .await
     .unwrap();
+    let extension = "SELECT e.extversion, a.default_version FROM pg_extension e
+                       JOIN pg_available_extensions a ON a.name = e.extname
+                      WHERE e.extname = 'pg_stat_statements'";
+    let on_15: String = c.query_one(extension, &[]).await.unwrap().get(0);
     let load = h.load(&app, 3, 200);
     let stop = Arc::new(AtomicBool::new(false));
     let writers = slow_committers(&endpoint, &app, 4, stop.clone());
@@ -350,6 +357,18 @@ async fn auto_upgrades_physically_and_reverts() {
             .iter()
             .any(|o| o.contains("blue_to_green")),
         "nothing of the forward link is left on green"
+    );
+    let row = connect(&endpoint, &admin, "app")
+        .await
+        .unwrap()
+        .query_one(extension, &[])
+        .await
+        .unwrap();
+    let (on_17, default_17): (String, String) = (row.get(0), row.get(1));
+    assert_ne!(on_15, default_17, "the test needs versions that differ");
+    assert_eq!(
+        on_17, default_17,
+        "the extension was updated after pg_upgrade"
     );
 
     let back = h.revert(&up);

@@ -105,6 +105,9 @@ async fn copy_physically<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineR
         let tgt = cx.connect(&target, db).await?;
         repl::drop_copied_links(&tgt).await?;
         repl::ensure_own_schema(&tgt).await?;
+        for updated in schema::update_extensions(&tgt).await? {
+            tracing::info!(database = %db, "extension updated after pg_upgrade: {updated}");
+        }
     }
     Ok(Stepped::Done(Learned::SchemaCopied {
         source_fingerprint: fingerprints.join(";"),
