@@ -26,6 +26,7 @@ pub mod pg;
 pub mod phases;
 pub mod ports;
 pub mod preflight;
+pub mod prewarm;
 pub mod random;
 pub mod replication;
 pub mod run_as;

@@ -9,7 +9,7 @@ use crate::error::{EngineError, EngineResult};
 use crate::pg::qualified;
 use crate::ports::{Instances, Router};
 use crate::steps::{Learned, Stepped};
-use crate::verify;
+use crate::{prewarm, verify};
 use pgflip_core::progress::Measured;
 use pgflip_core::spec::{UnsupportedPolicy, Verification};
 
@@ -91,6 +91,42 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
         }
         // The whole database, after the views: statistics of what clients will query.
         tgt.batch_execute("ANALYZE").await?;
+        warm(cx, db, &tgt).await?;
     }
     Ok(Stepped::Done(Learned::Verified { tables }))
+}
+
+/// Reads what is hot on the source into the target's cache ([`crate::prewarm`]), each
+/// database its share of three quarters of the target's shared buffers. Never fails the
+/// switch: a cold green is slower for a moment, not wrong.
+async fn warm<I: Instances, R: Router>(
+    cx: &Ctx<'_, I, R>,
+    db: &str,
+    tgt: &tokio_postgres::Client,
+) -> EngineResult<()> {
+    let src = cx.connect(&cx.source, db).await?;
+    let shared: i64 = tgt
+        .query_one(
+            "SELECT pg_size_bytes(current_setting('shared_buffers'))",
+            &[],
+        )
+        .await?
+        .get(0);
+    let budget = shared.max(0) as u64 * 3 / 4 / cx.desired.databases.len().max(1) as u64;
+    match prewarm::warm(&src, tgt, budget).await {
+        Ok(Some(w)) => tracing::info!(
+            database = %db,
+            relations = w.relations,
+            "warmed {} of {}'s cache",
+            pgflip_core::progress::bytes(w.bytes),
+            cx.attempt.to
+        ),
+        Ok(None) => {
+            tracing::info!(database = %db, "pg_prewarm is not installed for {}: not warmed", cx.attempt.to)
+        }
+        Err(e) => {
+            tracing::warn!(database = %db, error = %format!("{e:#}"), "could not warm {}'s cache", cx.attempt.to)
+        }
+    }
+    Ok(())
 }
