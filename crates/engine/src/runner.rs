@@ -56,7 +56,7 @@ impl<S: Steps, J: Journal, K: StatusSink> Runner<S, J, K> {
     }
 
     /// One step towards the target; first, once, starts or adopts what runs (instances
-    /// and the endpoint outlive pgflip), and again whenever the endpoint has died.
+    /// and the endpoint outlive pgflip), and again whenever one of them has died.
     pub async fn step(&mut self) -> EngineResult<Progress> {
         if self.adopted
             && let Some(wanted) = &self.record.wanted

@@ -13,10 +13,12 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     cx.ensure_room().await?;
     // A pause rolled back while the target did not answer may have left the forward
     // subscription disabled: nothing would catch up.
-    let target = cx.target().await?;
-    for db in &cx.desired.databases {
-        let tgt = cx.connect(&target, db).await?;
-        repl::set_subscription_enabled(&tgt, &cx.forward(db), true).await?;
+    if cx.attempt.pause_failures > 0 {
+        let target = cx.target().await?;
+        for db in &cx.desired.databases {
+            let tgt = cx.connect(&target, db).await?;
+            repl::set_subscription_enabled(&tgt, &cx.forward(db), true).await?;
+        }
     }
     let mut worst = 0i64;
     for db in &cx.desired.databases {
