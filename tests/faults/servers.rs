@@ -214,27 +214,17 @@ async fn green_frozen_inside_the_pause_rolls_back_onto_blue_and_the_switch_compl
     let frozen = Instant::now();
     let blue = h.instance_addr("blue").unwrap();
     // Clients run on blue again once the bound has passed, without waiting on green.
-    loop {
-        let answered = tokio::time::timeout(Duration::from_millis(500), h.serving_port(&app)).await;
-        if answered.is_ok_and(|port| port == blue.port)
-            && frozen.elapsed() > Duration::from_millis(500)
-        {
-            break;
-        }
-        assert!(
-            frozen.elapsed() < Duration::from_secs(8),
-            "clients were not resumed on blue: {}",
-            h.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    eprintln!("clients on blue {:?} after green froze", frozen.elapsed());
-    assert_takes_writes(&h, &blue).await;
-    h.wait("the rollback recorded", MINUTE, |r| {
-        r.attempt.as_ref().is_some_and(|a| a.pause_failures >= 1)
-    })
+    served_again(
+        &h,
+        &app,
+        Some(blue.port),
+        frozen,
+        Duration::from_millis(500),
+        Duration::from_secs(8),
+    )
     .await;
-    h.kill();
+    assert_takes_writes(&h, &blue).await;
+    stop_after_the_rollback(&mut h).await;
     h.signal_server("green", Signal::SIGCONT);
 
     h.start(None);
@@ -284,23 +274,15 @@ async fn pgbouncer_killed_inside_the_pause_comes_back_on_blue_and_the_switch_com
     nix::sys::signal::kill(h.pgbouncer().unwrap(), Signal::SIGKILL).unwrap();
     let killed = Instant::now();
     let blue = h.instance_addr("blue").unwrap();
-    let port = loop {
-        let answered =
-            tokio::time::timeout(Duration::from_millis(500), h.try_serving_port(&app)).await;
-        if let Ok(Ok(port)) = answered {
-            break port;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(20),
-            "the endpoint did not come back: {answered:?}\n{}",
-            h.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    eprintln!(
-        "the endpoint answered {:?} after the kill",
-        killed.elapsed()
-    );
+    let port = served_again(
+        &h,
+        &app,
+        None,
+        killed,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(port, blue.port, "the endpoint points at blue");
     assert_takes_writes(&h, &blue).await;
     let named = h
@@ -347,20 +329,15 @@ async fn blue_killed_during_the_copy_is_restarted_and_the_switch_completes() {
     h.kill_server("blue");
     let killed = Instant::now();
     // Served again within seconds: pgflip starts blue again.
-    loop {
-        let answered =
-            tokio::time::timeout(Duration::from_millis(500), h.try_serving_port(&app)).await;
-        if matches!(answered, Ok(Ok(_))) && killed.elapsed() > Duration::from_millis(200) {
-            break;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(20),
-            "blue was not started again: {answered:?}\n{}",
-            h.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    eprintln!("blue served again {:?} after the kill", killed.elapsed());
+    served_again(
+        &h,
+        &app,
+        None,
+        killed,
+        Duration::from_millis(200),
+        Duration::from_secs(20),
+    )
+    .await;
     h.wait_switched(
         "the switch after blue was killed",
         1,
@@ -413,28 +390,58 @@ async fn blue_frozen_inside_the_pause_holds_clients_then_they_run_on_blue_again(
     h.signal_server("blue", Signal::SIGCONT);
     let thawed = Instant::now();
     let blue = h.instance_addr("blue").unwrap();
+    served_again(
+        &h,
+        &app,
+        Some(blue.port),
+        thawed,
+        Duration::ZERO,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_takes_writes(&h, &blue).await;
+    stop_after_the_rollback(&mut h).await;
+    h.start(None);
+    h.wait_switched("the switch after blue froze", 1, &up, (Color::Green, 16))
+        .await;
+    h.stop_load_checked(load).await;
+}
+
+/// Waits until the endpoint serves again — on `port`, if given — no sooner than
+/// `not_before` after `since` and within `within` of it; returns the port it serves on.
+async fn served_again(
+    h: &Harness,
+    app: &Credentials,
+    port: Option<u16>,
+    since: Instant,
+    not_before: Duration,
+    within: Duration,
+) -> u16 {
     loop {
         let answered =
-            tokio::time::timeout(Duration::from_millis(500), h.try_serving_port(&app)).await;
-        if matches!(answered, Ok(Ok(port)) if port == blue.port) {
-            break;
+            tokio::time::timeout(Duration::from_millis(500), h.try_serving_port(app)).await;
+        if let Ok(Ok(serving)) = answered
+            && port.is_none_or(|p| p == serving)
+            && since.elapsed() > not_before
+        {
+            eprintln!("served again on {serving} after {:?}", since.elapsed());
+            return serving;
         }
         assert!(
-            thawed.elapsed() < Duration::from_secs(10),
-            "clients did not run on blue again: {answered:?}\n{}",
+            since.elapsed() < within,
+            "not served again{} within {within:?}: {answered:?}\n{}",
+            port.map(|p| format!(" on {p}")).unwrap_or_default(),
             h.log_tail()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("clients on blue {:?} after it answered", thawed.elapsed());
-    assert_takes_writes(&h, &blue).await;
+}
+
+/// Waits until the record counts the rolled-back pause, then stops pgflip (still armed).
+async fn stop_after_the_rollback(h: &mut Harness) {
     h.wait("the rollback recorded", MINUTE, |r| {
         r.attempt.as_ref().is_some_and(|a| a.pause_failures >= 1)
     })
     .await;
     h.kill();
-    h.start(None);
-    h.wait_switched("the switch after blue froze", 1, &up, (Color::Green, 16))
-        .await;
-    h.stop_load_checked(load).await;
 }
