@@ -5,7 +5,7 @@ CARGO ?= cargo
 DEMO_JSON ?=
 export PGFLIP_TOOLCHAIN := $(CURDIR)/.toolchain
 
-.PHONY: setup setup-kube setup-flux build demo test test-k8s test-flux test-unit lint bench soak clean
+.PHONY: setup setup-kube setup-flux setup-node build demo test test-k8s test-flux test-unit lint bench soak clean
 
 setup:
 	@bash scripts/setup-rust.sh
@@ -17,11 +17,17 @@ build: setup
 demo: build
 	./target/release/pgflip demo $(if $(DEMO_JSON),--json $(DEMO_JSON),)
 
-# The Kubernetes control plane for the Kubernetes-mode tests: etcd, kube-apiserver and
-# kube-controller-manager built from the Go module proxy into ~/.cache/pgflip/kube
-# (idempotent; about 10 minutes the first time on 2 cores).
+# The Kubernetes control plane for the Kubernetes-mode tests: etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler built from the Go module proxy into
+# ~/.cache/pgflip/kube (idempotent; about 10 minutes the first time on 2 cores).
 setup-kube:
 	@bash scripts/setup-kube.sh
+
+# A real node for the Kubernetes-mode tests: containerd, runc and the CNI plugins from
+# Debian, kubelet v1.34.4 built from the Go module proxy, and the images it runs (pause,
+# PostgreSQL 15-18 on a Debian root) into ~/.cache/pgflip/node (idempotent; needs root).
+setup-node: setup
+	@bash scripts/setup-node.sh
 
 # Flux's source-controller and kustomize-controller (and all their CRDs), built from their
 # Go modules into the same cache, for the GitOps end-to-end (about 4 minutes the first time).
@@ -30,12 +36,12 @@ setup-flux:
 
 # All tests: unit tests of the pure core, and integration tests against real PostgreSQL
 # 15/16/17/18, a real PgBouncer, real Git repositories, a real kube-apiserver and real Flux.
-test: setup setup-kube setup-flux
+test: setup setup-kube setup-flux setup-node
 	$(CARGO) test --workspace --all-targets -- --test-threads=2
 
 # The Kubernetes-mode tests only: every tests/k8s_*.rs (cargo expands the quoted glob, so a
 # new file is picked up by itself), one test at a time (each starts its own control plane).
-test-k8s: setup setup-kube
+test-k8s: setup setup-kube setup-node
 	$(CARGO) test --test 'k8s_*' -- --test-threads=1
 
 # The GitOps loop end to end with real Flux (tests/flux_gitops.rs): push a version bump,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds real etcd, kube-apiserver and kube-controller-manager from the Go module proxy,
-# idempotently, into a cache outside the repo (no registry ships these binaries):
-#   ${PGFLIP_KUBE_CACHE:-$HOME/.cache/pgflip/kube}/bin/{etcd,kube-apiserver,kube-controller-manager}
+# Builds real etcd, kube-apiserver, kube-controller-manager and kube-scheduler from the Go
+# module proxy, idempotently, into a cache outside the repo (no registry ships these binaries):
+#   ${PGFLIP_KUBE_CACHE:-$HOME/.cache/pgflip/kube}/bin/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler}
+# scripts/setup-node.sh builds the node's kubelet and kube-proxy with it at another version
+# (PGFLIP_K8S_VERSION, PGFLIP_KUBE_CACHE and PGFLIP_KUBE_TOOLS).
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod `replace`s every staging module
 # (k8s.io/api, k8s.io/apiserver, ...) with ./staging/src/..., and replace lines of a
@@ -18,7 +20,9 @@
 # Usage: scripts/setup-kube.sh [--force]
 set -euo pipefail
 
-K8S_VERSION=${PGFLIP_K8S_VERSION:-v1.37.2}       # served: v1.36.x, v1.37.x
+K8S_VERSION=${PGFLIP_K8S_VERSION:-v1.37.2}       # served: v1.34.4, v1.35.4, v1.36.x, v1.37.x
+# etcd, or any command of k8s.io/kubernetes/cmd.
+read -r -a TOOLS <<<"${PGFLIP_KUBE_TOOLS:-etcd kube-apiserver kube-controller-manager kube-scheduler}"
 cache=${PGFLIP_KUBE_CACHE:-$HOME/.cache/pgflip/kube}
 bin="$cache/bin"
 wrap="$cache/wrapper"
@@ -30,9 +34,16 @@ k8s_minor_patch=${K8S_VERSION#v1.}
 STAGING_VERSION="v0.${k8s_minor_patch}"
 k8s_major=1; k8s_minor=${k8s_minor_patch%%.*}
 
-want_stamp="kubernetes=$K8S_VERSION staging=$STAGING_VERSION"
-if [ "${1:-}" != "--force" ] && [ -f "$stamp" ] \
-   && [ -x "$bin/etcd" ] && [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kube-controller-manager" ] \
+package() { # tool -> the Go package of its main
+  case $1 in
+    etcd) echo go.etcd.io/etcd/server/v3 ;;
+    *) echo "k8s.io/kubernetes/cmd/$1" ;;
+  esac
+}
+want_stamp="kubernetes=$K8S_VERSION staging=$STAGING_VERSION tools=${TOOLS[*]}"
+built=1
+for t in "${TOOLS[@]}"; do [ -x "$bin/$t" ] || built=0; done
+if [ "${1:-}" != "--force" ] && [ -f "$stamp" ] && [ $built = 1 ] \
    && grep -qxF "$want_stamp" <(head -1 "$stamp"); then
   log "up to date: $(tr '\n' ' ' <"$stamp")($bin)"
   exit 0
@@ -70,13 +81,11 @@ log "kubernetes $K8S_VERSION (go $gover), staging $STAGING_VERSION (${#staging[@
   echo
   echo "require ("
   echo "	k8s.io/kubernetes $K8S_VERSION"
-  echo "	go.etcd.io/etcd/server/v3 $ETCD_VERSION"
+  [[ " ${TOOLS[*]} " != *" etcd "* ]] || echo "	go.etcd.io/etcd/server/v3 $ETCD_VERSION"
   echo ")"
   echo
   echo "tool ("
-  echo "	k8s.io/kubernetes/cmd/kube-apiserver"
-  echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
-  echo "	go.etcd.io/etcd/server/v3"
+  for t in "${TOOLS[@]}"; do echo "	$(package "$t")"; done
   echo ")"
   echo
   echo "replace ("
@@ -106,12 +115,8 @@ build() { # out pkg
   mv -f "$bin/$1.tmp" "$bin/$1"
   log "  built $1 in $(( $(date +%s) - t ))s ($(du -h "$bin/$1" | cut -f1))"
 }
-build etcd go.etcd.io/etcd/server/v3
-build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
-build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
-
-"$bin/etcd" --version | head -1 | sed 's/^/[kube]   /'
-"$bin/kube-apiserver" --version | sed 's/^/[kube]   /'
+for t in "${TOOLS[@]}"; do build "$t" "$(package "$t")"; done
+for t in "${TOOLS[@]}"; do "$bin/$t" --version 2>&1 | head -1 | sed "s/^/[kube]   $t: /"; done
 
 {
   echo "$want_stamp"

@@ -1,17 +1,19 @@
 //! The Kubernetes test harness itself, proven on a real scenario: a real control plane
-//! (tests/common/kube.rs: etcd, kube-apiserver, kube-controller-manager) and the node agent
-//! standing in for the kubelet (tests/common/node_agent.rs). A StatefulSet of the official
-//! `postgres:16` image shape is run by the real StatefulSet controller; the agent binds its
-//! pod, runs a real PostgreSQL 16 on the pod's own loopback address with the Secret's
-//! password, reports it Ready, restarts it when it crashes and, when the pod is deleted,
-//! stops it so the StatefulSet recreates it — on a new address, with the same data.
+//! (tests/common/kube.rs: etcd, kube-apiserver, kube-controller-manager, kube-scheduler) and
+//! a real node (tests/common/real_node.rs: containerd, runc, the CNI bridge and a kubelet,
+//! in a network namespace of its own). A StatefulSet of the official `postgres:16` image
+//! shape is run by the real StatefulSet controller from the image scripts/setup-node.sh
+//! builds; the scheduler places its pod, the kubelet runs PostgreSQL 16 in a container with
+//! the Secret's password at a bridge IP, the readiness probe calls it Ready, a crashed
+//! container is restarted in the same pod, and a deleted pod is recreated on a new IP with
+//! the same volume's data.
 
 mod common;
 
 use common::kube::Cluster;
-use common::node_agent::NodeAgent;
+use common::real_node::{NODE_NAME, NodeNetwork, RealNode};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use pgflip_engine::pg::connect;
@@ -46,6 +48,11 @@ fn statefulset(name: &str, args: &[&str]) -> StatefulSet {
                                 "secretKeyRef": {"name": "pg-auth", "key": "password"}}},
                         ],
                         "ports": [{"name": "postgres", "containerPort": 5432}],
+                        // The image has none (like the official one); the kubelet runs it.
+                        "readinessProbe": {
+                            "exec": {"command": ["pg_isready", "-h", "127.0.0.1", "-U", USER, "-d", USER]},
+                            "periodSeconds": 1,
+                        },
                         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
                     }],
                 },
@@ -93,6 +100,18 @@ fn pod_ip(pod: &Pod) -> String {
     pod.status.as_ref().unwrap().pod_ip.clone().unwrap()
 }
 
+fn container_id(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .container_id
+        .clone()
+        .unwrap()
+}
+
 fn restart_count(pod: &Pod) -> i32 {
     pod.status
         .as_ref()
@@ -101,6 +120,25 @@ fn restart_count(pod: &Pod) -> i32 {
         .as_ref()
         .unwrap()[0]
         .restart_count
+}
+
+/// `sql`'s answer from `addr` once it serves (a Service's rules follow its endpoints within
+/// a second or so).
+async fn served_through(addr: &Addr, creds: &Credentials, sql: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(3), connect(addr, creds, USER));
+        if let Ok(Ok(client)) = attempt.await
+            && let Ok(rows) = client.simple_query(sql).await
+            && let Some(tokio_postgres::SimpleQueryMessage::Row(r)) = rows
+                .into_iter()
+                .find(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        {
+            return r.get(0).unwrap_or_default().to_string();
+        }
+        assert!(Instant::now() < deadline, "{addr:?} does not serve");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn query_one(addr: &Addr, creds: &Credentials, sql: &str) -> String {
@@ -116,8 +154,20 @@ async fn query_one(addr: &Addr, creds: &Credentials, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
+    // What the machine's kernel says before a kubelet runs on it.
+    let kernel = || {
+        [
+            "kernel/panic",
+            "kernel/panic_on_oops",
+            "vm/overcommit_memory",
+            "net/ipv4/ip_forward",
+        ]
+        .map(|k| std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap())
+    };
+    let kernel_before = kernel();
     let t0 = Instant::now();
-    let cluster = Cluster::start().await;
+    let network = NodeNetwork::create();
+    let cluster = Cluster::start_for(&network).await;
     let cluster_up = t0.elapsed();
     let client = cluster.client();
 
@@ -147,21 +197,51 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
     assert!(out.contains("current-context") && out.contains("BEGIN CERTIFICATE"));
 
     cluster.create_namespace(NS).await;
-    let agent = NodeAgent::start(&cluster, NS).await;
+    let real_node = RealNode::start(&cluster, network).await;
+    let pod_network = real_node.network();
+    assert_eq!(
+        kernel(),
+        kernel_before,
+        "the kubelet's kernel settings were not given back"
+    );
 
-    // The agent's Node is registered and Ready.
+    // The kubelet registered its Node, with its address, and it is Ready; the
+    // node-lifecycle controller lifted the not-ready taint.
     let nodes: Api<Node> = Api::all(client.clone());
     let node_list = nodes.list(&Default::default()).await.unwrap();
     assert_eq!(node_list.items.len(), 1);
     let node = &node_list.items[0];
+    assert_eq!(node.metadata.name.as_deref(), Some(NODE_NAME));
+    assert!(common::kube::is_node_ready(node), "{:?}", node.status);
+    let status = node.status.as_ref().unwrap();
+    let info = status.node_info.as_ref().unwrap();
     assert!(
-        node.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
-        "node not Ready: {:?}",
-        node.status
+        real_node.versions().contains(&info.kubelet_version)
+            && info.container_runtime_version.starts_with("containerd://"),
+        "{info:?}"
     );
+    assert!(
+        status
+            .addresses
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|a| a.type_ == "InternalIP" && a.address == pod_network.node_ip().to_string()),
+        "{:?}",
+        status.addresses
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes
+        .get(NODE_NAME)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.taints)
+        .is_some_and(|t| !t.is_empty())
+    {
+        assert!(Instant::now() < deadline, "the node's taints stay");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let password = pgflip_engine::random::token(24);
     cluster
@@ -190,7 +270,8 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         pod_ready.as_secs_f64()
     );
 
-    // The StatefulSet controller made it, the agent bound it to its node.
+    // The StatefulSet controller made it, the scheduler placed it on the node, its claim
+    // is bound to a volume.
     let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
         (owner.kind.as_str(), owner.name.as_str()),
@@ -201,21 +282,20 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         node.metadata.name.as_deref()
     );
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
-    assert!(claims.get_opt("data-pg-0").await.unwrap().is_some());
+    let claim = claims.get("data-pg-0").await.unwrap();
+    assert_eq!(
+        claim.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Bound")
+    );
     let status = pod.status.clone().unwrap();
     assert_eq!(status.phase.as_deref(), Some("Running"));
     let ip = pod_ip(&pod);
-    let octets: Vec<u8> = ip.split('.').map(|o| o.parse().unwrap()).collect();
-    assert!(
-        octets.len() == 4 && octets[0] == 127 && (64..=127).contains(&octets[1]),
-        "pod IP {ip}"
-    );
+    assert!(pod_network.is_pod_ip(&ip), "pod IP {ip}");
     assert_eq!(
         status.pod_ips.as_ref().unwrap()[0].ip,
         ip,
         "podIPs disagrees with podIP"
     );
-    assert_eq!(agent.pod_ip(POD).as_deref(), Some(ip.as_str()));
     let cs = &status.container_statuses.as_ref().unwrap()[0];
     assert!(cs.ready && cs.started == Some(true) && cs.restart_count == 0);
     assert!(cs.state.as_ref().unwrap().running.is_some());
@@ -248,9 +328,35 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
             .unwrap();
     }
 
-    // A crash: the agent restarts the process in the same pod, same address, count bumped.
+    // A Service: kube-proxy sends its ClusterIP (routed from the machine to the node, like
+    // the pods) to the pod.
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "pg-service"},
+        "spec": {"selector": {"app": STS}, "ports": [{"port": 5432, "targetPort": 5432}]},
+    }))
+    .unwrap();
+    let cluster_ip = services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .unwrap();
+    let service_addr = Addr {
+        host: cluster_ip.clone(),
+        port: 5432,
+    };
+    assert_eq!(
+        served_through(&service_addr, &creds, "SELECT string_agg(v, ',') FROM kept").await,
+        "before-crash",
+        "through the Service at {cluster_ip}"
+    );
+
+    // A crash: the kubelet restarts the container in the same pod, same address, count
+    // bumped.
     let pod_uid = pod.metadata.uid.clone().unwrap();
-    agent.kill_process(POD);
+    real_node.kill_container(&container_id(&pod));
     let deadline = Instant::now() + Duration::from_secs(60);
     let restarted = loop {
         let p = pods.get(POD).await.unwrap();
@@ -273,7 +379,7 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
             .unwrap();
     }
 
-    // Deleted: the agent stops the server and removes the pod; the StatefulSet controller
+    // Deleted: the kubelet stops the server and removes the pod; the StatefulSet controller
     // makes a new one, which gets a new address and the same volume claim's data.
     let t2 = Instant::now();
     pods.delete(POD, &DeleteParams::default()).await.unwrap();
@@ -285,11 +391,14 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
     let new_ip = pod_ip(&again);
     assert_ne!(new_ip, ip, "the recreated pod kept its address");
     assert_eq!(restart_count(&again), 0);
-    assert_eq!(agent.pod_ip(POD).as_deref(), Some(new_ip.as_str()));
+    assert!(pod_network.is_pod_ip(&new_ip), "pod IP {new_ip}");
+    let old = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((ip.as_str(), 5432)),
+    )
+    .await;
     assert!(
-        tokio::net::TcpStream::connect((ip.as_str(), 5432))
-            .await
-            .is_err(),
+        !matches!(old, Ok(Ok(_))),
         "the old pod's server still listens"
     );
     let new_addr = Addr {
@@ -305,6 +414,12 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         .await,
         "before-crash,before-delete"
     );
+    // The Service's address did not change: it reaches the new pod.
+    assert_eq!(
+        served_through(&service_addr, &creds, "SELECT inet_server_addr()::text").await,
+        format!("{}/32", new_addr.host),
+        "through the Service at {cluster_ip}"
+    );
 
     // The StatefulSet controller sees the replica Ready.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -317,28 +432,44 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // A container the agent cannot run is bound but left Pending.
+    // An image the node does not have cannot be pulled (nothing leaves the node's
+    // namespace): the pod is placed and stays Pending, waiting on the pull.
     let other: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "unknown"},
         "spec": {"containers": [{"name": "c", "image": "busybox:1", "command": ["sleep", "1d"]}]},
     }))
     .unwrap();
     pods.create(&PostParams::default(), &other).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let p = pods.get("unknown").await.unwrap();
-        if p.spec.as_ref().unwrap().node_name.is_some() {
-            tokio::time::sleep(Duration::from_millis(600)).await;
-            let p = pods.get("unknown").await.unwrap();
+        let waiting = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs[0].state.as_ref())
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.clone());
+        if matches!(
+            waiting.as_deref(),
+            Some("ErrImagePull" | "ImagePullBackOff")
+        ) {
+            assert_eq!(
+                p.spec.as_ref().unwrap().node_name.as_deref(),
+                Some(NODE_NAME)
+            );
             assert_eq!(
                 p.status.as_ref().and_then(|s| s.phase.as_deref()),
                 Some("Pending")
             );
-            assert!(agent.pod_ip("unknown").is_none());
             break;
         }
-        assert!(Instant::now() < deadline, "pod unknown never bound");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            Instant::now() < deadline,
+            "pod unknown not waiting on its image: {:?}",
+            p.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // A server that cannot start (a bad setting) crash-loops: restarted with a back-off,
@@ -350,7 +481,8 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
     )
     .await
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // The kubelet's back-off: 10 s, then 20 s.
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(p) = pods.get_opt("broken-0").await.unwrap()
             && p.status
@@ -376,13 +508,28 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    drop(agent);
-    // Every server of the agent is gone with it.
+    // Every container of the node, and the node's namespace, are gone with it.
+    let processes = real_node.processes();
     assert!(
-        tokio::net::TcpStream::connect((new_addr.host.as_str(), 5432))
-            .await
-            .is_err(),
-        "the agent left its server running"
+        !processes.is_empty(),
+        "no container process found on the node"
+    );
+    let netns = real_node.network().netns();
+    drop(real_node);
+    let left: Vec<_> = processes
+        .iter()
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    assert!(left.is_empty(), "processes left by the node: {left:?}");
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&namespaces.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(netns.as_str())),
+        "the node's namespace {netns} is left"
     );
 }
 

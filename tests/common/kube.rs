@@ -5,8 +5,9 @@
 //! port comes from the OS; the whole cluster lives in one temp dir and dies on Drop.
 //! Our CRD and Flux's CRDs are installed and Established before `start` returns.
 
+use super::real_node::NODE_NAME;
 use super::tail;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use pgflip_engine::run_as::free_port;
@@ -71,10 +72,35 @@ pub fn is_established(crd: &CustomResourceDefinition) -> bool {
         })
 }
 
+/// Whether the Node's Ready condition is True.
+pub fn is_node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 impl Cluster {
+    /// A control plane on loopback, for the node agent.
     pub async fn start() -> Cluster {
+        Cluster::start_with(None).await
+    }
+
+    /// A control plane for a real node on `network` ([`super::real_node`]): the API
+    /// server listens on the machine's side of the node's veth (the node reaches nothing
+    /// else), authorizes the kubelet as a node (Node authorizer, NodeRestriction), and the
+    /// scheduler and the controllers a node needs run too (node lifecycle, which lifts the
+    /// not-ready taint; the kube-root-ca.crt publisher, without which pods with a
+    /// service-account token never start; the volume binder; EndpointSlices for
+    /// kube-proxy).
+    pub async fn start_for(network: &super::real_node::NodeNetwork) -> Cluster {
+        Cluster::start_with(Some(network)).await
+    }
+
+    async fn start_with(node: Option<&super::real_node::NodeNetwork>) -> Cluster {
         let started = Instant::now();
         let bin = bin_dir();
+        let address = node.map_or("127.0.0.1".to_string(), |n| n.host_ip().to_string());
         let flux = flux_crd_dir();
         let dir = tempfile::Builder::new()
             .prefix("pgflip-kube-")
@@ -94,6 +120,7 @@ impl Cluster {
         let serving = rcgen::CertificateParams::new(vec![
             "localhost".to_string(),
             "127.0.0.1".to_string(),
+            address.clone(),
             "kubernetes.default.svc".to_string(),
         ])
         .unwrap()
@@ -118,10 +145,16 @@ impl Cluster {
         // The controller's own identity: the user name a token of its ServiceAccount
         // carries, so manifests/rbac.yaml is what authorizes it in the tests.
         let controller_token = pgflip_engine::random::token(32);
+        // The kubelet's: a node's user, in the nodes' group; kube-proxy's: the user the
+        // bootstrap role system:node-proxier is bound to.
+        let node_token = pgflip_engine::random::token(32);
+        let proxy_token = pgflip_engine::random::token(32);
         write(
             "tokens.csv",
             &format!(
-                "{token},admin,admin-uid,\"system:masters\"\n{controller_token},{CONTROLLER_USER},controller-uid\n"
+                "{token},admin,admin-uid,\"system:masters\"\n{controller_token},{CONTROLLER_USER},controller-uid\n\
+                 {node_token},system:node:{NODE_NAME},node-uid,\"system:nodes\"\n\
+                 {proxy_token},system:kube-proxy,kube-proxy-uid\n"
             ),
             0o600,
         );
@@ -160,7 +193,8 @@ impl Cluster {
             "kube-apiserver",
             Command::new(bin.join("kube-apiserver"))
                 .arg(format!("--etcd-servers={etcd_url}"))
-                .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+                .arg(format!("--bind-address={address}"))
+                .arg(format!("--advertise-address={address}"))
                 .arg(format!("--secure-port={api_port}"))
                 .arg(format!("--cert-dir={}", path("certs").display()))
                 .arg(format!(
@@ -176,7 +210,15 @@ impl Cluster {
                     "--token-auth-file={}",
                     path("tokens.csv").display()
                 ))
-                .arg("--authorization-mode=RBAC")
+                .args(if node.is_some() {
+                    &[
+                        "--authorization-mode=Node,RBAC",
+                        "--enable-admission-plugins=NodeRestriction",
+                        "--kubelet-preferred-address-types=InternalIP",
+                    ][..]
+                } else {
+                    &["--authorization-mode=RBAC"][..]
+                })
                 .arg("--service-account-issuer=https://kubernetes.default.svc")
                 .arg(format!(
                     "--service-account-key-file={}",
@@ -186,8 +228,17 @@ impl Cluster {
                     "--service-account-signing-key-file={}",
                     path("sa.key").display()
                 ))
-                .arg("--service-cluster-ip-range=10.96.0.0/16")
-                .arg("--endpoint-reconciler-type=none")
+                // With a node: a range of its own, routed to it (kube-proxy's rules are
+                // in the node's namespace), and the `kubernetes` Service's endpoint is
+                // this server (the lease reconciler), so pods reach the API.
+                .arg(format!(
+                    "--service-cluster-ip-range={}",
+                    node.map_or("10.96.0.0/16".to_string(), |n| n.service_cidr())
+                ))
+                .arg(format!(
+                    "--endpoint-reconciler-type={}",
+                    if node.is_some() { "lease" } else { "none" }
+                ))
                 .arg("--enable-priority-and-fairness=false")
                 .arg("--profiling=false")
                 .arg("--v=1"),
@@ -195,7 +246,7 @@ impl Cluster {
 
         let kubeconfig_for = |token: &str| {
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{api_port}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://{address}:{api_port}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
                 ca = path("ca.crt").display()
             )
         };
@@ -206,6 +257,12 @@ impl Cluster {
             &kubeconfig_for(&controller_token),
             0o644,
         );
+        write("node.kubeconfig", &kubeconfig_for(&node_token), 0o600);
+        write(
+            "kube-proxy.kubeconfig",
+            &kubeconfig_for(&proxy_token),
+            0o600,
+        );
 
         let mut cluster = Cluster {
             processes: cluster_processes,
@@ -214,22 +271,33 @@ impl Cluster {
             dir,
         };
         cluster
-            .wait_ready(api_port, &token, ca.pem().as_bytes())
+            .wait_ready(&address, api_port, &token, ca.pem().as_bytes())
             .await;
         let api_ready = started.elapsed();
 
         let processes = &mut cluster.processes;
         let dir_path = cluster.dir.path().to_path_buf();
         let log = std::fs::File::create(dir_path.join("kube-controller-manager.log")).unwrap();
+        let mut controllers = "statefulset,deployment,replicaset,garbagecollector,serviceaccount,serviceaccount-token,pvc-protection".to_string();
+        if node.is_some() {
+            controllers.push_str(",node-lifecycle-controller,root-ca-certificate-publisher-controller,persistentvolume-binder-controller,endpointslice-controller");
+        }
         let kcm = Command::new(bin.join("kube-controller-manager"))
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .arg("--controllers=statefulset,deployment,replicaset,garbagecollector,serviceaccount,serviceaccount-token,pvc-protection")
+            .arg(format!("--controllers={controllers}"))
             .arg(format!(
                 "--service-account-private-key-file={}",
                 dir_path.join("sa.key").display()
             ))
-            .arg(format!("--root-ca-file={}", dir_path.join("ca.crt").display()))
-            .args(["--leader-elect=false", "--secure-port=0", "--bind-address=127.0.0.1"])
+            .arg(format!(
+                "--root-ca-file={}",
+                dir_path.join("ca.crt").display()
+            ))
+            .args([
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--bind-address=127.0.0.1",
+            ])
             .arg("--use-service-account-credentials=false")
             .arg("--v=1")
             .stdin(Stdio::null())
@@ -238,6 +306,18 @@ impl Cluster {
             .spawn()
             .expect("starting kube-controller-manager");
         processes.push(("kube-controller-manager".into(), kcm));
+        if node.is_some() {
+            let log = std::fs::File::create(dir_path.join("kube-scheduler.log")).unwrap();
+            let scheduler = Command::new(bin.join("kube-scheduler"))
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .args(["--leader-elect=false", "--secure-port=0", "--v=1"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("starting kube-scheduler (run scripts/setup-kube.sh)");
+            processes.push(("kube-scheduler".into(), scheduler));
+        }
 
         cluster.install_crds(&flux).await;
         eprintln!(
@@ -261,14 +341,14 @@ impl Cluster {
         kube::Client::try_from(config).unwrap()
     }
 
-    async fn wait_ready(&mut self, port: u16, token: &str, ca: &[u8]) {
+    async fn wait_ready(&mut self, address: &str, port: u16, token: &str, ca: &[u8]) {
         let deadline = Instant::now() + Duration::from_secs(90);
         let http = reqwest::Client::builder()
             .add_root_certificate(reqwest::Certificate::from_pem(ca).unwrap())
             .timeout(Duration::from_secs(2))
             .build()
             .unwrap();
-        let readyz = format!("https://127.0.0.1:{port}/readyz");
+        let readyz = format!("https://{address}:{port}/readyz");
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         loop {
             // Ready once /readyz says so (etcd, every post-start hook: RBAC bootstrap
@@ -353,6 +433,16 @@ impl Cluster {
     /// what [`Cluster::install_controller_rbac`] grants.
     pub fn controller_kubeconfig(&self) -> PathBuf {
         self.dir.path().join("controller.kubeconfig")
+    }
+
+    /// A kubeconfig that authenticates as the kubelet of [`NODE_NAME`].
+    pub fn node_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("node.kubeconfig")
+    }
+
+    /// A kubeconfig that authenticates as kube-proxy (`system:kube-proxy`).
+    pub fn kube_proxy_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kube-proxy.kubeconfig")
     }
 
     /// Applies `manifests/serviceaccount.yaml` and `manifests/rbac.yaml` as they are.
@@ -446,7 +536,12 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+            for name in [
+                "etcd",
+                "kube-apiserver",
+                "kube-controller-manager",
+                "kube-scheduler",
+            ] {
                 eprintln!(
                     "--- {name} ---\n{}",
                     tail(&self.dir.path().join(format!("{name}.log")), 25)

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Installs and builds what a real Kubernetes node needs in the tests (tests/common/real_node.rs),
+# idempotently, into ${PGFLIP_NODE_CACHE:-$HOME/.cache/pgflip/node}:
+#   - Debian's containerd, runc, CNI plugins, iptables, nftables and mmdebstrap;
+#   - kubelet and kube-proxy, built from the Go module proxy by scripts/setup-kube.sh at
+#     v1.34.4: the newest line that runs on cgroup v1 (these machines have no usable v2)
+#     with Debian's containerd 1.6 (1.35 drops cgroup v1 by default, 1.36 needs containerd 2);
+#     a kubelet may be three minors older than the API server (v1.37);
+#   - images, as OCI layout tarballs for `ctr images import` (no registry is reachable):
+#     images/pause.tar (registry.k8s.io/pause:3.9, a static C program: images/pause/pause.c)
+#     and images/postgres.tar (docker.io/library/postgres:15, :16, :17 and :18: the
+#     toolchain's binaries on a Debian bookworm root made by mmdebstrap, with the entrypoint
+#     images/postgres/docker-entrypoint.sh). The images are rebuilt when the toolchain's
+#     versions or these files change (a stamp keyed by their hashes).
+# Usage: scripts/setup-node.sh [--force]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+cache=${PGFLIP_NODE_CACHE:-$HOME/.cache/pgflip/node}
+toolchain=${PGFLIP_TOOLCHAIN:-$repo/.toolchain}
+KUBELET_VERSION=${PGFLIP_KUBELET_VERSION:-v1.34.4}
+DEBIAN_MIRROR=${PGFLIP_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+force=${1:-}
+log() { printf '[node] %s\n' "$*"; }
+
+# 1. Debian packages.
+packages=(containerd runc containernetworking-plugins iptables nftables mmdebstrap)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. kubelet and kube-proxy.
+PGFLIP_K8S_VERSION=$KUBELET_VERSION PGFLIP_KUBE_CACHE="$cache/k8s-$KUBELET_VERSION" \
+  PGFLIP_KUBE_TOOLS="kubelet kube-proxy" bash scripts/setup-kube.sh $force
+
+# 3. Images.
+images="$cache/images"
+majors=(15 16 17 18)
+declare -A install=(
+  [15]=/usr/lib/postgresql/15
+  [16]=$toolchain/pg16
+  [17]=$toolchain/pg17full
+  [18]=$toolchain/pg18full
+)
+key=$( {
+  cat scripts/setup-node.sh scripts/oci-image.py images/postgres/docker-entrypoint.sh images/pause/pause.c
+  for m in "${majors[@]}"; do "${install[$m]}/bin/postgres" --version; done
+} | sha256sum | cut -c1-16)
+if [ "$force" != "--force" ] && [ -f "$images/stamp" ] && [ "$(cat "$images/stamp")" = "$key" ] \
+   && [ -f "$images/pause.tar" ] && [ -f "$images/postgres.tar" ]; then
+  log "images up to date ($key): $images"
+  exit 0
+fi
+t0=$(date +%s)
+work=$(mktemp -d "${TMPDIR:-/tmp}/pgflip-images-XXXXXX")
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$images"
+
+# The pause image: the sandbox's init, reaping orphans until it is told to stop.
+mkdir -p "$work/pause"
+gcc -static -Os -o "$work/pause/pause" images/pause/pause.c
+tar --numeric-owner --owner=0 --group=0 -C "$work/pause" -cf "$work/pause-layer.tar" pause
+python3 scripts/oci-image.py "$images/pause.tar.tmp" \
+  registry.k8s.io/pause:3.9 '{"Entrypoint":["/pause"]}' "$work/pause-layer.tar"
+mv "$images/pause.tar.tmp" "$images/pause.tar"
+
+# The Debian root every PostgreSQL image shares (one layer): Essential packages only (sh,
+# coreutils, util-linux's setpriv, sed), and the postgres user the official images have.
+log "mmdebstrap bookworm (the images' Debian root)"
+mmdebstrap --quiet --variant=essential \
+  --customize-hook='echo "postgres:x:999:999:PostgreSQL:/var/lib/postgresql:/bin/sh" >> "$1/etc/passwd"' \
+  --customize-hook='echo "postgres:x:999:" >> "$1/etc/group"' \
+  --customize-hook='mkdir -p "$1/var/lib/postgresql" "$1/var/run/postgresql" && chown 999:999 "$1/var/lib/postgresql" "$1/var/run/postgresql"' \
+  bookworm "$work/base.tar" "$DEBIAN_MIRROR"
+mkdir -p "$work/base"
+tar -C "$work/base" -xf "$work/base.tar"
+
+# One layer per major: its installation under /usr/lib/postgresql/<major> (15, from Debian,
+# keeps Debian's paths), the entrypoint, and every shared library its programs load that the
+# root lacks, under /usr/lib/x86_64-linux-gnu by the name they ask for (whatever their RPATH).
+elf_files() { find "$@" -type f \( -perm -u+x -o -name '*.so*' \) -exec sh -c 'head -c4 "$1" | grep -q ELF' _ {} \; -print; }
+copy_libraries() { # layer dir...
+  local layer=$1; shift
+  elf_files "$@" | sort -u | while read -r f; do ldd "$f" 2>/dev/null || true; done \
+    | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | sort -u | while read -r name path; do
+      [ -e "$work/base/lib/x86_64-linux-gnu/$name" ] || [ -e "$work/base/usr/lib/x86_64-linux-gnu/$name" ] \
+        || [ -e "$layer/usr/lib/x86_64-linux-gnu/$name" ] \
+        || install -D -m 0644 "$path" "$layer/usr/lib/x86_64-linux-gnu/$name"
+    done
+}
+refs=()
+for m in "${majors[@]}"; do
+  layer="$work/pg$m"
+  home=/usr/lib/postgresql/$m
+  src=$(readlink -f "${install[$m]}")
+  mkdir -p "$layer$home" "$layer/usr/local/bin"
+  cp -a "$src/." "$layer$home/"
+  if [ "$m" = 15 ]; then
+    mkdir -p "$layer/usr/share/postgresql"
+    cp -a /usr/share/postgresql/15 "$layer/usr/share/postgresql/"
+  fi
+  # The readiness probe runs pg_isready; the npm build of 16 is a server only (pg_isready 17
+  # speaks to any major).
+  probe=$src/bin/pg_isready
+  if [ ! -x "$probe" ]; then
+    probe=${install[17]}/bin/pg_isready
+    install -m 0755 "$probe" "$layer$home/bin/"
+  fi
+  install -m 0755 images/postgres/docker-entrypoint.sh "$layer/usr/local/bin/"
+  # ldd where the programs were installed: their RPATHs may point outside the copied tree.
+  copy_libraries "$layer" "$src" "$probe"
+  tar --numeric-owner --owner=0 --group=0 -C "$layer" -cf "$layer.tar" .
+  config=$(printf '{"Entrypoint":["docker-entrypoint.sh"],"Cmd":["postgres"],"Env":["PATH=%s/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin","PGDATA=/var/lib/postgresql/data","PG_MAJOR=%s"],"StopSignal":"SIGINT","ExposedPorts":{"5432/tcp":{}}}' "$home" "$m")
+  refs+=("docker.io/library/postgres:$m" "$config" "$work/base.tar,$layer.tar")
+  log "postgres:$m: $(du -sh "$layer" | cut -f1) over the root"
+done
+python3 scripts/oci-image.py "$images/postgres.tar.tmp" "${refs[@]}" >/dev/null
+mv "$images/postgres.tar.tmp" "$images/postgres.tar"
+echo "$key" > "$images/stamp"
+log "images built in $(( $(date +%s) - t0 ))s: $(du -sh "$images/postgres.tar" | cut -f1) ($images)"
