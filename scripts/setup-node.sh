@@ -6,8 +6,10 @@
 #     v1.34.4: the newest line that runs on cgroup v1 (these machines have no usable v2)
 #     with Debian's containerd 1.6 (1.35 drops cgroup v1 by default, 1.36 needs containerd 2);
 #     a kubelet may be three minors older than the API server (v1.37);
+#   - CoreDNS (the cluster's DNS), `go install`ed from the Go module proxy;
 #   - images, as OCI layout tarballs for `ctr images import` (no registry is reachable):
-#     images/pause.tar (registry.k8s.io/pause:3.9, a static C program: images/pause/pause.c)
+#     images/pause.tar (registry.k8s.io/pause:3.9, a static C program: images/pause/pause.c),
+#     images/coredns.tar (registry.k8s.io/coredns/coredns:<version>, the static binary alone)
 #     and images/postgres.tar (docker.io/library/postgres:15, :16, :17 and :18: the
 #     toolchain's binaries on a Debian bookworm root made by mmdebstrap, with the entrypoint
 #     images/postgres/docker-entrypoint.sh). The images are rebuilt when the toolchain's
@@ -19,6 +21,7 @@ repo=$PWD
 cache=${PGFLIP_NODE_CACHE:-$HOME/.cache/pgflip/node}
 toolchain=${PGFLIP_TOOLCHAIN:-$repo/.toolchain}
 KUBELET_VERSION=${PGFLIP_KUBELET_VERSION:-v1.34.4}
+COREDNS_VERSION=${PGFLIP_COREDNS_VERSION:-v1.15.0}
 DEBIAN_MIRROR=${PGFLIP_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 force=${1:-}
 log() { printf '[node] %s\n' "$*"; }
@@ -40,7 +43,17 @@ fi
 PGFLIP_K8S_VERSION=$KUBELET_VERSION PGFLIP_KUBE_CACHE="$cache/k8s-$KUBELET_VERSION" \
   PGFLIP_KUBE_TOOLS="kubelet kube-proxy" bash scripts/setup-kube.sh $force
 
-# 3. Images.
+# 3. CoreDNS: a plain main module, no replace lines, so `go install` builds it.
+coredns_dir="$cache/coredns-$COREDNS_VERSION"
+if [ ! -x "$coredns_dir/coredns" ]; then
+  log "go install github.com/coredns/coredns@$COREDNS_VERSION"
+  t=$(date +%s)
+  GOFLAGS=-mod=mod CGO_ENABLED=0 GOBIN="$coredns_dir" nice -n 19 \
+    go install -trimpath -ldflags="-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
+  log "  built coredns in $(( $(date +%s) - t ))s"
+fi
+
+# 4. Images.
 images="$cache/images"
 majors=(15 16 17 18)
 declare -A install=(
@@ -52,9 +65,10 @@ declare -A install=(
 key=$( {
   cat scripts/setup-node.sh scripts/oci-image.py images/postgres/docker-entrypoint.sh images/pause/pause.c
   for m in "${majors[@]}"; do "${install[$m]}/bin/postgres" --version; done
+  echo "coredns $COREDNS_VERSION"
 } | sha256sum | cut -c1-16)
 if [ "$force" != "--force" ] && [ -f "$images/stamp" ] && [ "$(cat "$images/stamp")" = "$key" ] \
-   && [ -f "$images/pause.tar" ] && [ -f "$images/postgres.tar" ]; then
+   && [ -f "$images/pause.tar" ] && [ -f "$images/coredns.tar" ] && [ -f "$images/postgres.tar" ]; then
   log "images up to date ($key): $images"
   exit 0
 fi
@@ -70,6 +84,13 @@ tar --numeric-owner --owner=0 --group=0 -C "$work/pause" -cf "$work/pause-layer.
 python3 scripts/oci-image.py "$images/pause.tar.tmp" \
   registry.k8s.io/pause:3.9 '{"Entrypoint":["/pause"]}' "$work/pause-layer.tar"
 mv "$images/pause.tar.tmp" "$images/pause.tar"
+
+mkdir -p "$work/coredns"
+install -m 0755 "$coredns_dir/coredns" "$work/coredns/coredns"
+tar --numeric-owner --owner=0 --group=0 -C "$work/coredns" -cf "$work/coredns-layer.tar" coredns
+python3 scripts/oci-image.py "$images/coredns.tar.tmp" \
+  "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" '{"Entrypoint":["/coredns"]}' "$work/coredns-layer.tar"
+mv "$images/coredns.tar.tmp" "$images/coredns.tar"
 
 # The Debian root every PostgreSQL image shares (one layer): Essential packages only (sh,
 # coreutils, util-linux's setpriv, sed), and the postgres user the official images have.

@@ -121,6 +121,8 @@ impl Cluster {
             "localhost".to_string(),
             "127.0.0.1".to_string(),
             address.clone(),
+            // What pods reach it at: the `kubernetes` Service.
+            node.map_or("10.96.0.1".to_string(), |n| n.api_service_ip().to_string()),
             "kubernetes.default.svc".to_string(),
         ])
         .unwrap()

@@ -17,8 +17,7 @@
 //! the namespace, the route, and the kernel settings the kubelet changes for the whole
 //! machine (restored as soon as the node is Ready, and again at the end).
 //!
-//! Not yet on this node: kube-proxy and cluster DNS (Services are not reachable by their
-//! ClusterIP or name), the pgflip image.
+//! Not yet on this node: the pgflip image.
 
 use super::kube::{Cluster, cache_dir as kube_cache_dir};
 use super::tail;
@@ -47,6 +46,9 @@ const CGROUP_CONTROLLERS: [&str; 10] = [
     "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd",
     "unified",
 ];
+
+/// The images scripts/setup-node.sh builds, imported into every node.
+const IMAGES: [&str; 3] = ["pause.tar", "coredns.tar", "postgres.tar"];
 
 /// Where scripts/setup-node.sh puts what it builds.
 pub fn node_cache_dir() -> PathBuf {
@@ -172,6 +174,16 @@ impl NodeNetwork {
         format!("10.96.{}.0/24", self.index)
     }
 
+    /// The `kubernetes` Service's ClusterIP (the first of the range).
+    pub fn api_service_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 96, self.index, 1)
+    }
+
+    /// The cluster DNS Service's ClusterIP (`kube-dns`, where kubeadm places it).
+    pub fn dns_service_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 96, self.index, 10)
+    }
+
     /// Whether `ip` is one of this node's pod addresses.
     pub fn is_pod_ip(&self, ip: &str) -> bool {
         ip.parse::<Ipv4Addr>()
@@ -241,7 +253,25 @@ impl RealNode {
                 )
             });
         let images = cache.join("images");
-        for image in ["pause.tar", "postgres.tar"] {
+        let coredns_version = std::fs::read_dir(&cache)
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("coredns-")
+                    .map(str::to_string)
+            })
+            .next()
+            .unwrap_or_else(|| {
+                panic!(
+                    "no CoreDNS under {}: run scripts/setup-node.sh",
+                    cache.display()
+                )
+            });
+        for image in IMAGES {
             assert!(
                 images.join(image).is_file(),
                 "{} is missing: run scripts/setup-node.sh",
@@ -275,6 +305,7 @@ impl RealNode {
         node.wait_ready(cluster).await;
         // The kubelet has set its kernel settings by now: give the machine its own back.
         node.restore_kernel_settings();
+        node.start_cluster_dns(cluster, &coredns_version).await;
         node.provisioner = tokio::spawn(provision_volumes(
             cluster.client(),
             node.dir.path().join("volumes"),
@@ -405,7 +436,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             std::thread::sleep(Duration::from_millis(100));
         }
         let t = Instant::now();
-        for image in ["pause.tar", "postgres.tar"] {
+        for image in IMAGES {
             run(self
                 .ctr()
                 .args(["images", "import", "--no-unpack"])
@@ -464,6 +495,7 @@ authorization:
   mode: AlwaysAllow
 podCIDR: {pod_cidr}
 clusterDomain: cluster.local
+clusterDNS: [{dns}]
 syncFrequency: 10s
 fileCheckFrequency: 5s
 imageGCHighThresholdPercent: 100
@@ -476,6 +508,7 @@ evictionHard:
 "#,
                 node_ip = self.network.node_ip(),
                 pod_cidr = self.network.pod_cidr(),
+                dns = self.network.dns_service_ip(),
             ),
         )
         .unwrap();
@@ -544,7 +577,7 @@ healthzBindAddress: 127.0.0.1:10256
         .unwrap();
         let version = run(Command::new(kube_proxy).arg("--version")).unwrap();
         self.versions = format!(
-            "{}, kube-proxy {}, CoreDNS none",
+            "{}, kube-proxy {}",
             self.versions,
             version.split_whitespace().nth(1).unwrap_or("?")
         );
@@ -555,6 +588,113 @@ healthzBindAddress: 127.0.0.1:10256
         ))
         .arg("--v=1");
         self.kube_proxy = Some(self.spawn("kube-proxy", cmd));
+    }
+
+    /// CoreDNS as clusters run it: a Deployment in kube-system behind the `kube-dns`
+    /// Service at the address the kubelet gives pods as their nameserver, answering for
+    /// `cluster.local` from the API (no upstream: nothing leaves the node). Returns once
+    /// it is Ready.
+    async fn start_cluster_dns(&mut self, cluster: &Cluster, version: &str) {
+        let image = format!("registry.k8s.io/coredns/coredns:{version}");
+        let dns_ip = self.network.dns_service_ip();
+        cluster
+            .apply_yaml(
+                &format!(
+                    r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: coredns, namespace: kube-system}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: "system:coredns"}}
+rules:
+- apiGroups: [""]
+  resources: [endpoints, services, pods, namespaces]
+  verbs: [list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: "system:coredns"}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}}
+subjects: [{{kind: ServiceAccount, name: coredns, namespace: kube-system}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: coredns, namespace: kube-system}}
+data:
+  Corefile: |
+    .:53 {{
+        errors
+        ready :8181
+        kubernetes cluster.local in-addr.arpa ip6.arpa {{
+            pods insecure
+        }}
+        cache 5
+    }}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: coredns, namespace: kube-system, labels: {{k8s-app: kube-dns}}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{k8s-app: kube-dns}}}}
+  template:
+    metadata: {{labels: {{k8s-app: kube-dns}}}}
+    spec:
+      serviceAccountName: coredns
+      dnsPolicy: Default
+      containers:
+      - name: coredns
+        image: {image}
+        imagePullPolicy: Never
+        args: [-conf, /etc/coredns/Corefile]
+        ports:
+        - {{name: dns, containerPort: 53, protocol: UDP}}
+        - {{name: dns-tcp, containerPort: 53, protocol: TCP}}
+        readinessProbe:
+          httpGet: {{path: /ready, port: 8181}}
+          periodSeconds: 1
+        volumeMounts: [{{name: config, mountPath: /etc/coredns, readOnly: true}}]
+      volumes: [{{name: config, configMap: {{name: coredns}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: kube-dns, namespace: kube-system, labels: {{k8s-app: kube-dns}}}}
+spec:
+  clusterIP: {dns_ip}
+  selector: {{k8s-app: kube-dns}}
+  ports:
+  - {{name: dns, port: 53, protocol: UDP}}
+  - {{name: dns-tcp, port: 53, protocol: TCP}}
+"#
+                ),
+                "pgflip-test-node",
+            )
+            .await;
+        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(cluster.client(), "kube-system");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let ready = deployments
+                .get("coredns")
+                .await
+                .ok()
+                .and_then(|d| d.status)
+                .and_then(|s| s.ready_replicas);
+            if ready == Some(1) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "CoreDNS not Ready:\n{}",
+                tail(&self.path("kubelet.log"), 20)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.versions = format!("{}, CoreDNS {version}", self.versions);
     }
 
     async fn wait_ready(&mut self, cluster: &Cluster) {
