@@ -14,7 +14,7 @@ use common::database::{
 use common::kube::Cluster;
 use common::node_agent::NodeAgent;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
@@ -289,6 +289,29 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
     // Change to 16 (revision B) under a write load; the first controller kills itself
     // just before the pause, and the second takes the lease over and finishes the switch.
     let second = Controller::start_with(&cluster, "second", None, &forge_args);
+    // The standby is Ready while the first holds the lease (a NotReady standby would keep
+    // the Deployment from being Available), and says it does not lead.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let base = format!("http://127.0.0.1:{}", second.metrics_port);
+        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
+            && r.status() == 200
+        {
+            let metrics = reqwest::get(format!("{base}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(metrics.contains("pgflip_leader 0"), "{metrics}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby replica is not Ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let writes = load::start(LoadConfig {
         endpoint: addr.clone(),
         creds: creds.clone(),
@@ -449,6 +472,12 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
         0
     );
     assert_eq!(object.status.clone().unwrap().revision, Some(sha(0xc3)));
+    // The endpoint sends clients to 15 again (the ledger alone would also pass on 16).
+    let version = server_version(&serving_addr, &creds, "app").await;
+    assert!(
+        version.starts_with("15"),
+        "after the revert the endpoint serves {version}"
+    );
 
     // A bad spec (revision D): Stalled with the reason; nothing is touched.
     let before: Vec<_> = statefulsets
@@ -611,6 +640,20 @@ async fn an_object_without_flux_switches_on_each_generation() {
         &logs,
     )
     .await;
+    // A table for the row that shows the database outlives its object (below). Made
+    // before the switch: DDL is not replicated, so a table made on green afterwards would
+    // not be on blue, which takes the reverse stream.
+    {
+        let addr = endpoint(&client, NS)
+            .await
+            .expect("the endpoint pod is Ready");
+        let c = pgflip_engine::pg::connect(&addr, &admin(&client, NS, DB).await, "app")
+            .await
+            .unwrap();
+        c.batch_execute("CREATE TABLE outlives (v text PRIMARY KEY)")
+            .await
+            .unwrap();
+    }
     apply("17").await;
     let object = wait_ready_at(
         &objects,
@@ -644,6 +687,31 @@ async fn an_object_without_flux_switches_on_each_generation() {
 
     // Deleted and created again: the database outlives the object (it owns nothing but
     // Services) and is taken up again; from then on everything refers to the new object.
+    // What shows it is the same database, not a fresh bootstrap: a row, and the volume
+    // claims (same UIDs).
+    {
+        let c = pgflip_engine::pg::connect(&endpoint_addr, &creds, "app")
+            .await
+            .unwrap();
+        c.batch_execute("INSERT INTO outlives VALUES ('kept')")
+            .await
+            .unwrap();
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
+    let claim_uids = async || {
+        let mut uids: Vec<(String, String)> = claims
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|c| (c.metadata.name.unwrap(), c.metadata.uid.unwrap()))
+            .collect();
+        uids.sort();
+        uids
+    };
+    let claims_before = claim_uids().await;
+    assert!(!claims_before.is_empty());
     objects.delete(DB, &Default::default()).await.unwrap();
     wait_for(
         "the object gone",
@@ -679,6 +747,24 @@ async fn an_object_without_flux_switches_on_each_generation() {
     .await;
     let new_uid = again.metadata.uid.clone().unwrap();
     assert_ne!(old_uid, new_uid);
+    assert_eq!(
+        claim_uids().await,
+        claims_before,
+        "the volume claims were made anew"
+    );
+    let served = endpoint(&client, NS)
+        .await
+        .expect("the endpoint pod is Ready");
+    let c = pgflip_engine::pg::connect(&served, &creds, "app")
+        .await
+        .unwrap();
+    let rows = c.simple_query("SELECT v FROM outlives").await.unwrap();
+    assert!(
+        rows.iter().any(|m| matches!(m,
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("kept"))),
+        "the row written before the object was deleted is gone"
+    );
+    drop(c);
     apply("16").await;
     wait_ready_at(
         &objects,

@@ -1,5 +1,10 @@
 //! The controller's Prometheus metrics and its probes: `/metrics` (OpenMetrics text),
-//! `/healthz` (the process serves) and `/readyz` (it holds the lease and reconciles).
+//! `/healthz` (the process serves) and `/readyz` (it has reached the API server and leads or
+//! stands by for the lease). A standby replica is Ready: it is doing its job (ready to take
+//! the lease over), and a Deployment with a NotReady replica never becomes Available, so
+//! Flux's health check (`wait: true`) would never call pgflip's Kustomization Ready and
+//! whatever depends on it would never be applied. Which replica leads is the Lease's holder
+//! and the `pgflip_leader` gauge.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -292,7 +297,10 @@ pub async fn serve(
                     if ready {
                         (StatusCode::OK, "ready")
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not leading")
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the Kubernetes API is not reached yet",
+                        )
                     }
                 }
             }),
@@ -479,7 +487,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn probes_answer_and_readiness_follows_the_lease() {
+    async fn probes_answer_and_readiness_follows_its_signal() {
         let port = pgflip_engine::run_as::free_port().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let (ready_tx, ready) = tokio::sync::watch::channel(false);

@@ -180,6 +180,13 @@ pub async fn run(
         &identity,
         options.lease_duration,
     );
+    // Ready once the API server answers: leading or standing by for the lease (see
+    // metrics.rs for why a standby is Ready).
+    client
+        .apiserver_version()
+        .await
+        .context("reaching the Kubernetes API")?;
+    let _ = ready_tx.send(true);
     tracing::info!(%identity, "waiting for the leader lease");
     let leader = tokio::select! {
         l = election.acquire() => l?,
@@ -187,7 +194,6 @@ pub async fn run(
     };
     tracing::info!(%identity, "leading");
     metrics.set_leader(true);
-    let _ = ready_tx.send(true);
 
     let context = Arc::new(Shared {
         client: client.clone(),
