@@ -13,7 +13,7 @@ mod common;
 use common::kube::Cluster;
 use common::real_node::{NODE_NAME, NodeNetwork, RealNode};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ContainerStatus, Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use pgflip_engine::pg::connect;
@@ -100,26 +100,22 @@ fn pod_ip(pod: &Pod) -> String {
     pod.status.as_ref().unwrap().pod_ip.clone().unwrap()
 }
 
-fn container_id(pod: &Pod) -> String {
-    pod.status
+/// The status of the pod's (only) container.
+fn container(pod: &Pod) -> &ContainerStatus {
+    &pod.status
         .as_ref()
         .unwrap()
         .container_statuses
         .as_ref()
         .unwrap()[0]
-        .container_id
-        .clone()
-        .unwrap()
+}
+
+fn container_id(pod: &Pod) -> String {
+    container(pod).container_id.clone().unwrap()
 }
 
 fn restart_count(pod: &Pod) -> i32 {
-    pod.status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .restart_count
+    container(pod).restart_count
 }
 
 /// `sql`'s answer from `addr` once it serves (a Service's rules follow its endpoints within
