@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and builds what a real Kubernetes node needs in the tests (tests/common/real_node.rs),
 # idempotently, into ${PGFLIP_NODE_CACHE:-$HOME/.cache/pgflip/node}:
-#   - Debian's containerd, runc, CNI plugins, iptables, nftables and mmdebstrap;
+#   - Debian's containerd, runc, CNI plugins, iptables, nftables, mmdebstrap and buildah;
 #   - kubelet and kube-proxy, built from the Go module proxy by scripts/setup-kube.sh at
 #     v1.34.4: the newest line that runs on cgroup v1 (these machines have no usable v2)
 #     with Debian's containerd 1.6 (1.35 drops cgroup v1 by default, 1.36 needs containerd 2);
@@ -9,8 +9,9 @@
 #   - CoreDNS (the cluster's DNS), `go install`ed from the Go module proxy;
 #   - images, as OCI layout tarballs for `ctr images import` (no registry is reachable):
 #     images/pause.tar (registry.k8s.io/pause:3.9, a static C program: images/pause/pause.c),
-#     images/coredns.tar (registry.k8s.io/coredns/coredns:<version>, the static binary alone)
-#     and images/postgres.tar (docker.io/library/postgres:15, :16, :17 and :18: the
+#     images/coredns.tar (registry.k8s.io/coredns/coredns:<version>, the static binary alone),
+#     images/debian.tar (debian:bookworm-slim, the base buildah builds pgflip's image on from
+#     the repository's Dockerfile: tests/common/real_node.rs) and images/postgres.tar (docker.io/library/postgres:15, :16, :17 and :18: the
 #     toolchain's binaries on a Debian bookworm root made by mmdebstrap, with the entrypoint
 #     images/postgres/docker-entrypoint.sh). The images are rebuilt when the toolchain's
 #     versions or these files change (a stamp keyed by their hashes).
@@ -27,7 +28,7 @@ force=${1:-}
 log() { printf '[node] %s\n' "$*"; }
 
 # 1. Debian packages.
-packages=(containerd runc containernetworking-plugins iptables nftables mmdebstrap)
+packages=(containerd runc containernetworking-plugins iptables nftables mmdebstrap buildah)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -68,7 +69,8 @@ key=$( {
   echo "coredns $COREDNS_VERSION"
 } | sha256sum | cut -c1-16)
 if [ "$force" != "--force" ] && [ -f "$images/stamp" ] && [ "$(cat "$images/stamp")" = "$key" ] \
-   && [ -f "$images/pause.tar" ] && [ -f "$images/coredns.tar" ] && [ -f "$images/postgres.tar" ]; then
+   && [ -f "$images/pause.tar" ] && [ -f "$images/coredns.tar" ] && [ -f "$images/debian.tar" ] \
+   && [ -f "$images/postgres.tar" ]; then
   log "images up to date ($key): $images"
   exit 0
 fi
@@ -91,6 +93,14 @@ tar --numeric-owner --owner=0 --group=0 -C "$work/coredns" -cf "$work/coredns-la
 python3 scripts/oci-image.py "$images/coredns.tar.tmp" \
   "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" '{"Entrypoint":["/coredns"]}' "$work/coredns-layer.tar"
 mv "$images/coredns.tar.tmp" "$images/coredns.tar"
+
+# debian:bookworm-slim: Debian's minbase (apt included, its sources the Debian mirror).
+log "mmdebstrap bookworm minbase (debian:bookworm-slim)"
+mmdebstrap --quiet --variant=minbase bookworm "$work/debian-root.tar" "$DEBIAN_MIRROR"
+python3 scripts/oci-image.py "$images/debian.tar.tmp" docker.io/library/debian:bookworm-slim \
+  '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["bash"]}' \
+  "$work/debian-root.tar" >/dev/null
+mv "$images/debian.tar.tmp" "$images/debian.tar"
 
 # The Debian root every PostgreSQL image shares (one layer): Essential packages only (sh,
 # coreutils, util-linux's setpriv, sed), and the postgres user the official images have.

@@ -160,7 +160,12 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         ]
         .map(|k| std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap())
     };
-    let kernel_before = kernel();
+    // Read while no kubelet starts (a parallel test's node changes them meanwhile).
+    let settled = || {
+        let _lock = common::real_node::kubelet_start_lock();
+        kernel()
+    };
+    let kernel_before = settled();
     let t0 = Instant::now();
     let network = NodeNetwork::create();
     let cluster = Cluster::start_for(&network).await;
@@ -196,7 +201,7 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
     let real_node = RealNode::start(&cluster, network).await;
     let pod_network = real_node.network();
     assert_eq!(
-        kernel(),
+        settled(),
         kernel_before,
         "the kubelet's kernel settings were not given back"
     );
@@ -545,5 +550,76 @@ fn container_args_expand_like_the_kubelet() {
     assert_eq!(
         expand("$(NOPE) $$(POD_IP) $5", &env),
         "$(NOPE) $(POD_IP) $5"
+    );
+}
+
+/// pgflip's image, built by buildah from the repository's Dockerfile offline, runs on the
+/// node: pgflip, PgBouncer and pg_dump answer in a pod as the image's unprivileged user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgflip_image_builds_from_the_dockerfile_and_runs_on_the_node() {
+    let network = NodeNetwork::create();
+    let cluster = Cluster::start_for(&network).await;
+    cluster.create_namespace(NS).await;
+    let real_node = RealNode::start(&cluster, network).await;
+    let out = cluster.dir().to_path_buf();
+    let archive = tokio::task::spawn_blocking(move || {
+        common::real_node::build_pgflip_image(
+            std::path::Path::new(env!("CARGO_BIN_EXE_pgflip")),
+            &out,
+        )
+    })
+    .await
+    .unwrap();
+    real_node.import_image(&archive);
+
+    // What the container prints goes to its termination message, which the API shows.
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tools"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "tools",
+                "image": common::real_node::PGFLIP_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c",
+                    "{ id -u; pgflip --version; pgbouncer --version | head -1; \
+                      /usr/lib/postgresql/17/bin/pg_dump --version; } > /dev/termination-log 2>&1"],
+            }],
+        },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let terminated = loop {
+        let status = pods.get("tools").await.unwrap().status.unwrap_or_default();
+        if let Some(t) = status
+            .container_statuses
+            .as_ref()
+            .and_then(|cs| cs[0].state.as_ref())
+            .and_then(|s| s.terminated.clone())
+        {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tools pod did not finish: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let printed = terminated.message.clone().unwrap_or_default();
+    assert_eq!(terminated.exit_code, 0, "{printed}");
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.first(), Some(&"65532"), "{printed}");
+    assert!(lines.iter().any(|l| l.starts_with("pgflip ")), "{printed}");
+    assert!(
+        lines.iter().any(|l| l.contains("PgBouncer 1.")),
+        "{printed}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("pg_dump (PostgreSQL) 17")),
+        "{printed}"
     );
 }

@@ -47,6 +47,16 @@ const CGROUP_CONTROLLERS: [&str; 10] = [
     "unified",
 ];
 
+/// Held from a kubelet's start until the kernel settings it changes are given back, so
+/// that what one node saves as the machine's own values is never another's (nodes of
+/// parallel tests start one kubelet at a time; the rest of their start overlaps).
+pub fn kubelet_start_lock() -> std::fs::File {
+    let lock =
+        std::fs::File::create(std::env::temp_dir().join("pgflip-kubelet-start.lock")).unwrap();
+    lock.lock().unwrap();
+    lock
+}
+
 /// The images scripts/setup-node.sh builds, imported into every node.
 const IMAGES: [&str; 3] = ["pause.tar", "coredns.tar", "postgres.tar"];
 
@@ -294,17 +304,19 @@ impl RealNode {
         };
         let kubeconfig = cluster.node_kubeconfig();
         let proxy_kubeconfig = cluster.kube_proxy_kubeconfig();
-        let mut node = tokio::task::spawn_blocking(move || {
+        let (mut node, kubelet_starting) = tokio::task::spawn_blocking(move || {
             node.start_containerd(&images);
+            let lock = kubelet_start_lock();
             node.start_kubelet(&kubelet_bin, &kubeconfig);
             node.start_kube_proxy(&kubelet_bin.with_file_name("kube-proxy"), &proxy_kubeconfig);
-            node
+            (node, lock)
         })
         .await
         .unwrap();
         node.wait_ready(cluster).await;
         // The kubelet has set its kernel settings by now: give the machine its own back.
         node.restore_kernel_settings();
+        drop(kubelet_starting);
         node.start_cluster_dns(cluster, &coredns_version).await;
         node.provisioner = tokio::spawn(provision_volumes(
             cluster.client(),
@@ -738,6 +750,15 @@ spec:
         &self.network
     }
 
+    /// Loads an OCI archive (e.g. [`build_pgflip_image`]'s) into the node's containerd.
+    pub fn import_image(&self, archive: &Path) {
+        run(self
+            .ctr()
+            .args(["images", "import", "--no-unpack"])
+            .arg(archive))
+        .unwrap_or_else(|e| panic!("importing {}: {e}", archive.display()));
+    }
+
     /// SIGKILLs the main process of a container (`containerID` of its status, with or
     /// without the `containerd://` prefix), as a crash would.
     pub fn kill_container(&self, container_id: &str) {
@@ -971,4 +992,91 @@ async fn provision_volumes(client: kube::Client, root: PathBuf) {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// The name the tests give pgflip's image on the node.
+pub const PGFLIP_IMAGE: &str = "ghcr.io/pgflip/pgflip:test";
+
+/// pgflip's image, built as a user builds it — by buildah from the repository's
+/// `Dockerfile` — but offline: on the local `debian:bookworm-slim` (scripts/setup-node.sh),
+/// with Debian's packages, the `pgflip` binary given (stripped of its debug information)
+/// and the toolchain's PostgreSQL 17 client tools as the build context. Written to
+/// `out` as an OCI archive for [`RealNode::import_image`]. Builds of parallel tests take
+/// turns (buildah's store is shared, under the node cache, and keeps the layers that do
+/// not change).
+pub fn build_pgflip_image(pgflip: &Path, out: &Path) -> PathBuf {
+    let cache = node_cache_dir();
+    let store = cache.join("buildah");
+    std::fs::create_dir_all(&store).unwrap();
+    let lock = std::fs::File::create(store.join("lock")).unwrap();
+    lock.lock().unwrap();
+    let buildah = || {
+        let mut cmd = Command::new("buildah");
+        cmd.arg("--root")
+            .arg(store.join("root"))
+            .arg("--runroot")
+            .arg(store.join("run"));
+        cmd
+    };
+    let has_base = run(buildah().args(["images", "-q", "docker.io/library/debian:bookworm-slim"]))
+        .is_ok_and(|ids| !ids.trim().is_empty());
+    if !has_base {
+        let base = cache.join("images/debian.tar");
+        assert!(
+            base.is_file(),
+            "{} is missing: run scripts/setup-node.sh",
+            base.display()
+        );
+        run(buildah()
+            .arg("pull")
+            .arg(format!("oci-archive:{}", base.display())))
+        .unwrap_or_else(|e| panic!("loading the Debian base into buildah: {e}"));
+    }
+    let context = tempfile::Builder::new()
+        .prefix("pgflip-image-")
+        .tempdir()
+        .unwrap();
+    run(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(pgflip)
+        .arg(context.path().join("pgflip")))
+    .unwrap();
+    let (_, bin) = pgflip_engine::toolchain::Toolchain::discover_blocking()
+        .client_bin(17)
+        .expect("PostgreSQL 17's client tools in the toolchain (make setup)");
+    let install = std::fs::canonicalize(bin).unwrap();
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(install.parent().unwrap())
+        .arg(context.path().join("postgresql")))
+    .unwrap();
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
+    let t = Instant::now();
+    run(buildah()
+        .args(["bud", "--layers", "--pull-never", "--isolation", "chroot"])
+        .args(["--network", "host", "--quiet"])
+        .args(["--build-arg", "PGFLIP_FROM=context"])
+        .args(["--build-arg", "POSTGRES_CLIENT=context"])
+        .args([
+            "--build-arg",
+            "BASE_IMAGE=docker.io/library/debian:bookworm-slim",
+        ])
+        .arg("-f")
+        .arg(&dockerfile)
+        .args(["-t", PGFLIP_IMAGE])
+        .arg(context.path()))
+    .unwrap_or_else(|e| panic!("buildah bud of {}: {e}", dockerfile.display()));
+    let archive = out.join("pgflip-image.tar");
+    run(buildah()
+        .arg("push")
+        .arg(PGFLIP_IMAGE)
+        .arg(format!("oci-archive:{}:{PGFLIP_IMAGE}", archive.display())))
+    .unwrap_or_else(|e| panic!("exporting pgflip's image: {e}"));
+    // Earlier builds' images, untagged by this one.
+    let _ = run(buildah().args(["rmi", "--prune"]));
+    eprintln!(
+        "pgflip's image built from the Dockerfile in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    archive
 }
