@@ -102,10 +102,12 @@ python3 scripts/oci-image.py "$images/debian.tar.tmp" docker.io/library/debian:b
   "$work/debian-root.tar" >/dev/null
 mv "$images/debian.tar.tmp" "$images/debian.tar"
 
-# The Debian root every PostgreSQL image shares (one layer): Essential packages only (sh,
-# coreutils, util-linux's setpriv, sed), and the postgres user the official images have.
+# The Debian root every PostgreSQL image shares (one layer): Essential packages (sh,
+# coreutils, util-linux's setpriv, sed), the time zone data the servers read (built with
+# the system's, as the official images are: without it no session can set TimeZone), and
+# the postgres user the official images have.
 log "mmdebstrap bookworm (the images' Debian root)"
-mmdebstrap --quiet --variant=essential \
+mmdebstrap --quiet --variant=essential --include=tzdata \
   --customize-hook='echo "postgres:x:999:999:PostgreSQL:/var/lib/postgresql:/bin/sh" >> "$1/etc/passwd"' \
   --customize-hook='echo "postgres:x:999:" >> "$1/etc/group"' \
   --customize-hook='mkdir -p "$1/var/lib/postgresql" "$1/var/run/postgresql" && chown 999:999 "$1/var/lib/postgresql" "$1/var/run/postgresql"' \

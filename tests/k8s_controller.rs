@@ -1,10 +1,12 @@
 //! Kubernetes mode end to end, against a real kube-apiserver, kube-controller-manager and
-//! etcd (tests/common/kube.rs), with a node agent standing in for the kubelet that runs
-//! real PostgreSQL servers and the real endpoint process (tests/common/node_agent.rs).
-//! The test plays Flux: it applies the object as kustomize-controller would, then reports
-//! the revision on the Kustomization's status.
-//!
-//! There is no kube-proxy: the test reaches the endpoint Service at its pod's address.
+//! etcd (tests/common/kube.rs). `an_object_without_flux_switches_on_each_generation` runs
+//! on a real node (tests/common/real_node.rs: kubelet, containerd, the PostgreSQL images
+//! and pgflip's image built from the Dockerfile); the others still on the node agent
+//! standing in for the kubelet (tests/common/node_agent.rs), which runs real PostgreSQL
+//! servers and the real endpoint process on loopback. The controller runs on the machine,
+//! as its ServiceAccount, and reaches pods at their IPs. The Flux test plays Flux: it
+//! applies the object as kustomize-controller would, then reports the revision on the
+//! Kustomization's status.
 
 mod common;
 
@@ -13,6 +15,7 @@ use common::database::{
 };
 use common::kube::Cluster;
 use common::node_agent::NodeAgent;
+use common::real_node::{NodeNetwork, PGFLIP_IMAGE, RealNode, build_pgflip_image};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -619,15 +622,25 @@ fn first_log(cluster: &Cluster) -> String {
 }
 
 /// An object no Kustomization manages: every generation is its own revision, and the
-/// status names none.
+/// status names none. On a real node: the servers run from the PostgreSQL images, the
+/// endpoint from pgflip's image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_without_flux_switches_on_each_generation() {
-    let cluster = Cluster::start().await;
+    let network = NodeNetwork::create();
+    let cluster = Cluster::start_for(&network).await;
     let client = cluster.client();
     cluster.create_namespace(NS).await;
     cluster.install_controller_rbac().await;
-    let _agent = NodeAgent::start(&cluster, NS).await;
-    let _controller = Controller::start(&cluster, "first", None);
+    let node = RealNode::start(&cluster, network).await;
+    let out = cluster.dir().to_path_buf();
+    let image = tokio::task::spawn_blocking(move || {
+        build_pgflip_image(std::path::Path::new(env!("CARGO_BIN_EXE_pgflip")), &out)
+    })
+    .await
+    .unwrap();
+    node.import_image(&image);
+    let _controller =
+        Controller::start_with(&cluster, "first", None, &["--endpoint-image", PGFLIP_IMAGE]);
     let logs = || first_log(&cluster);
     let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
     let apply = async |version: &str| apply_by_hand(&objects, document(version)).await;
