@@ -243,10 +243,11 @@ async fn pause_blocked_by_an_open_transaction_times_out_and_resumes() {
         .simple_query("BEGIN; INSERT INTO pgflip_ledger (client, seq) VALUES (-1, 1)")
         .await
         .unwrap();
-    // Long enough to outlast the checks below on a loaded machine (CI ran this at 2 s
-    // while other tests compiled, and the commit came first).
+    // Open until the checks below are done (a timer here once ran out first on a loaded
+    // machine): the transaction is open throughout by construction.
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
     let commit = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        let _ = released.await;
         holder.simple_query("COMMIT").await.map(|_| ())
     });
 
@@ -274,7 +275,7 @@ async fn pause_blocked_by_an_open_transaction_times_out_and_resumes() {
         "new client served {:?} after the failed pause",
         probe.elapsed()
     );
-    assert!(!commit.is_finished());
+    release.send(()).unwrap();
     commit.await.unwrap().unwrap();
 
     // The router recovers: a pause now succeeds, and RESUME is idempotent.
