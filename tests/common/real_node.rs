@@ -1,7 +1,9 @@
 //! A real Kubernetes node for the Kubernetes-mode tests: Debian's containerd and runc with
-//! the CNI bridge, and a real kubelet (v1.34, the newest that runs on these machines'
-//! cgroup v1), built by `scripts/setup-node.sh` with the images it runs (PostgreSQL 15–18
-//! on a Debian root, the pause image), imported into the node's own containerd.
+//! the CNI bridge, a real kubelet and kube-proxy (v1.34, the newest that runs on these
+//! machines' cgroup v1) and CoreDNS as a Deployment, built by `scripts/setup-node.sh` with
+//! the images the node runs (PostgreSQL 15–18 on a Debian root, CoreDNS, the pause image),
+//! imported into the node's own containerd; pgflip's image is built from the Dockerfile by
+//! [`build_pgflip_image`].
 //!
 //! The node lives in a network namespace of its own ([`NodeNetwork`]): a veth pair joins it
 //! to the machine (10.250.N.1 here, 10.250.N.2 there) and the machine routes the node's pod
@@ -16,8 +18,6 @@
 //! Everything is undone on Drop: containers, shims, containerd, kubelet, mounts, cgroups,
 //! the namespace, the route, and the kernel settings the kubelet changes for the whole
 //! machine (restored as soon as the node is Ready, and again at the end).
-//!
-//! Not yet on this node: the pgflip image.
 
 use super::kube::{Cluster, cache_dir as kube_cache_dir};
 use super::tail;
