@@ -249,38 +249,32 @@ impl RealNode {
     pub async fn start(cluster: &Cluster, network: NodeNetwork) -> RealNode {
         let started = Instant::now();
         let cache = node_cache_dir();
-        let kubelet_bin = std::fs::read_dir(&cache)
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin/kubelet"))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| {
-                panic!(
-                    "no kubelet under {}: run scripts/setup-node.sh",
-                    cache.display()
-                )
-            });
+        // The node cache holds k8s-<version>/bin/{kubelet,kube-proxy} and coredns-<version>/.
+        let built = |what: &str, pick: &dyn Fn(&std::fs::DirEntry) -> Option<PathBuf>| {
+            std::fs::read_dir(&cache)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .find_map(|e| pick(&e))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "no {what} under {}: run scripts/setup-node.sh",
+                        cache.display()
+                    )
+                })
+        };
+        let kubelet_bin = built("kubelet", &|e| {
+            Some(e.path().join("bin/kubelet")).filter(|p| p.is_file())
+        });
+        let coredns_version = built("CoreDNS", &|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("coredns-")
+                .map(PathBuf::from)
+        })
+        .display()
+        .to_string();
         let images = cache.join("images");
-        let coredns_version = std::fs::read_dir(&cache)
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix("coredns-")
-                    .map(str::to_string)
-            })
-            .next()
-            .unwrap_or_else(|| {
-                panic!(
-                    "no CoreDNS under {}: run scripts/setup-node.sh",
-                    cache.display()
-                )
-            });
         for image in IMAGES {
             assert!(
                 images.join(image).is_file(),
