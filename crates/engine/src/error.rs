@@ -87,6 +87,13 @@ pub enum EngineError {
         times: u32,
         last: Box<EngineError>,
     },
+    /// A link's initial copy could not finish by itself and was started over (a retry).
+    #[error("the initial copy of database {database} on {target} started over: {why}")]
+    CopyStartedOver {
+        target: Member,
+        database: String,
+        why: String,
+    },
     /// An adapter waits for something that is not there yet (a pod starting): no failure.
     #[error("waiting: {0:#}")]
     NotReady(anyhow::Error),
@@ -124,6 +131,7 @@ impl EngineError {
             | EngineError::PauseGaveUp { .. }
             | EngineError::RetriesExhausted { .. } => true,
             EngineError::PauseAborted { .. }
+            | EngineError::CopyStartedOver { .. }
             | EngineError::NotReady(_)
             | EngineError::Postgres(_)
             | EngineError::Other(_) => false,
@@ -149,6 +157,7 @@ impl EngineError {
             EngineError::PauseAborted { .. } => "pause_aborted",
             EngineError::PauseGaveUp { .. } => "pause_gave_up",
             EngineError::RetriesExhausted { .. } => "retries_exhausted",
+            EngineError::CopyStartedOver { .. } => "copy_started_over",
             EngineError::NotReady(_) => "not_ready",
             EngineError::Postgres(_) => "postgres",
             EngineError::Other(_) => "other",

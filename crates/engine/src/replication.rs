@@ -13,7 +13,9 @@ use tokio_postgres::Client;
 
 mod initial_copy;
 
-pub use initial_copy::{TableCopy, copied_of, copy_bytes, sync_progress};
+pub use initial_copy::{
+    TableCopy, copied_of, copy_bytes, lost_table_copies, restart_copy, sync_progress,
+};
 
 /// Server settings every instance starts with, in both run modes: logical replication
 /// from the first start, so the serving color never needs a restart for a switch.

@@ -1,6 +1,10 @@
 //! How far the initial copy of a link has got: tables ready, and bytes copied of the
 //! published tables' size.
 
+use super::{Start, drop_slot, drop_subscription, ensure_subscription};
+use crate::pg::ident;
+use crate::ports::{Addr, Credentials};
+use std::time::Duration;
 use tokio_postgres::Client;
 
 /// Initial-sync progress on the target: (tables ready, tables in the subscription).
@@ -62,6 +66,99 @@ pub async fn copy_bytes(
         })
         .collect();
     Ok(copied_of(&sizes, &copying))
+}
+
+/// Tables of the link `name` whose copy PostgreSQL can no longer finish: the table-sync
+/// worker recorded the copy as finished (`f`), then dropped its slot on the source and
+/// was killed before it recorded the next state (the subscription commits
+/// asynchronously, and the slot is dropped before that commit). Restarted, the worker
+/// looks for the slot and fails every few seconds for ever. The sync worker drops the
+/// slot and commits right after, so a table seen this way once may be passing through:
+/// it counts as lost only when it is seen so on two looks `settle` apart.
+pub async fn lost_table_copies(
+    source: &Client,
+    target: &Client,
+    name: &str,
+    settle: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let mut lost = finished_without_slot(source, target, name).await?;
+    if !lost.is_empty() {
+        tokio::time::sleep(settle).await;
+        let again = finished_without_slot(source, target, name).await?;
+        lost.retain(|table| again.contains(table));
+    }
+    Ok(lost)
+}
+
+async fn finished_without_slot(
+    source: &Client,
+    target: &Client,
+    name: &str,
+) -> anyhow::Result<Vec<String>> {
+    // The sync slot's name is `pg_<subscription>_sync_<table>_<subscriber's system id>`
+    // (PostgreSQL's ReplicationSlotNameForTablesync); matching its prefix spares reading
+    // the system id, which needs more than the replication privileges.
+    let finished = target
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname), 'pg_' || s.oid || '_sync_' || r.srrelid || '_'
+               FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
+               JOIN pg_class c ON c.oid = r.srrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE s.subname = $1 AND r.srsubstate = 'f'
+                AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[&name],
+        )
+        .await?;
+    let mut lost = Vec::new();
+    for row in finished {
+        let prefix: String = row.get(1);
+        let has_slot: bool = source
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE starts_with(slot_name::text, $1))",
+                &[&prefix],
+            )
+            .await?
+            .get(0);
+        if !has_slot {
+            lost.push(row.get(0));
+        }
+    }
+    Ok(lost)
+}
+
+/// Starts the initial copy of the link `name` over: the subscription disabled, the
+/// target's copies of the published tables emptied, the subscription and its slot on the
+/// source dropped, and a new subscription made that copies everything again. Safe to
+/// repeat from any point it stopped at: the tables are emptied before any new copy.
+pub async fn restart_copy(
+    source: &Client,
+    target: &Client,
+    name: &str,
+    source_addr: &Addr,
+    creds: &Credentials,
+    db: &str,
+) -> anyhow::Result<()> {
+    super::set_subscription_enabled(target, name, false).await?;
+    let published = source
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await?;
+    if !published.is_empty() {
+        let tables: Vec<String> = published
+            .iter()
+            .map(|r| format!("{}.{}", ident(r.get(0)), ident(r.get(1))))
+            .collect();
+        // CASCADE: a table the target holds only as a copy may be referenced by one
+        // left behind (an unlogged table), which is empty there anyway.
+        target
+            .batch_execute(&format!("TRUNCATE {} CASCADE", tables.join(", ")))
+            .await?;
+    }
+    drop_subscription(target, name).await?;
+    drop_slot(source, name).await?;
+    ensure_subscription(target, name, source_addr, creds, db, Start::CopyAll).await
 }
 
 /// One table of a subscription as the target sees it.
