@@ -1,12 +1,10 @@
 //! Kubernetes mode end to end, against a real kube-apiserver, kube-controller-manager and
-//! etcd (tests/common/kube.rs). `an_object_without_flux_switches_on_each_generation` runs
-//! on a real node (tests/common/real_node.rs: kubelet, containerd, the PostgreSQL images
-//! and pgflip's image built from the Dockerfile); the others still on the node agent
-//! standing in for the kubelet (tests/common/node_agent.rs), which runs real PostgreSQL
-//! servers and the real endpoint process on loopback. The controller runs on the machine,
-//! as its ServiceAccount, and reaches pods at their IPs. The Flux test plays Flux: it
-//! applies the object as kustomize-controller would, then reports the revision on the
-//! Kustomization's status.
+//! etcd (tests/common/kube.rs) and a real node (tests/common/real_node.rs: kubelet,
+//! containerd, kube-proxy, CoreDNS, the PostgreSQL images and pgflip's image built from the
+//! Dockerfile). The controller runs on the machine, as its ServiceAccount, and reaches pods
+//! at their IPs; the servers reach each other by their Services' DNS names. The Flux test
+//! plays Flux: it applies the object as kustomize-controller would, then reports the
+//! revision on the Kustomization's status.
 
 mod common;
 
@@ -14,7 +12,6 @@ use common::database::{
     admin, condition, endpoint, first_value, is_ready_at, other_console_sessions, server_version,
 };
 use common::kube::Cluster;
-use common::node_agent::NodeAgent;
 use common::real_node::{NodeNetwork, PGFLIP_IMAGE, RealNode, build_pgflip_image};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
@@ -158,6 +155,7 @@ impl Controller {
             .env("KUBECONFIG", cluster.controller_kubeconfig())
             .env("RUST_LOG", "info,pgflip=debug,kube=warn")
             .env("RUST_BACKTRACE", "0")
+            .args(["--endpoint-image", PGFLIP_IMAGE])
             .args(extra)
             .env("PGFLIP_FORGE_TOKEN", "forge-t0ken")
             .env_remove("PGFLIP_FAILPOINT")
@@ -230,12 +228,26 @@ async fn wait_for<T>(
     }
 }
 
+/// The real node for `cluster`, with pgflip's image (built from the Dockerfile) on it.
+async fn node_with_pgflip(cluster: &Cluster, network: NodeNetwork) -> RealNode {
+    let node = RealNode::start(cluster, network).await;
+    let out = cluster.dir().to_path_buf();
+    let image = tokio::task::spawn_blocking(move || {
+        build_pgflip_image(std::path::Path::new(env!("CARGO_BIN_EXE_pgflip")), &out)
+    })
+    .await
+    .unwrap();
+    node.import_image(&image);
+    node
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flux_driven_switch_revert_takeover_and_bad_spec() {
-    let cluster = Cluster::start().await;
+    let network = NodeNetwork::create();
+    let cluster = Cluster::start_for(&network).await;
     let client = cluster.client();
     cluster.create_namespace(NS).await;
-    let _agent = NodeAgent::start(&cluster, NS).await;
+    let node = node_with_pgflip(&cluster, network).await;
     let flux = Flux::new(&client).await;
     cluster.install_controller_rbac().await;
     let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
@@ -573,7 +585,7 @@ async fn flux_driven_switch_revert_takeover_and_bad_spec() {
     // state ConfigMap, the events and the forge's statuses.
     let mut readable = String::new();
     let mut logs_read = 0;
-    let mut dirs = vec![cluster.dir().to_path_buf()];
+    let mut dirs = vec![cluster.dir().to_path_buf(), node.pod_logs()];
     while let Some(dir) = dirs.pop() {
         for e in std::fs::read_dir(&dir).unwrap().flatten() {
             let path = e.path();
@@ -631,16 +643,8 @@ async fn an_object_without_flux_switches_on_each_generation() {
     let client = cluster.client();
     cluster.create_namespace(NS).await;
     cluster.install_controller_rbac().await;
-    let node = RealNode::start(&cluster, network).await;
-    let out = cluster.dir().to_path_buf();
-    let image = tokio::task::spawn_blocking(move || {
-        build_pgflip_image(std::path::Path::new(env!("CARGO_BIN_EXE_pgflip")), &out)
-    })
-    .await
-    .unwrap();
-    node.import_image(&image);
-    let _controller =
-        Controller::start_with(&cluster, "first", None, &["--endpoint-image", PGFLIP_IMAGE]);
+    let _node = node_with_pgflip(&cluster, network).await;
+    let _controller = Controller::start(&cluster, "first", None);
     let logs = || first_log(&cluster);
     let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
     let apply = async |version: &str| apply_by_hand(&objects, document(version)).await;
@@ -836,14 +840,17 @@ fn user_statefulset(major: u32) -> serde_json::Value {
 
 /// PostgreSQL the test deploys itself (its own StatefulSets, not pgflip's), adopted with
 /// the superuser password read from its Secret, switched under load onto the second one,
-/// and back. (No Service DNS without a real node: the servers are named by pod address.)
+/// and back. The servers are named by pod address: the controller runs on the machine,
+/// outside the cluster's DNS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_the_team_runs_are_adopted_switched_and_reverted() {
-    let cluster = Cluster::start().await;
+    let network = NodeNetwork::create();
+    let cluster = Cluster::start_for(&network).await;
     let client = cluster.client();
     cluster.create_namespace(NS).await;
     cluster.install_controller_rbac().await;
-    let agent = NodeAgent::start(&cluster, NS).await;
+    let _node = node_with_pgflip(&cluster, network).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let password = pgflip_engine::random::token(16);
     cluster
         .create_password_secret(NS, "user-pg", &password)
@@ -869,7 +876,7 @@ async fn servers_the_team_runs_are_adopted_switched_and_reverted() {
             Duration::from_secs(120),
             &no_logs,
             async || {
-                let host = agent.pod_ip(&pod)?;
+                let host = pods.get(&pod).await.ok()?.status?.pod_ip?;
                 let addr = pgflip_engine::ports::Addr { host, port: 5432 };
                 pgflip_engine::pg::connect(&addr, &superuser, "postgres")
                     .await

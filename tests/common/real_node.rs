@@ -745,6 +745,11 @@ spec:
     }
 
     /// Loads an OCI archive (e.g. [`build_pgflip_image`]'s) into the node's containerd.
+    /// Where the kubelet writes the containers' logs.
+    pub fn pod_logs(&self) -> PathBuf {
+        self.path("pod-logs")
+    }
+
     pub fn import_image(&self, archive: &Path) {
         run(self
             .ctr()

@@ -99,6 +99,19 @@ pub trait Instances: Send + Sync {
         member: &Member,
         desired: &Desired,
     ) -> impl Future<Output = Result<Addr>> + Send;
+    /// Where the other servers reach `member`, which pgflip reaches at `addr`: the host
+    /// in a subscription's connection string. A name that outlives the server's restarts
+    /// where there is one (a Kubernetes Service: a pod comes back with a new IP, and a
+    /// link made to the old one would never reconnect), else `addr` itself.
+    fn peer_addr(
+        &self,
+        _member: &Member,
+        _desired: &Desired,
+        addr: &Addr,
+    ) -> impl Future<Output = Result<Addr>> + Send {
+        let addr = addr.clone();
+        async move { Ok(addr) }
+    }
     /// Where an existing instance listens, without creating or starting anything.
     fn addr(
         &self,

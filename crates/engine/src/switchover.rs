@@ -304,8 +304,9 @@ pub async fn recover<R: Router, J: Journal>(
 }
 
 /// After the switch, outside the pause: the source (now the standby) subscribes to the
-/// reverse slot, and the forward link is dropped on both sides.
-pub async fn start_reverse_replication(s: &Sides<'_>) -> anyhow::Result<()> {
+/// reverse slot, reaching the target at `target_peer` (its name for the other servers),
+/// and the forward link is dropped on both sides.
+pub async fn start_reverse_replication(s: &Sides<'_>, target_peer: &Addr) -> anyhow::Result<()> {
     let pairs = open_pairs(s).await?;
     for p in &pairs {
         let forward = link_name(s.from.color, s.to.color, &p.db);
@@ -316,7 +317,7 @@ pub async fn start_reverse_replication(s: &Sides<'_>) -> anyhow::Result<()> {
         repl::ensure_subscription(
             &p.source,
             &reverse,
-            s.target,
+            target_peer,
             s.admin,
             &p.db,
             repl::Start::FromExistingSlot,

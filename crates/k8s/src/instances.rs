@@ -1,6 +1,9 @@
 //! Kubernetes mode's instances: one StatefulSet (one pod, one volume claim) and one
 //! headless Service per color, built by [`super::objects`]. The engine reaches a server at
-//! its pod's IP; the pod is found by its StatefulSet's name (`<db>-<color>-0`).
+//! its pod's IP (the pod is found by its StatefulSet's name, `<db>-<color>-0`), looked up
+//! afresh at every step; the servers reach each other by the Service's DNS name
+//! (`<db>-<color>.<namespace>.svc`), so a replication link outlives a pod that comes back
+//! with a new IP.
 //!
 //! An existing StatefulSet is never moved to another major: changing the image under
 //! existing data would start the wrong server on it. The engine removes a color before it
@@ -187,6 +190,15 @@ impl Instances for KubeInstances {
         apply(&self.api::<Service>(), &service).await?;
         apply(&self.api::<StatefulSet>(), &sts).await?;
         self.ready_addr(member).await
+    }
+
+    async fn peer_addr(&self, member: &Member, _desired: &Desired, _addr: &Addr) -> Result<Addr> {
+        // Resolved in the other server's pod, through the cluster's DNS search path (so
+        // whatever the cluster domain is).
+        Ok(Addr {
+            host: format!("{}.{}.svc", self.name(member), self.namespace),
+            port: PORT as u16,
+        })
     }
 
     async fn addr(&self, member: &Member, _desired: &Desired) -> Result<Option<Addr>> {

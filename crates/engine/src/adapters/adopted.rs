@@ -317,6 +317,14 @@ impl<I: Instances, P: Passwords> Instances for Adopting<I, P> {
         }
     }
 
+    /// A server the user runs is reached by the others where the user said it is.
+    async fn peer_addr(&self, member: &Member, desired: &Desired, addr: &Addr) -> Result<Addr> {
+        match self.find(member.major, desired).await? {
+            Some(_) => Ok(addr.clone()),
+            None => self.inner.peer_addr(member, desired, addr).await,
+        }
+    }
+
     async fn is_up(&self, member: &Member, desired: &Desired) -> Result<bool> {
         match self.find(member.major, desired).await? {
             Some(_) => Ok(true),

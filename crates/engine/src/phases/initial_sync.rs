@@ -26,7 +26,8 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
         let tgt = cx.connect(&target, db).await?;
         let src = cx.connect(&cx.source, db).await?;
         if let Some(why) = why_start_over(cx, &src, &tgt, &name).await? {
-            repl::restart_copy(&src, &tgt, &name, &cx.source, cx.admin(), db).await?;
+            let source_peer = cx.peer(&cx.attempt.from, &cx.source).await?;
+            repl::restart_copy(&src, &tgt, &name, &source_peer, cx.admin(), db).await?;
             return Err(EngineError::CopyStartedOver {
                 target: cx.attempt.to,
                 database: db.clone(),

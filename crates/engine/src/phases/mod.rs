@@ -125,6 +125,15 @@ impl<I: Instances, R: Router> Ctx<'_, I, R> {
         }
     }
 
+    /// Where the other servers reach `member`, which pgflip reaches at `addr`.
+    async fn peer(&self, member: &Member, addr: &Addr) -> EngineResult<Addr> {
+        Ok(self
+            .parts
+            .instances
+            .peer_addr(member, self.desired, addr)
+            .await?)
+    }
+
     async fn connect(&self, addr: &Addr, db: &str) -> EngineResult<Client> {
         Ok(connect(addr, self.admin(), db).await?)
     }

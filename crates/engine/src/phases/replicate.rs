@@ -12,6 +12,7 @@ use anyhow::Context;
 
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     let target = cx.target().await?;
+    let source_peer = cx.peer(&cx.attempt.from, &cx.source).await?;
     for db in &cx.desired.databases {
         let name = cx.forward(db);
         let src = cx.connect(&cx.source, db).await?;
@@ -23,7 +24,7 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
         } else {
             repl::Start::CopyAll
         };
-        repl::ensure_subscription(&tgt, &name, &cx.source, cx.admin(), db, start).await?;
+        repl::ensure_subscription(&tgt, &name, &source_peer, cx.admin(), db, start).await?;
     }
     Ok(Stepped::Done(Learned::Nothing))
 }
