@@ -9,7 +9,8 @@
 mod common;
 
 use common::database::{
-    admin, condition, endpoint, first_value, is_ready_at, other_console_sessions, server_version,
+    admin, condition, endpoint, endpoint_service, first_value, is_ready_at, other_console_sessions,
+    server_version,
 };
 use common::kube::Cluster;
 use common::real_node::{NodeNetwork, PGFLIP_IMAGE, RealNode, build_pgflip_image};
@@ -805,6 +806,194 @@ async fn an_object_without_flux_switches_on_each_generation() {
         switched_about.contains(&new_uid),
         "the new object's switch is an event about it: {switched_about:?} (new {new_uid})"
     );
+}
+
+/// Pods come back with new IPs and nothing is lost: with the switch to 17 stopped right
+/// before its pause (the controller killed there, as a node failure would), blue's pod and
+/// the endpoint's pod are deleted; the forward link, which names blue by its Service,
+/// resumes; a second controller completes the switch. Then, in reverse sync, the serving
+/// pod (green) is deleted: the endpoint finds it again by name, the reverse link resumes,
+/// and the switch back to 16 carries every acknowledged commit. Clients use the endpoint's
+/// Service, as in a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_deleted_mid_switch_and_in_reverse_sync_come_back_by_name() {
+    let network = NodeNetwork::create();
+    let cluster = Cluster::start_for(&network).await;
+    let client = cluster.client();
+    cluster.create_namespace(NS).await;
+    cluster.install_controller_rbac().await;
+    let _node = node_with_pgflip(&cluster, network).await;
+    let mut first = Controller::start(&cluster, "first", Some("switchover:before-pause"));
+    let logs = || {
+        ["first", "second"]
+            .iter()
+            .map(|n| {
+                let path = cluster.dir().join(format!("controller-{n}.log"));
+                let log = std::fs::read_to_string(path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                format!(
+                    "--- {n} ---\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
+    let apply = async |version: &str| apply_by_hand(&objects, document(version)).await;
+    apply("16").await;
+    let object = wait_ready_at(
+        &objects,
+        "16",
+        "bootstrap at 16",
+        Duration::from_secs(180),
+        &logs,
+    )
+    .await;
+    let blue = object.status.unwrap().active_color.unwrap();
+    let green = if blue == "blue" { "green" } else { "blue" };
+    let creds = admin(&client, NS, DB).await;
+    let service = endpoint_service(&client, NS, DB)
+        .await
+        .expect("the endpoint's Service");
+    // kube-proxy programs a new Service's rules within a second or so.
+    wait_for(
+        "the endpoint's Service answering",
+        Duration::from_secs(30),
+        &logs,
+        async || {
+            pgflip_engine::pg::connect(&service, &creds, "app")
+                .await
+                .ok()
+        },
+    )
+    .await;
+    load::prepare(&service, &creds, "app").await.unwrap();
+    let writes = load::start(LoadConfig {
+        endpoint: service.clone(),
+        creds: creds.clone(),
+        database: "app".into(),
+        clients: 2,
+        rate_per_sec: Some(100),
+    });
+
+    apply("17").await;
+    let waited = tokio::task::spawn_blocking(move || first.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        waited.signal(),
+        Some(9),
+        "the controller died before the pause"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let ready_ip = async |name: &str| -> Option<String> {
+        pgflip_k8s::api::ready_pod_ip(&pods.get(name).await.ok()?)
+    };
+    // The forward link names blue by its Service, not by its pod's address.
+    let green_pod = format!("{DB}-{green}-0");
+    let green_ip = ready_ip(&green_pod).await.expect("green runs");
+    let green_addr = pgflip_engine::ports::Addr {
+        host: green_ip.clone(),
+        port: 5432,
+    };
+    let link = first_value(
+        &green_addr,
+        &creds,
+        "app",
+        "SELECT subconninfo FROM pg_subscription",
+    )
+    .await;
+    assert!(
+        link.contains(&format!("host='{DB}-{blue}.{NS}.svc'")),
+        "the forward link does not name blue's Service: {}",
+        link.split("password").next().unwrap()
+    );
+    let endpoint_pod = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=endpoint"))
+        .await
+        .unwrap()
+        .items
+        .remove(0)
+        .metadata
+        .name
+        .unwrap();
+    let blue_pod = format!("{DB}-{blue}-0");
+    let blue_ip = ready_ip(&blue_pod).await.expect("blue runs");
+    for pod in [&blue_pod, &endpoint_pod] {
+        pods.delete(pod, &Default::default()).await.unwrap();
+    }
+    let new_blue_ip = wait_for(
+        "blue's pod back on a new address",
+        Duration::from_secs(120),
+        &logs,
+        async || ready_ip(&blue_pod).await.filter(|ip| *ip != blue_ip),
+    )
+    .await;
+    eprintln!("blue's pod: {blue_ip} → {new_blue_ip}");
+    let _second = Controller::start(&cluster, "second", None);
+    wait_ready_at(
+        &objects,
+        "17",
+        "the switch to 17 after the pods came back",
+        Duration::from_secs(240),
+        &logs,
+    )
+    .await;
+
+    // In reverse sync: the serving pod goes.
+    pods.delete(&green_pod, &Default::default()).await.unwrap();
+    let new_green_ip = wait_for(
+        "green's pod back on a new address",
+        Duration::from_secs(120),
+        &logs,
+        async || ready_ip(&green_pod).await.filter(|ip| *ip != green_ip),
+    )
+    .await;
+    eprintln!("green's pod: {green_ip} → {new_green_ip}");
+    // Clients get through the endpoint to the serving server at its new address.
+    wait_for(
+        "clients served by green again",
+        Duration::from_secs(60),
+        &logs,
+        async || {
+            let c = pgflip_engine::pg::connect(&service, &creds, "app")
+                .await
+                .ok()?;
+            let row = c
+                .query_one("SELECT host(inet_server_addr())", &[])
+                .await
+                .ok()?;
+            (row.get::<_, String>(0) == new_green_ip).then_some(())
+        },
+    )
+    .await;
+    apply("16").await;
+    wait_ready_at(
+        &objects,
+        "16",
+        "the switch back to 16",
+        Duration::from_secs(240),
+        &logs,
+    )
+    .await;
+    let report = writes.stop().await;
+    eprintln!(
+        "{} commits, {} failed while pods were deleted",
+        report.committed, report.failed
+    );
+    assert!(report.committed > 100, "the load ran: {report:?}");
+    assert_eq!(
+        load::lost_commits(&report, &service, &creds, "app")
+            .await
+            .unwrap(),
+        0,
+        "every acknowledged commit is on 16 after the round trip"
+    );
+    let version = server_version(&service, &creds, "app").await;
+    assert!(version.starts_with("16"), "the endpoint serves {version}");
 }
 
 /// A StatefulSet of PostgreSQL `major` that the test deploys itself, as a team would (an

@@ -39,6 +39,18 @@ pub async fn endpoint(client: &kube::Client, namespace: &str) -> Option<Addr> {
         .map(|host| Addr { host, port: 5432 })
 }
 
+/// The endpoint's Service (its ClusterIP, which kube-proxy sends to the endpoint pod of
+/// the moment), as clients in the cluster reach it.
+pub async fn endpoint_service(client: &kube::Client, namespace: &str, name: &str) -> Option<Addr> {
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), namespace);
+    let spec = services.get(name).await.ok()?.spec?;
+    Some(Addr {
+        host: spec.cluster_ip?,
+        port: u16::try_from(spec.ports?.first()?.port).ok()?,
+    })
+}
+
 /// pgflip's admin login for database `name`, from the Secret the controller created.
 pub async fn admin(client: &kube::Client, namespace: &str, name: &str) -> Credentials {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);

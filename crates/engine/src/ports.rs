@@ -99,10 +99,11 @@ pub trait Instances: Send + Sync {
         member: &Member,
         desired: &Desired,
     ) -> impl Future<Output = Result<Addr>> + Send;
-    /// Where the other servers reach `member`, which pgflip reaches at `addr`: the host
-    /// in a subscription's connection string. A name that outlives the server's restarts
-    /// where there is one (a Kubernetes Service: a pod comes back with a new IP, and a
-    /// link made to the old one would never reconnect), else `addr` itself.
+    /// Where the other servers and the endpoint reach `member`, which pgflip reaches at
+    /// `addr`: the host in a subscription's connection string and in the endpoint's
+    /// configuration. A name that outlives the server's restarts where there is one (a
+    /// Kubernetes Service: a pod comes back with a new IP, and a link or an endpoint
+    /// pointed at the old one would never reconnect), else `addr` itself.
     fn peer_addr(
         &self,
         _member: &Member,

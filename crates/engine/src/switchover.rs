@@ -52,6 +52,10 @@ pub struct Sides<'a> {
     pub to: Member,
     pub source: &'a Addr,
     pub target: &'a Addr,
+    /// Where the endpoint and the source reach the target ([`Instances::peer_addr`]).
+    ///
+    /// [`Instances::peer_addr`]: crate::ports::Instances::peer_addr
+    pub target_peer: &'a Addr,
     pub admin: &'a Credentials,
     /// The carried databases, the pause's bound, the endpoint's configuration.
     pub desired: &'a Desired,
@@ -166,7 +170,7 @@ pub async fn run<R: Router, J: Journal>(
     let t = Instant::now();
     set_step(journal, record, Some(SwitchStep::Repointing)).await?;
     failpoint::hit("switchover:repointing");
-    router.repoint(s.desired, s.target).await?;
+    router.repoint(s.desired, s.target_peer).await?;
     router.resume().await?;
     m.repoint_resume_ms = ms(t.elapsed());
     m.pause_ms = ms(started.elapsed());
@@ -294,7 +298,7 @@ pub async fn recover<R: Router, J: Journal>(
         }
         Some(SwitchStep::Repointing) => {
             // Sequences were synced and the source fenced before this step was recorded.
-            router.repoint(s.desired, s.target).await?;
+            router.repoint(s.desired, s.target_peer).await?;
             router.resume().await?;
             record.serving = Some(s.to);
             set_step(journal, record, None).await?;
@@ -304,9 +308,8 @@ pub async fn recover<R: Router, J: Journal>(
 }
 
 /// After the switch, outside the pause: the source (now the standby) subscribes to the
-/// reverse slot, reaching the target at `target_peer` (its name for the other servers),
-/// and the forward link is dropped on both sides.
-pub async fn start_reverse_replication(s: &Sides<'_>, target_peer: &Addr) -> anyhow::Result<()> {
+/// reverse slot, and the forward link is dropped on both sides.
+pub async fn start_reverse_replication(s: &Sides<'_>) -> anyhow::Result<()> {
     let pairs = open_pairs(s).await?;
     for p in &pairs {
         let forward = link_name(s.from.color, s.to.color, &p.db);
@@ -317,7 +320,7 @@ pub async fn start_reverse_replication(s: &Sides<'_>, target_peer: &Addr) -> any
         repl::ensure_subscription(
             &p.source,
             &reverse,
-            target_peer,
+            s.target_peer,
             s.admin,
             &p.db,
             repl::Start::FromExistingSlot,

@@ -328,7 +328,11 @@ pub fn render_ini(
          ; natively. `options` is not ignored: dropping a client's settings silently is worse.\n\
          ignore_startup_parameters = extra_float_digits\n\
          ; Retry a failed server login after 1 s, not 15 s: a switchover waits on it.\n\
-         server_login_retry = 1\n",
+         server_login_retry = 1\n\
+         ; A server named by a Kubernetes Service is looked up again after 1 s, not 15 s:\n\
+         ; a pod that came back with a new address is found at once.\n\
+         dns_max_ttl = 1\n\
+         dns_nxdomain_ttl = 1\n",
         port = config.listen_port,
     ));
     Ok(ini)

@@ -43,6 +43,7 @@ pub(super) async fn run<I: Instances, R: Router>(
         ensure_database(&admin, db).await?;
         repl::ensure_own_schema(&connect(&addr, &parts.admin, db).await?).await?;
     }
-    parts.router.ensure(desired, &addr).await?;
+    let endpoint_target = parts.instances.peer_addr(&member, desired, &addr).await?;
+    parts.router.ensure(desired, &endpoint_target).await?;
     Ok(member)
 }

@@ -125,7 +125,8 @@ impl<I: Instances, R: Router> Ctx<'_, I, R> {
         }
     }
 
-    /// Where the other servers reach `member`, which pgflip reaches at `addr`.
+    /// Where the other servers and the endpoint reach `member`, which pgflip reaches at
+    /// `addr`.
     async fn peer(&self, member: &Member, addr: &Addr) -> EngineResult<Addr> {
         Ok(self
             .parts
@@ -139,12 +140,13 @@ impl<I: Instances, R: Router> Ctx<'_, I, R> {
     }
 
     /// The two sides, as the switchover sequence takes them.
-    fn sides<'a>(&'a self, target: &'a Addr) -> Sides<'a> {
+    fn sides<'a>(&'a self, target: &'a Addr, target_peer: &'a Addr) -> Sides<'a> {
         Sides {
             from: self.attempt.from,
             to: self.attempt.to,
             source: &self.source,
             target,
+            target_peer,
             admin: self.admin(),
             desired: self.desired,
         }
@@ -233,6 +235,7 @@ impl<I: Instances, R: Router> Steps for Phases<I, R> {
             return Ok(());
         };
         let addr = self.instances.ensure(&serving, desired).await?;
+        let endpoint_target = self.instances.peer_addr(&serving, desired, &addr).await?;
         if let Some(s) = &record.standby {
             self.instances.ensure(&s.member, desired).await?;
         }
@@ -241,7 +244,7 @@ impl<I: Instances, R: Router> Steps for Phases<I, R> {
         {
             self.instances.ensure(&a.to, desired).await?;
         }
-        Ok(self.router.ensure(desired, &addr).await?)
+        Ok(self.router.ensure(desired, &endpoint_target).await?)
     }
 
     fn live_progress(&self) -> Option<(String, Measured)> {

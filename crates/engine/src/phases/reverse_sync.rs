@@ -10,6 +10,6 @@ use crate::switchover;
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     let target = cx.target().await?;
     let target_peer = cx.peer(&cx.attempt.to, &target).await?;
-    switchover::start_reverse_replication(&cx.sides(&target), &target_peer).await?;
+    switchover::start_reverse_replication(&cx.sides(&target, &target_peer)).await?;
     Ok(Stepped::Done(Learned::Nothing))
 }

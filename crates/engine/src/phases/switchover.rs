@@ -21,7 +21,8 @@ pub(super) async fn run<I: Instances, R: Router, J: Journal>(
     journal: &J,
 ) -> EngineResult<Stepped> {
     let target = cx.target().await?;
-    let sides = cx.sides(&target);
+    let target_peer = cx.peer(&cx.attempt.to, &target).await?;
+    let sides = cx.sides(&target, &target_peer);
     let router = &cx.parts.router;
     let moved = switchover::recover(router, journal, record, &sides).await?;
     let mut measurement = None;
