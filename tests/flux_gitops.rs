@@ -1,11 +1,15 @@
 //! The whole GitOps loop with real Flux: a Git repository holding this checkout's
 //! `manifests/` and `gitops/` is served over Git's smart HTTP on loopback;
-//! source-controller fetches it, kustomize-controller installs pgflip from `manifests/`
-//! (its controller pods run by the node agent, as pgflip's ServiceAccount) and applies
-//! `gitops/databases/`. The Flux objects are `gitops/flux/*.yaml` exactly, with only the
-//! Git and forge URLs replaced. Then, as a user would: push a version bump, a `git
-//! revert`, a bad commit and a good one, and watch the database, the Kustomization and the
-//! commit statuses on a stand-in GitHub API (the one third-party part).
+//! source-controller fetches it, kustomize-controller installs pgflip from `manifests/` and
+//! applies `gitops/databases/`. Everything pgflip runs runs on a real node
+//! (tests/common/real_node.rs): its controller Deployment — two pods of pgflip's image,
+//! built from the Dockerfile, as its ServiceAccount (a projected token, in-cluster
+//! configuration), Ready by their probes — and the database's servers and endpoint. The
+//! Flux objects are `gitops/flux/*.yaml` exactly, with only the Git and forge URLs
+//! replaced. Then, as a user would: push a version bump, a `git revert`, a bad commit and
+//! a good one, and watch the database, the Kustomization and the commit statuses on a
+//! stand-in GitHub API (the one third-party part), which the controller's pods reach at the
+//! machine's side of the node's link.
 
 mod common;
 
@@ -14,7 +18,7 @@ use common::flux::{self, Flux};
 use common::forge::FakeForge;
 use common::git_http::{GitHttp, git};
 use common::kube::Cluster;
-use common::node_agent::{self, NodeAgent};
+use common::real_node::{NodeNetwork, PGFLIP_IMAGE, RealNode, build_pgflip_image};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{
@@ -33,6 +37,8 @@ const FORGE_REPOSITORY: &str = "your-org/your-repo";
 const PLACEHOLDER_GIT_URL: &str = "https://github.com/your-org/your-repo.git";
 const PLACEHOLDER_FORGE_API: &str = "https://api.github.com";
 const FORGE_TOKEN: &str = "forge-t0ken";
+/// The image `manifests/deployment.yaml` names (and the controller gives endpoint pods).
+const RELEASE_IMAGE: &str = "ghcr.io/pgflip/pgflip:0.1.0";
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -183,10 +189,9 @@ fn statuses_on(forge: &FakeForge, commit: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Dropped in field order: the pods' processes first, then Flux, the API server last.
+/// Dropped in field order: the node and its pods first, then Flux, the API server last.
 struct World {
-    controller_node: NodeAgent,
-    database_node: NodeAgent,
+    node: RealNode,
     flux: Flux,
     forge: FakeForge,
     cluster: Cluster,
@@ -204,8 +209,9 @@ impl World {
             kustomization(&client, "databases").await,
             self.flux.log_tail("kustomize-controller", 30),
             self.flux.log_tail("source-controller", 15),
-            self.controller_node.logs(60),
-            self.database_node.logs(10),
+            self.node
+                .container_logs("pgflip-system", "pgflip-controller", 60),
+            self.node.container_logs(NS, "", 10),
             self.forge
                 .requests()
                 .iter()
@@ -268,10 +274,22 @@ impl World {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_bump_revert_and_bad_commit_through_real_flux() {
-    let cluster = Cluster::start().await;
+    let network = NodeNetwork::create();
+    let cluster = Cluster::start_for(&network).await;
     let client = cluster.client();
     let flux = Flux::start(&cluster).await;
-    let forge = FakeForge::start().await;
+    let node = RealNode::start(&cluster, network).await;
+    let out = cluster.dir().to_path_buf();
+    let image = tokio::task::spawn_blocking(move || {
+        build_pgflip_image(std::path::Path::new(env!("CARGO_BIN_EXE_pgflip")), &out)
+    })
+    .await
+    .unwrap();
+    node.import_image(&image);
+    // The release the manifests name, as built from this checkout.
+    node.tag_image(PGFLIP_IMAGE, RELEASE_IMAGE);
+    // Reached from the controller's pods: on the machine's side of the node's link.
+    let forge = FakeForge::start_on(node.network().host_ip().into()).await;
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::new(dir.path());
     let first = git(&repo.work, &["rev-parse", "HEAD"]);
@@ -293,21 +311,10 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
 
     // The controller's pods run as its ServiceAccount: Flux's copy of manifests/rbac.yaml
     // is all they may do.
-    let controller_node = NodeAgent::start_with(
-        &cluster,
-        "pgflip-system",
-        node_agent::Options {
-            kubeconfig: Some(cluster.controller_kubeconfig()),
-            ..Default::default()
-        },
-    )
-    .await;
-    let database_node = NodeAgent::start(&cluster, NS).await;
     let world = World {
         cluster,
         flux,
-        controller_node,
-        database_node,
+        node,
         forge,
     };
     for file in ["source.yaml", "pgflip.yaml", "databases.yaml"] {
@@ -323,6 +330,31 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
         controller.status.and_then(|s| s.available_replicas),
         Some(2),
         "both controller replicas run"
+    );
+    // The leader is one of those pods, on the node, and holds the Lease as its pod.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "pgflip-system");
+    let holder = leases
+        .get("pgflip-controller")
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(client.clone(), "pgflip-system");
+    let leader = pods
+        .get(&holder)
+        .await
+        .unwrap_or_else(|e| panic!("the Lease holder {holder:?} is not a controller pod: {e}"));
+    let leader_spec = leader.spec.unwrap();
+    assert_eq!(
+        leader_spec.node_name.as_deref(),
+        Some(common::real_node::NODE_NAME)
+    );
+    assert_eq!(
+        leader_spec.service_account_name.as_deref(),
+        Some("pgflip-controller")
     );
     let states = statuses_on(&world.forge, &first);
     assert_eq!(
@@ -475,7 +507,9 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
     switch_under_load("16", &fixed).await;
 
     // The forge token never reaches a log.
-    let logs = world.controller_node.logs(100_000);
+    let logs = world
+        .node
+        .container_logs("pgflip-system", "pgflip-controller", 100_000);
     assert!(logs.contains("pgflip"), "the controller logged");
     assert!(!logs.contains(FORGE_TOKEN), "the forge token is in a log");
     drop(git_server);

@@ -534,25 +534,6 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
     );
 }
 
-#[test]
-fn container_args_expand_like_the_kubelet() {
-    use common::node_agent::expand;
-    let env = vec![
-        ("POD_IP".to_string(), "127.64.1.2".to_string()),
-        ("EMPTY".to_string(), String::new()),
-    ];
-    assert_eq!(
-        expand("--metrics-addr=$(POD_IP):8080", &env),
-        "--metrics-addr=127.64.1.2:8080"
-    );
-    assert_eq!(expand("$(EMPTY)x", &env), "x");
-    // Undefined references and escapes stay as the kubelet leaves them.
-    assert_eq!(
-        expand("$(NOPE) $$(POD_IP) $5", &env),
-        "$(NOPE) $(POD_IP) $5"
-    );
-}
-
 /// pgflip's image, built by buildah from the repository's Dockerfile offline, runs on the
 /// node: pgflip, PgBouncer and pg_dump answer in a pod as the image's unprivileged user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

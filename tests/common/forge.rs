@@ -28,7 +28,12 @@ pub struct FakeForge {
 
 impl FakeForge {
     pub async fn start() -> FakeForge {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        FakeForge::start_on(std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// Listening on `ip` (a free port), for clients on another network (pods).
+    pub async fn start_on(ip: std::net::IpAddr) -> FakeForge {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let answers = Arc::new(Mutex::new(VecDeque::new()));

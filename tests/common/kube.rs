@@ -1,9 +1,10 @@
-//! A real Kubernetes control plane on loopback for the Kubernetes-mode tests: etcd,
-//! kube-apiserver and kube-controller-manager (for the StatefulSet, Deployment, garbage
-//! collector and volume-claim protection controllers), built by `scripts/setup-kube.sh`
-//! from the Go module proxy. Certificates and a token are generated per cluster; every
-//! port comes from the OS; the whole cluster lives in one temp dir and dies on Drop.
-//! Our CRD and Flux's CRDs are installed and Established before `start` returns.
+//! A real Kubernetes control plane for the Kubernetes-mode tests, serving one real node
+//! (super::real_node) on the machine's side of the node's link: etcd, kube-apiserver,
+//! kube-scheduler and kube-controller-manager (the controllers a node and its workloads
+//! need), built by `scripts/setup-kube.sh` from the Go module proxy. Certificates and
+//! tokens are generated per cluster; every port comes from the OS; the whole cluster lives
+//! in one temp dir and dies on Drop. Our CRD and Flux's CRDs are installed and Established
+//! before `start_for` returns.
 
 use super::real_node::NODE_NAME;
 use super::tail;
@@ -81,11 +82,6 @@ pub fn is_node_ready(node: &Node) -> bool {
 }
 
 impl Cluster {
-    /// A control plane on loopback, for the node agent.
-    pub async fn start() -> Cluster {
-        Cluster::start_with(None).await
-    }
-
     /// A control plane for a real node on `network` ([`super::real_node`]): the API
     /// server listens on the machine's side of the node's veth (the node reaches nothing
     /// else), authorizes the kubelet as a node (Node authorizer, NodeRestriction), and the
@@ -93,14 +89,10 @@ impl Cluster {
     /// not-ready taint; the kube-root-ca.crt publisher, without which pods with a
     /// service-account token never start; the volume binder; EndpointSlices for
     /// kube-proxy).
-    pub async fn start_for(network: &super::real_node::NodeNetwork) -> Cluster {
-        Cluster::start_with(Some(network)).await
-    }
-
-    async fn start_with(node: Option<&super::real_node::NodeNetwork>) -> Cluster {
+    pub async fn start_for(node: &super::real_node::NodeNetwork) -> Cluster {
         let started = Instant::now();
         let bin = bin_dir();
-        let address = node.map_or("127.0.0.1".to_string(), |n| n.host_ip().to_string());
+        let address = node.host_ip().to_string();
         let flux = flux_crd_dir();
         let dir = tempfile::Builder::new()
             .prefix("pgflip-kube-")
@@ -122,16 +114,16 @@ impl Cluster {
             "127.0.0.1".to_string(),
             address.clone(),
             // What pods reach it at: the `kubernetes` Service.
-            node.map_or("10.96.0.1".to_string(), |n| n.api_service_ip().to_string()),
+            node.api_service_ip().to_string(),
             "kubernetes.default.svc".to_string(),
         ])
         .unwrap()
         .signed_by(&serving_key, &ca)
         .unwrap();
         let sa_key = rcgen::KeyPair::generate().unwrap();
-        // The kubeconfig and the CA are read by processes of the unprivileged user (the
-        // node agent's pgflip pods): the directory is searchable, they are readable; the
-        // keys and tokens are the owner's only.
+        // The kubeconfig and the CA may be read by processes of another user: the
+        // directory is searchable, they are readable; the keys and tokens are the owner's
+        // only.
         use std::os::unix::fs::PermissionsExt;
         let write = |name: &str, text: &str, mode: u32| {
             std::fs::write(path(name), text).unwrap();
@@ -212,15 +204,11 @@ impl Cluster {
                     "--token-auth-file={}",
                     path("tokens.csv").display()
                 ))
-                .args(if node.is_some() {
-                    &[
-                        "--authorization-mode=Node,RBAC",
-                        "--enable-admission-plugins=NodeRestriction",
-                        "--kubelet-preferred-address-types=InternalIP",
-                    ][..]
-                } else {
-                    &["--authorization-mode=RBAC"][..]
-                })
+                .args([
+                    "--authorization-mode=Node,RBAC",
+                    "--enable-admission-plugins=NodeRestriction",
+                    "--kubelet-preferred-address-types=InternalIP",
+                ])
                 .arg("--service-account-issuer=https://kubernetes.default.svc")
                 .arg(format!(
                     "--service-account-key-file={}",
@@ -230,17 +218,14 @@ impl Cluster {
                     "--service-account-signing-key-file={}",
                     path("sa.key").display()
                 ))
-                // With a node: a range of its own, routed to it (kube-proxy's rules are
+                // A Service range of the node's own, routed to it (kube-proxy's rules are
                 // in the node's namespace), and the `kubernetes` Service's endpoint is
                 // this server (the lease reconciler), so pods reach the API.
                 .arg(format!(
                     "--service-cluster-ip-range={}",
-                    node.map_or("10.96.0.0/16".to_string(), |n| n.service_cidr())
+                    node.service_cidr()
                 ))
-                .arg(format!(
-                    "--endpoint-reconciler-type={}",
-                    if node.is_some() { "lease" } else { "none" }
-                ))
+                .arg("--endpoint-reconciler-type=lease")
                 .arg("--enable-priority-and-fairness=false")
                 .arg("--profiling=false")
                 .arg("--v=1"),
@@ -280,10 +265,8 @@ impl Cluster {
         let processes = &mut cluster.processes;
         let dir_path = cluster.dir.path().to_path_buf();
         let log = std::fs::File::create(dir_path.join("kube-controller-manager.log")).unwrap();
-        let mut controllers = "statefulset,deployment,replicaset,garbagecollector,serviceaccount,serviceaccount-token,pvc-protection".to_string();
-        if node.is_some() {
-            controllers.push_str(",node-lifecycle-controller,root-ca-certificate-publisher-controller,persistentvolume-binder-controller,endpointslice-controller");
-        }
+        let controllers = "statefulset,deployment,replicaset,garbagecollector,serviceaccount,serviceaccount-token,pvc-protection,\
+             node-lifecycle-controller,root-ca-certificate-publisher-controller,persistentvolume-binder-controller,endpointslice-controller";
         let kcm = Command::new(bin.join("kube-controller-manager"))
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .arg(format!("--controllers={controllers}"))
@@ -308,18 +291,16 @@ impl Cluster {
             .spawn()
             .expect("starting kube-controller-manager");
         processes.push(("kube-controller-manager".into(), kcm));
-        if node.is_some() {
-            let log = std::fs::File::create(dir_path.join("kube-scheduler.log")).unwrap();
-            let scheduler = Command::new(bin.join("kube-scheduler"))
-                .arg(format!("--kubeconfig={}", kubeconfig.display()))
-                .args(["--leader-elect=false", "--secure-port=0", "--v=1"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("starting kube-scheduler (run scripts/setup-kube.sh)");
-            processes.push(("kube-scheduler".into(), scheduler));
-        }
+        let log = std::fs::File::create(dir_path.join("kube-scheduler.log")).unwrap();
+        let scheduler = Command::new(bin.join("kube-scheduler"))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(["--leader-elect=false", "--secure-port=0", "--v=1"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting kube-scheduler (run scripts/setup-kube.sh)");
+        processes.push(("kube-scheduler".into(), scheduler));
 
         cluster.install_crds(&flux).await;
         eprintln!(

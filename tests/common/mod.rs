@@ -8,7 +8,6 @@ pub mod flux;
 pub mod forge;
 pub mod git_http;
 pub mod kube;
-pub mod node_agent;
 pub mod real_node;
 pub mod signals;
 pub mod user_server;

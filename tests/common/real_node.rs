@@ -744,18 +744,54 @@ spec:
         &self.network
     }
 
-    /// Loads an OCI archive (e.g. [`build_pgflip_image`]'s) into the node's containerd.
     /// Where the kubelet writes the containers' logs.
     pub fn pod_logs(&self) -> PathBuf {
         self.path("pod-logs")
     }
 
+    /// The logs of the containers of pods in `namespace` whose names start with
+    /// `pod_prefix`, each file's last `lines` lines.
+    pub fn container_logs(&self, namespace: &str, pod_prefix: &str, lines: usize) -> String {
+        // pod-logs/<namespace>_<pod>_<uid>/<container>/<n>.log
+        let prefix = format!("{namespace}_{pod_prefix}");
+        let mut out = String::new();
+        for pod in std::fs::read_dir(self.pod_logs())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !pod.file_name().to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            for dir in walk(&pod.path()) {
+                for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if e.path().extension().is_some_and(|x| x == "log") {
+                        out.push_str(&format!(
+                            "--- {} ---\n{}\n",
+                            e.path().display(),
+                            tail(&e.path(), lines)
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Loads an OCI archive (e.g. [`build_pgflip_image`]'s) into the node's containerd.
     pub fn import_image(&self, archive: &Path) {
         run(self
             .ctr()
             .args(["images", "import", "--no-unpack"])
             .arg(archive))
         .unwrap_or_else(|e| panic!("importing {}: {e}", archive.display()));
+    }
+
+    /// Gives an image on the node a second name, as a registry would serve one image
+    /// under two tags.
+    pub fn tag_image(&self, image: &str, also: &str) {
+        run(self.ctr().args(["images", "tag", "--force", image, also]))
+            .unwrap_or_else(|e| panic!("tagging {image} as {also}: {e}"));
     }
 
     /// SIGKILLs the main process of a container (`containerID` of its status, with or
