@@ -334,13 +334,17 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
     // The leader is one of those pods, on the node, and holds the Lease as its pod.
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), "pgflip-system");
-    let holder = leases
-        .get("pgflip-controller")
-        .await
-        .unwrap()
-        .spec
-        .and_then(|s| s.holder_identity)
-        .unwrap_or_default();
+    // The identity the leader holds it by is its pod's name.
+    let lease_holder = async || {
+        leases
+            .get("pgflip-controller")
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default()
+    };
+    let holder = lease_holder().await;
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
         Api::namespaced(client.clone(), "pgflip-system");
     let leader = pods
@@ -501,10 +505,55 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
             .starts_with("15")
     );
 
-    // The next good commit proceeds.
+    // The next good commit proceeds, and the leader is killed mid-switch (SIGKILL to its
+    // container: no chance to give the Lease back). Once the Lease expires, a replica —
+    // the other one, or the killed one restarted by the kubelet — takes it over and
+    // finishes the switch, clients untouched.
     repo.set_version("16");
     let fixed = repo.commit("orders: PostgreSQL 16, again");
-    switch_under_load("16", &fixed).await;
+    let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
+    let kill_leader = async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let phase = objects
+                .get(DB)
+                .await
+                .ok()
+                .and_then(|o| o.status?.phase)
+                .unwrap_or_default();
+            let copying = [
+                "provision",
+                "copy-schema",
+                "replicate",
+                "initial-sync",
+                "catch-up",
+                "verify",
+            ];
+            if copying.contains(&phase.as_str()) {
+                let holder = lease_holder().await;
+                let container = pods
+                    .get(&holder)
+                    .await
+                    .unwrap()
+                    .status
+                    .and_then(|s| s.container_statuses?.first()?.container_id.clone())
+                    .expect("the leader's container");
+                world.node.kill_container(&container);
+                return (holder, phase, Instant::now());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the switch was never seen before its pause (phase {phase:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (_, (killed, phase, at)) = tokio::join!(switch_under_load("16", &fixed), kill_leader);
+    eprintln!(
+        "the leader {killed} was killed during {phase}; {} leads now, the switch was done {:.1}s after the kill",
+        lease_holder().await,
+        at.elapsed().as_secs_f64()
+    );
 
     // The forge token never reaches a log.
     let logs = world
