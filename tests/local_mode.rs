@@ -365,6 +365,73 @@ async fn ddl_after_copy_blocks_the_switch() {
     );
 }
 
+/// DDL on green after the switch is refused on the way back: by preflight when it came
+/// first (the switch-back names the changed schema at once), and when it lands after
+/// preflight, by the catch-up — blue's reverse apply fails on the table it lacks, and the
+/// attempt ends with the reason instead of waiting out the catch-up timeout. Green serves
+/// on throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_on_green_after_the_switch_blocks_the_way_back_clearly() {
+    let mut h = Harness::new("databases: [app]\nretainPrevious: 1h");
+    h.commit_version(15);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    h.commit_version(16);
+    h.wait("upgrade", 5 * MINUTE, |r| {
+        r.history.len() == 1 && r.attempt.is_none()
+    })
+    .await;
+    let green = connect(&h.endpoint(), &h.admin(), "app").await.unwrap();
+    // After preflight: stopped right before the catch-up, then the DDL, then on.
+    h.kill();
+    h.start(Some("before:catch-up"));
+    let back = h.commit_version(15);
+    assert!(
+        h.wait_killed(2 * MINUTE),
+        "pgflip reached the failpoint\n{}",
+        h.log_tail()
+    );
+    green
+        .batch_execute(
+            // More than maxLagBytes (1 MB) of WAL for it: the catch-up cannot pass.
+            "CREATE TABLE made_on_green (id int PRIMARY KEY, pad text);
+             INSERT INTO made_on_green SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g",
+        )
+        .await
+        .unwrap();
+    let restarted = std::time::Instant::now();
+    h.start(None);
+    let note = h.wait_final_note(&back, 2 * MINUTE).await;
+    eprintln!("after {:?}: {}", restarted.elapsed(), note.message);
+    assert_eq!(note.state, State::Failure);
+    assert_eq!(note.phase, "catch-up", "{note:?}");
+    assert!(
+        note.message.contains("schema on green")
+            && note.message.contains("after the switch onto it")
+            && note.message.contains("needs a new copy"),
+        "{}",
+        note.message
+    );
+    let r = h
+        .wait("attempt ended", MINUTE, |r| r.attempt.is_none())
+        .await;
+    assert_eq!(serving(&r), Some((Color::Green, 16)));
+    assert_eq!(
+        h.serving_port(&app).await,
+        h.instance_addr("green").unwrap().port
+    );
+    // Another commit asking for 15 now: preflight refuses it at once.
+    let again = h.commit_version(15);
+    let note = h.wait_final_note(&again, MINUTE).await;
+    assert_eq!(note.state, State::Failure);
+    assert!(
+        note.message.contains("changed after the switch"),
+        "{}",
+        note.message
+    );
+}
+
 /// kill -9 at every phase boundary, inside phases (mid-copy, mid-verification) and
 /// between the pause's statements: after each kill the record names the step being taken,
 /// the endpoint names exactly one server — the one the record says serves (or, once the

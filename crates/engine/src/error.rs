@@ -33,11 +33,21 @@ pub enum EngineError {
         to: Major,
         detail: String,
     },
-    /// DDL ran on the source after its schema was copied: the switch is blocked.
+    /// DDL ran on the source after its schema was copied (or, for a switch back, after
+    /// the switch onto it): the switch is blocked.
     #[error(
-        "the schema on {source_member} changed after it was copied (DDL is not replicated): the switch is blocked and {source_member} keeps serving; push a new commit to start over"
+        "the schema on {source_member} changed after {} (DDL is not replicated): the switch is blocked and {source_member} keeps serving; {}",
+        if *.switch_back { "the switch onto it" } else { "it was copied" },
+        if *.switch_back {
+            "the way back now needs a new copy, which a new commit starts once the previous version is no longer retained (retainPrevious)"
+        } else {
+            "push a new commit to start over"
+        }
     )]
-    SchemaChanged { source_member: Member },
+    SchemaChanged {
+        source_member: Member,
+        switch_back: bool,
+    },
     /// The target did not get within `maxLagBytes` in time.
     #[error("{target} did not catch up within {timeout:?} (still {behind_bytes} bytes behind)")]
     CatchUpTimeout {
@@ -239,10 +249,19 @@ mod tests {
         };
         assert!(gave_up.is_final());
         assert!(gave_up.to_string().ends_with("(3 times; giving up)"));
-        assert!(
-            EngineError::SchemaChanged { source_member: m }
-                .to_string()
-                .contains("DDL is not replicated")
-        );
+        let forward = EngineError::SchemaChanged {
+            source_member: m,
+            switch_back: false,
+        }
+        .to_string();
+        assert!(forward.contains("after it was copied (DDL is not replicated)"));
+        assert!(forward.ends_with("push a new commit to start over"));
+        let back = EngineError::SchemaChanged {
+            source_member: m,
+            switch_back: true,
+        }
+        .to_string();
+        assert!(back.contains("after the switch onto it"), "{back}");
+        assert!(back.contains("needs a new copy"), "{back}");
     }
 }

@@ -353,6 +353,18 @@ pub async fn ensure_slot(client: &Client, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How many times the subscription's apply has failed since it was made (PostgreSQL 15+,
+/// every major pgflip runs).
+pub async fn apply_errors(target: &Client, name: &str) -> anyhow::Result<i64> {
+    Ok(target
+        .query_opt(
+            "SELECT apply_error_count FROM pg_stat_subscription_stats WHERE subname = $1",
+            &[&name],
+        )
+        .await?
+        .map_or(0, |r| r.get(0)))
+}
+
 /// Bytes of WAL the target still has to confirm, measured on the source.
 pub async fn lag_bytes(source: &Client, slot: &str) -> anyhow::Result<Option<i64>> {
     let row = source

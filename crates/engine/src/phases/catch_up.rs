@@ -32,6 +32,16 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     if worst as u64 <= switchover.max_lag_bytes {
         return Ok(Stepped::Done(Learned::Nothing));
     }
+    // A link whose apply fails does not catch up. The usual cause is DDL on the source
+    // (a table the target lacks): say so now rather than at the timeout. The schema is
+    // read only then, not at every look.
+    let target = cx.target().await?;
+    for db in &cx.desired.databases {
+        let tgt = cx.connect(&target, db).await?;
+        if repl::apply_errors(&tgt, &cx.forward(db)).await? > 0 {
+            cx.check_schema_unchanged().await?;
+        }
+    }
     let waited = crate::clock::now_ms().saturating_sub(cx.attempt.phase_started_ms);
     if Duration::from_millis(waited) > switchover.catch_up_timeout {
         return Err(EngineError::CatchUpTimeout {

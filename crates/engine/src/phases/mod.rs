@@ -23,7 +23,7 @@ use super::steps::{Stepped, Steps};
 use super::switchover::Sides;
 use crate::ports::{Addr, Credentials, Instances, Journal, Router};
 use crate::toolchain::Toolchain;
-use pgflip_core::plan::{Attempt, CopyMethod, Member, Phase, Record};
+use pgflip_core::plan::{Attempt, AttemptKind, CopyMethod, Member, Phase, Record};
 use pgflip_core::progress::Measured;
 use pgflip_core::spec::Desired;
 use tokio_postgres::Client;
@@ -214,6 +214,7 @@ impl<I: Instances, R: Router> Ctx<'_, I, R> {
         if self.attempt.source_fingerprint.as_deref() != Some(now.as_str()) {
             return Err(EngineError::SchemaChanged {
                 source_member: self.attempt.from,
+                switch_back: self.attempt.kind == AttemptKind::SwitchBack,
             });
         }
         Ok(())
