@@ -422,6 +422,33 @@ async fn statefulset_postgres_runs_crashes_moves_and_keeps_its_data() {
         "through the Service at {cluster_ip}"
     );
 
+    // By its name, from a pod: the cluster's DNS gives the Service's ClusterIP, and
+    // through it the server answers.
+    let (code, log) = real_node
+        .run_pod(
+            &client,
+            NS,
+            serde_json::json!({
+                "metadata": {"name": "by-name"},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{
+                        "name": "client",
+                        "image": "postgres:16",
+                        "command": ["sh", "-c", format!(
+                            "getent hosts pg-service.{NS}.svc && pg_isready -h pg-service.{NS}.svc -p 5432"
+                        )],
+                    }],
+                },
+            }),
+        )
+        .await;
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains(&cluster_ip) && log.contains("accepting connections"),
+        "pg-service.{NS}.svc did not resolve to {cluster_ip} and answer:\n{log}"
+    );
+
     // The StatefulSet controller sees the replica Ready.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

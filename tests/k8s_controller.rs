@@ -822,7 +822,7 @@ async fn pods_deleted_mid_switch_and_in_reverse_sync_come_back_by_name() {
     let client = cluster.client();
     cluster.create_namespace(NS).await;
     cluster.install_controller_rbac().await;
-    let _node = node_with_pgflip(&cluster, network).await;
+    let node = node_with_pgflip(&cluster, network).await;
     let mut first = Controller::start(&cluster, "first", Some("switchover:before-pause"));
     let logs = || {
         ["first", "second"]
@@ -970,6 +970,36 @@ async fn pods_deleted_mid_switch_and_in_reverse_sync_come_back_by_name() {
         },
     )
     .await;
+    // And a client in the cluster reaches the endpoint by its Service's name.
+    let (code, log) = node
+        .run_pod(
+            &client,
+            NS,
+            serde_json::json!({
+                "metadata": {"name": "a-client"},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{
+                        "name": "psql",
+                        // 16's image is a server only; 17's has the client tools.
+                        "image": "postgres:17",
+                        "command": ["sh", "-c", format!(
+                            "getent hosts {DB}.{NS}.svc && psql -h {DB}.{NS}.svc -p {} -U pgflip -d app -Atc 'SELECT host(inet_server_addr())'",
+                            service.port
+                        )],
+                        "env": [{"name": "PGPASSWORD", "valueFrom": {"secretKeyRef": {
+                            "name": format!("{DB}-pgflip-admin"), "key": "password"}}}],
+                    }],
+                },
+            }),
+        )
+        .await;
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains(&service.host) && log.contains(&new_green_ip),
+        "the client did not resolve {DB}.{NS}.svc to {} and reach green at {new_green_ip}:\n{log}",
+        service.host
+    );
     apply("16").await;
     wait_ready_at(
         &objects,

@@ -21,7 +21,7 @@
 
 use super::kube::{Cluster, cache_dir as kube_cache_dir};
 use super::tail;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, PostParams};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -776,6 +776,43 @@ spec:
             }
         }
         out
+    }
+
+    /// Runs `pod` (one container, `restartPolicy: Never`) in `namespace` until its
+    /// container ends, deletes it, and returns the container's exit code and log: a
+    /// client inside the cluster, with the cluster's DNS.
+    pub async fn run_pod(
+        &self,
+        client: &kube::Client,
+        namespace: &str,
+        pod: serde_json::Value,
+    ) -> (i32, String) {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let pod: Pod = serde_json::from_value(pod).unwrap();
+        let name = pod.metadata.name.clone().unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = pods.get(&name).await.unwrap().status;
+            let ended = status.as_ref().and_then(|s| {
+                s.container_statuses
+                    .as_ref()?
+                    .first()?
+                    .state
+                    .clone()?
+                    .terminated
+            });
+            if let Some(ended) = ended {
+                let log = self.container_logs(namespace, &name, 50);
+                let _ = pods.delete(&name, &Default::default()).await;
+                return (ended.exit_code, log);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pod {name} did not run to its end: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Loads an OCI archive (e.g. [`build_pgflip_image`]'s) into the node's containerd.
