@@ -18,7 +18,7 @@ use common::flux::{self, Flux};
 use common::forge::FakeForge;
 use common::git_http::{GitHttp, git};
 use common::kube::Cluster;
-use common::real_node::{NodeNetwork, PGFLIP_IMAGE, RealNode, build_pgflip_image};
+use common::real_node::{NodeNetwork, PGFLIP_IMAGE, RealNode, node_with_pgflip};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{
@@ -278,14 +278,7 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
     let cluster = Cluster::start_for(&network).await;
     let client = cluster.client();
     let flux = Flux::start(&cluster).await;
-    let node = RealNode::start(&cluster, network).await;
-    let out = cluster.dir().to_path_buf();
-    let image = tokio::task::spawn_blocking(move || {
-        build_pgflip_image(std::path::Path::new(env!("CARGO_BIN_EXE_pgflip")), &out)
-    })
-    .await
-    .unwrap();
-    node.import_image(&image);
+    let node = node_with_pgflip(&cluster, network).await;
     // The release the manifests name, as built from this checkout.
     node.tag_image(PGFLIP_IMAGE, RELEASE_IMAGE);
     // Reached from the controller's pods: on the machine's side of the node's link.

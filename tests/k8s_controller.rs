@@ -13,7 +13,7 @@ use common::database::{
     server_version,
 };
 use common::kube::Cluster;
-use common::real_node::{NodeNetwork, PGFLIP_IMAGE, RealNode, build_pgflip_image};
+use common::real_node::{NodeNetwork, PGFLIP_IMAGE, node_with_pgflip};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -227,19 +227,6 @@ async fn wait_for<T>(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// The real node for `cluster`, with pgflip's image (built from the Dockerfile) on it.
-async fn node_with_pgflip(cluster: &Cluster, network: NodeNetwork) -> RealNode {
-    let node = RealNode::start(cluster, network).await;
-    let out = cluster.dir().to_path_buf();
-    let image = tokio::task::spawn_blocking(move || {
-        build_pgflip_image(std::path::Path::new(env!("CARGO_BIN_EXE_pgflip")), &out)
-    })
-    .await
-    .unwrap();
-    node.import_image(&image);
-    node
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

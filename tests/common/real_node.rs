@@ -1066,6 +1066,19 @@ async fn provision_volumes(client: kube::Client, root: PathBuf) {
     }
 }
 
+/// The real node for `cluster`, with pgflip's image (built from the Dockerfile) on it.
+pub async fn node_with_pgflip(cluster: &Cluster, network: NodeNetwork) -> RealNode {
+    let node = RealNode::start(cluster, network).await;
+    let out = cluster.dir().to_path_buf();
+    let image = tokio::task::spawn_blocking(move || {
+        build_pgflip_image(std::path::Path::new(env!("CARGO_BIN_EXE_pgflip")), &out)
+    })
+    .await
+    .unwrap();
+    node.import_image(&image);
+    node
+}
+
 /// The name the tests give pgflip's image on the node.
 pub const PGFLIP_IMAGE: &str = "ghcr.io/pgflip/pgflip:test";
 

@@ -10,15 +10,12 @@ use pgflip_engine::pg::connect;
 use pgflip_engine::ports::{Addr, Credentials};
 use std::time::{Duration, Instant};
 
-/// Green's PostgreSQL is SIGKILLed during the initial copy: noticed within seconds (it
-/// used to take a minute: the killed postmaster, a zombie until reaped, passed for a live
-/// server), green restarted, the copy resumed, and the switch completes under load with
-/// nothing lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn green_killed_during_the_copy_is_noticed_and_the_switch_completes() {
-    let (mut h, _app, load) = Harness::serving_15_under_load("copy: logical", 2, 100).await;
-    let admin = h.admin();
-    let blue = connect(&h.instance_addr("blue").unwrap(), &admin, "app")
+/// Blue at 15 under a light write load (the app's login and the load returned), with a
+/// table big enough for a copy of some seconds, and the switch to 16 (its commit
+/// returned) in its initial copy.
+async fn copying_16_under_load() -> (Harness, Credentials, LoadHandle, String) {
+    let (mut h, app, load) = Harness::serving_15_under_load("copy: logical", 2, 100).await;
+    let blue = connect(&h.instance_addr("blue").unwrap(), &h.admin(), "app")
         .await
         .unwrap();
     common::add_big_table(&blue, 150000).await;
@@ -30,6 +27,16 @@ async fn green_killed_during_the_copy_is_noticed_and_the_switch_completes() {
             .is_some_and(|a| a.phase == Phase::InitialSync)
     })
     .await;
+    (h, app, load, up)
+}
+
+/// Green's PostgreSQL is SIGKILLed during the initial copy: noticed within seconds (it
+/// used to take a minute: the killed postmaster, a zombie until reaped, passed for a live
+/// server), green restarted, the copy resumed, and the switch completes under load with
+/// nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn green_killed_during_the_copy_is_noticed_and_the_switch_completes() {
+    let (h, _app, load, up) = copying_16_under_load().await;
     let killed = Instant::now();
     h.kill_server("green");
     // Noticed within seconds: a step that failed on it says so on the commit, or (when
@@ -86,20 +93,8 @@ async fn green_killed_during_the_copy_is_noticed_and_the_switch_completes() {
 /// commit, naming the table) and the switch completes with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_copy_lost_with_its_sync_slot_is_started_over() {
-    let (mut h, _app, load) = Harness::serving_15_under_load("copy: logical", 2, 100).await;
+    let (h, _app, load, up) = copying_16_under_load().await;
     let admin = h.admin();
-    let blue = connect(&h.instance_addr("blue").unwrap(), &admin, "app")
-        .await
-        .unwrap();
-    common::add_big_table(&blue, 150000).await;
-    h.start(None);
-    let up = h.commit_version(16);
-    h.wait("the copy", 2 * MINUTE, |r| {
-        r.attempt
-            .as_ref()
-            .is_some_and(|a| a.phase == Phase::InitialSync)
-    })
-    .await;
     let green = connect(&h.instance_addr("green").unwrap(), &admin, "app")
         .await
         .unwrap();
@@ -430,19 +425,7 @@ async fn pgbouncer_killed_inside_the_pause_comes_back_on_blue_and_the_switch_com
 /// while blue is down (the fault); no acknowledged commit is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blue_killed_during_the_copy_is_restarted_and_the_switch_completes() {
-    let (mut h, app, load) = Harness::serving_15_under_load("copy: logical", 2, 100).await;
-    let blue = connect(&h.instance_addr("blue").unwrap(), &h.admin(), "app")
-        .await
-        .unwrap();
-    common::add_big_table(&blue, 150000).await;
-    h.start(None);
-    let up = h.commit_version(16);
-    h.wait("the copy", 2 * MINUTE, |r| {
-        r.attempt
-            .as_ref()
-            .is_some_and(|a| a.phase == Phase::InitialSync)
-    })
-    .await;
+    let (h, app, load, up) = copying_16_under_load().await;
     h.kill_server("blue");
     let killed = Instant::now();
     // Served again within seconds: pgflip starts blue again.
