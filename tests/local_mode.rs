@@ -169,6 +169,75 @@ async fn upgrade_and_revert_under_load() {
         .expect("no collision on blue");
 }
 
+/// 16 → 17 and back under load, where both majors filter by origin: the reverse slot is
+/// made before the pause, decoding what the forward link still applies on green until
+/// the switch, and blue's reverse subscription takes green's own writes only (`origin =
+/// none`). Nothing comes back twice — the way back's full verification finds both sides
+/// equal, a table without a key included — and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reverse_slot_made_before_the_pause_sends_back_only_new_writes() {
+    let mut h = Harness::new("databases: [app]\nretainPrevious: 1h\nverification: full");
+    h.commit_version(16);
+    h.start(None);
+    h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
+    let app = h.load_sample().await;
+    let load = h.load(&app, 4, 300);
+    let up = h.commit_version(17);
+    h.wait("upgrade", 5 * MINUTE, |r| {
+        r.history.len() == 1 && r.attempt.is_none()
+    })
+    .await;
+    assert_eq!(h.wait_final_note(&up, MINUTE).await.state, State::Success);
+    let blue = connect(&h.instance_addr("blue").unwrap(), &h.admin(), "app")
+        .await
+        .unwrap();
+    let origin: String = blue
+        .query_one(
+            "SELECT suborigin FROM pg_subscription WHERE subname LIKE 'pgflip_green_to_blue%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(origin, "none", "blue takes green's own writes only");
+    // Written on green after the switch, into the table without a key.
+    let c = connect(&h.endpoint(), &app, "app").await.unwrap();
+    c.batch_execute(
+        "INSERT INTO page_views (path) SELECT '/new/' || g FROM generate_series(1, 7) g",
+    )
+    .await
+    .unwrap();
+    let back = h.commit_version(16);
+    let r = h
+        .wait("the way back", 5 * MINUTE, |r| {
+            r.history.len() == 2 && r.attempt.is_none()
+        })
+        .await;
+    assert_eq!(serving(&r), Some((Color::Blue, 16)));
+    for switch in &r.history {
+        eprintln!(
+            "{} → {}: pause {:.1} ms, reverse setup inside it {:.2} ms",
+            switch.from, switch.to, switch.pause_ms, switch.pause_breakdown.reverse_setup_ms
+        );
+    }
+    let note = h.wait_final_note(&back, MINUTE).await;
+    assert_eq!(note.state, State::Success, "{note:?}");
+    let report = load.stop().await;
+    assert!(report.committed > 100, "the load ran: {}", report.committed);
+    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+    assert_eq!(
+        pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        count(&h, "blue", "SELECT count(*) FROM page_views").await,
+        507,
+        "the keyless table has its 500 rows and the 7 written on green, once each"
+    );
+}
+
 /// A commit that changes the target mid-way supersedes the running attempt; then 15 → 17.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn superseded_attempt_then_15_to_17() {

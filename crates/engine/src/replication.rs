@@ -159,8 +159,10 @@ pub enum Start {
     /// Create the slot now and copy every table first (initial sync).
     CopyAll,
     /// Stream from an existing slot, no copy: the slot was created at exactly the switch
-    /// point, so the target receives precisely what was written after it.
-    FromExistingSlot,
+    /// point, so the target receives precisely what was written after it — or before it,
+    /// and then only the source's own writes are taken (`local_changes_only`: `origin =
+    /// none`, PostgreSQL 16 and later), which begin at the switch.
+    FromExistingSlot { local_changes_only: bool },
     /// Stream from an existing slot, no copy, beginning with the first commit whose
     /// record starts at or after this LSN: the target already holds everything before it
     /// (a physical copy stopped right there). The slot may start earlier (one slot per
@@ -180,9 +182,14 @@ pub async fn ensure_subscription(
     if !subscription_exists(target, name).await? {
         let options = match &start {
             Start::CopyAll => "copy_data = true, create_slot = true".to_string(),
-            Start::FromExistingSlot => format!(
-                "copy_data = false, create_slot = false, slot_name = {}",
-                literal(name)
+            Start::FromExistingSlot { local_changes_only } => format!(
+                "copy_data = false, create_slot = false, slot_name = {}{}",
+                literal(name),
+                if *local_changes_only {
+                    ", origin = none"
+                } else {
+                    ""
+                }
             ),
             // Enabled once its origin is where the target's copy ends (below).
             Start::FromLsn(_) => format!(

@@ -2,16 +2,20 @@
 //! bounded pause, with nothing lost and no write landing on the wrong side.
 //!
 //! Before the pause (clients unaffected): the target is unfenced, has the publication
-//! for the reverse link ready, and has caught up with a marker written just now.
+//! for the reverse link ready, and has caught up with a marker written just now. Where
+//! both majors filter replication by origin (16 and later), the reverse slot is made here
+//! too, out of the pause: it also decodes what the forward link applies on the target
+//! until the switch, and the reverse subscription (`origin = none`) takes only the
+//! target's own writes, which begin with the switch.
 //!
 //! The pause (what clients feel), bounded by `pauseTimeout`:
 //! 1. `PAUSE` PgBouncer: in-flight transactions finish, new ones wait.
 //! 2. Fence the source against writes that bypass PgBouncer.
 //! 3. Write a marker row on the source and wait until the target has applied it: the
 //!    target now holds every transaction the source committed.
-//! 4. Disable the forward subscription (nothing more will come) and create the reverse
-//!    slot on the target: its start is exactly this point, so reverse replication carries
-//!    precisely the writes made after the switch.
+//! 4. Disable the forward subscription (nothing more will come) and, where it was not made
+//!    before the pause, create the reverse slot on the target: its start is exactly this
+//!    point, so reverse replication carries precisely the writes made after the switch.
 //! 5. Copy to the target the state of every sequence that moved since all of them were
 //!    copied just before the pause (logical replication does not carry sequences).
 //! 6. Record "repointing" (the commit point), point PgBouncer at the target, `RESUME`.
@@ -65,6 +69,14 @@ impl Sides<'_> {
     fn pause_timeout(&self) -> Duration {
         self.desired.switchover.pause_timeout
     }
+
+    /// Whether the reverse slot is made before the pause: both majors must filter by
+    /// origin (the publisher's pgoutput and the subscriber's `origin` option, PostgreSQL
+    /// 16 and later), so that what the forward link applies on the target before the
+    /// switch is not sent back.
+    fn reverse_slot_ahead(&self) -> bool {
+        self.from.major.0 >= 16 && self.to.major.0 >= 16
+    }
 }
 
 /// Connections to one database on both sides, opened before the pause so that the pause
@@ -109,6 +121,9 @@ pub async fn run<R: Router, J: Journal>(
     ready_target_links(&pairs, &reverse, s).await?;
     for (p, name) in pairs.iter().zip(&reverse) {
         repl::ensure_publication(&p.target, name).await?;
+        if s.reverse_slot_ahead() {
+            repl::ensure_slot(&p.target, name).await?;
+        }
     }
     // Warm the statements used inside the pause, and let the target catch up with what
     // the source committed during the verification, so the wait inside the pause covers
@@ -213,7 +228,9 @@ async fn inside_pause(
             false,
         )
         .await?;
-        repl::ensure_slot(&p.target, rev).await?;
+        if !s.reverse_slot_ahead() {
+            repl::ensure_slot(&p.target, rev).await?;
+        }
     }
     failpoint::hit("switchover:reverse-slot-made");
     m.reverse_setup_ms = ms(t.elapsed());
@@ -323,7 +340,9 @@ pub async fn start_reverse_replication(s: &Sides<'_>) -> anyhow::Result<()> {
             s.target_peer,
             s.admin,
             &p.db,
-            repl::Start::FromExistingSlot,
+            repl::Start::FromExistingSlot {
+                local_changes_only: s.reverse_slot_ahead(),
+            },
         )
         .await?;
     }
