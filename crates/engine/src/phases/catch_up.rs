@@ -9,6 +9,9 @@ use crate::steps::{Learned, Stepped};
 use anyhow::Context;
 use std::time::Duration;
 
+/// How long a catch-up may take before pgflip looks at why (a failing apply).
+const SLOW_CATCH_UP: Duration = Duration::from_secs(5);
+
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     cx.ensure_room().await?;
     // A pause rolled back while the target did not answer may have left the forward
@@ -32,17 +35,20 @@ pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineRe
     if worst as u64 <= switchover.max_lag_bytes {
         return Ok(Stepped::Done(Learned::Nothing));
     }
+    let waited = crate::clock::now_ms().saturating_sub(cx.attempt.phase_started_ms);
     // A link whose apply fails does not catch up. The usual cause is DDL on the source
-    // (a table the target lacks): say so now rather than at the timeout. The schema is
-    // read only then, not at every look.
-    let target = cx.target().await?;
-    for db in &cx.desired.databases {
-        let tgt = cx.connect(&target, db).await?;
-        if repl::apply_errors(&tgt, &cx.forward(db)).await? > 0 {
-            cx.check_schema_unchanged().await?;
+    // (a table the target lacks): say so then rather than at the timeout. Looked at only
+    // once the catch-up is slow, so a quick one never opens connections to the target,
+    // and the schema is read only when the apply has failed.
+    if Duration::from_millis(waited) > SLOW_CATCH_UP {
+        let target = cx.target().await?;
+        for db in &cx.desired.databases {
+            let tgt = cx.connect(&target, db).await?;
+            if repl::apply_errors(&tgt, &cx.forward(db)).await? > 0 {
+                cx.check_schema_unchanged().await?;
+            }
         }
     }
-    let waited = crate::clock::now_ms().saturating_sub(cx.attempt.phase_started_ms);
     if Duration::from_millis(waited) > switchover.catch_up_timeout {
         return Err(EngineError::CatchUpTimeout {
             target: cx.attempt.to,
