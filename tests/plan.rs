@@ -228,7 +228,9 @@ async fn a_copy_reports_bytes_that_grow_to_the_total_and_a_time_left_that_holds(
     h.start(None);
     h.wait("bootstrap", MINUTE, |r| r.serving.is_some()).await;
     let app = connect(&h.endpoint(), &h.admin(), "app").await.unwrap();
-    common::add_big_table(&app, 250000).await;
+    // ~620 MB: a copy of several seconds at this machine's 110–130 MB/s, so that reports
+    // (every 2 s) fall while most of it is still ahead.
+    common::add_big_table(&app, 600000).await;
     let up = h.commit_version(17);
     h.wait("the attempt", MINUTE, |r| r.attempt.is_some()).await;
     // Someone watching from another terminal (here a pipe: lines, not a bar).
@@ -278,7 +280,7 @@ async fn a_copy_reports_bytes_that_grow_to_the_total_and_a_time_left_that_holds(
         .find_map(|u| {
             let p = u.progress.unwrap();
             // Any figure said while most of the copy was still ahead (reports come every
-            // 2 s, and this copy takes a few seconds).
+            // 2 s, and this copy takes several).
             (p.percent() > 2.0 && p.percent() < 95.0)
                 .then_some(p.seconds_left)
                 .flatten()

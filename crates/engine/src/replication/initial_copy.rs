@@ -83,6 +83,7 @@ pub async fn lost_table_copies(
 ) -> anyhow::Result<Vec<String>> {
     let mut lost = finished_without_slot(source, target, name).await?;
     if !lost.is_empty() {
+        tracing::info!(tables = ?lost, "a table's copy looks lost (finished, no sync slot): looking again");
         tokio::time::sleep(settle).await;
         let again = finished_without_slot(source, target, name).await?;
         lost.retain(|table| again.contains(table));
