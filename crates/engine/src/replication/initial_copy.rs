@@ -96,10 +96,39 @@ async fn finished_without_slot(
     target: &Client,
     name: &str,
 ) -> anyhow::Result<Vec<String>> {
-    // The sync slot's name is `pg_<subscription>_sync_<table>_<subscriber's system id>`
-    // (PostgreSQL's ReplicationSlotNameForTablesync); matching its prefix spares reading
-    // the system id, which needs more than the replication privileges.
-    let finished = target
+    let mut lost = Vec::new();
+    for (table, prefix) in finished(target, name).await? {
+        let has_slot: bool = source
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE starts_with(slot_name::text, $1))",
+                &[&prefix],
+            )
+            .await?
+            .get(0);
+        if !has_slot {
+            lost.push(table);
+        }
+    }
+    if lost.is_empty() {
+        return Ok(lost);
+    }
+    // Read again after the slots: a worker that dropped its slot between the two reads
+    // has committed the table's next state by now (it commits right after the drop).
+    let still: Vec<String> = finished(target, name)
+        .await?
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    lost.retain(|t| still.contains(t));
+    Ok(lost)
+}
+
+/// The link's tables whose copy is recorded as finished (`f`), each with the prefix of
+/// its table-sync slot's name: `pg_<subscription>_sync_<table>_<subscriber's system id>`
+/// (PostgreSQL's ReplicationSlotNameForTablesync; the prefix spares reading the system
+/// id, which needs more than the replication privileges).
+async fn finished(target: &Client, name: &str) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(target
         .query(
             "SELECT format('%I.%I', n.nspname, c.relname), 'pg_' || s.oid || '_sync_' || r.srrelid || '_'
                FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
@@ -109,22 +138,10 @@ async fn finished_without_slot(
                 AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[&name],
         )
-        .await?;
-    let mut lost = Vec::new();
-    for row in finished {
-        let prefix: String = row.get(1);
-        let has_slot: bool = source
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE starts_with(slot_name::text, $1))",
-                &[&prefix],
-            )
-            .await?
-            .get(0);
-        if !has_slot {
-            lost.push(row.get(0));
-        }
-    }
-    Ok(lost)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 /// Starts the initial copy of the link `name` over: the subscription disabled, the
