@@ -222,15 +222,7 @@ async fn the_reverse_slot_made_before_the_pause_sends_back_only_new_writes() {
     }
     let note = h.wait_final_note(&back, MINUTE).await;
     assert_eq!(note.state, State::Success, "{note:?}");
-    let report = load.stop().await;
-    assert!(report.committed > 100, "the load ran: {}", report.committed);
-    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
-    assert_eq!(
-        pgflip_engine::load::lost_commits(&report, &h.endpoint(), &h.admin(), "app")
-            .await
-            .unwrap(),
-        0
-    );
+    h.stop_load_checked(load).await;
     assert_eq!(
         count(&h, "blue", "SELECT count(*) FROM page_views").await,
         507,
