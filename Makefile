@@ -17,15 +17,15 @@ build: setup
 demo: build
 	./target/release/pgflip demo $(if $(DEMO_JSON),--json $(DEMO_JSON),)
 
-# The Kubernetes control plane for the Kubernetes-mode tests: etcd, kube-apiserver,
-# kube-controller-manager and kube-scheduler built from the Go module proxy into
-# ~/.cache/pgflip/kube (idempotent; about 10 minutes the first time on 2 cores).
+# Kubernetes for the Kubernetes-mode tests: etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubelet and kube-proxy (one version) built from the Go module proxy into
+# ~/.cache/pgflip/kube (idempotent; about 12 minutes the first time on 2 cores).
 setup-kube:
 	@bash scripts/setup-kube.sh
 
 # A real node for the Kubernetes-mode tests: containerd, runc and the CNI plugins from
-# Debian, kubelet v1.34.4 built from the Go module proxy, and the images it runs (pause,
-# PostgreSQL 15-18 on a Debian root) into ~/.cache/pgflip/node (idempotent; needs root).
+# Debian, the kubelet of setup-kube, CoreDNS, and the images it runs (pause, PostgreSQL
+# 15-18 on a Debian root) into ~/.cache/pgflip/node (idempotent; needs root).
 setup-node: setup
 	@bash scripts/setup-node.sh
 

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Builds real etcd, kube-apiserver, kube-controller-manager and kube-scheduler from the Go
-# module proxy, idempotently, into a cache outside the repo (no registry ships these binaries):
-#   ${PGFLIP_KUBE_CACHE:-$HOME/.cache/pgflip/kube}/bin/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler}
-# scripts/setup-node.sh builds the node's kubelet and kube-proxy with it at another version
-# (PGFLIP_K8S_VERSION, PGFLIP_KUBE_CACHE and PGFLIP_KUBE_TOOLS).
+# Builds the whole test cluster's Kubernetes from the Go module proxy, idempotently, into a
+# cache outside the repo (no registry ships these binaries): the control plane (etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler) and the node (kubelet, kube-proxy):
+#   ${PGFLIP_KUBE_CACHE:-$HOME/.cache/pgflip/kube}/bin/<tool>
+# One version for all of them, v1.34.4: the newest kubelet that runs on these machines
+# (cgroup v1 only, Debian's containerd 1.6: 1.35 drops cgroup v1 by default, 1.36 needs
+# containerd 2). One version means one module graph and one Go build cache, so the node's
+# binaries reuse nearly every package the control plane compiled: a fresh machine builds
+# Kubernetes once (a second version cost ~10 more minutes on 2 cores).
+# PGFLIP_K8S_VERSION, PGFLIP_KUBE_CACHE and PGFLIP_KUBE_TOOLS override the defaults.
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod `replace`s every staging module
 # (k8s.io/api, k8s.io/apiserver, ...) with ./staging/src/..., and replace lines of a
@@ -20,9 +25,9 @@
 # Usage: scripts/setup-kube.sh [--force]
 set -euo pipefail
 
-K8S_VERSION=${PGFLIP_K8S_VERSION:-v1.37.2}       # served: v1.34.4, v1.35.4, v1.36.x, v1.37.x
+K8S_VERSION=${PGFLIP_K8S_VERSION:-v1.34.4}       # served: v1.34.4, v1.35.4, v1.36.x, v1.37.x
 # etcd, or any command of k8s.io/kubernetes/cmd.
-read -r -a TOOLS <<<"${PGFLIP_KUBE_TOOLS:-etcd kube-apiserver kube-controller-manager kube-scheduler}"
+read -r -a TOOLS <<<"${PGFLIP_KUBE_TOOLS:-etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy}"
 cache=${PGFLIP_KUBE_CACHE:-$HOME/.cache/pgflip/kube}
 bin="$cache/bin"
 wrap="$cache/wrapper"
@@ -50,7 +55,7 @@ if [ "${1:-}" != "--force" ] && [ -f "$stamp" ] && [ $built = 1 ] \
 fi
 
 command -v go >/dev/null 2>&1 || { log "go not found"; exit 1; }
-# kubernetes v1.36/v1.37 declare `go 1.26.0`; the machine's Go 1.26.x builds them. If a
+# kubernetes v1.34-v1.37 declare at most `go 1.26.0`; the machine's Go 1.26.x builds them. If a
 # newer one is ever needed, the only approved way is: export GOTOOLCHAIN=go1.27.3
 export CGO_ENABLED=0
 export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
@@ -116,7 +121,7 @@ build() { # out pkg
   log "  built $1 in $(( $(date +%s) - t ))s ($(du -h "$bin/$1" | cut -f1))"
 }
 for t in "${TOOLS[@]}"; do build "$t" "$(package "$t")"; done
-for t in "${TOOLS[@]}"; do "$bin/$t" --version 2>&1 | head -1 | sed "s/^/[kube]   $t: /"; done
+for t in "${TOOLS[@]}"; do "$bin/$t" --version 2>&1 | sed -n "1s/^/[kube]   $t: /p"; done
 
 {
   echo "$want_stamp"

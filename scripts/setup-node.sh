@@ -2,10 +2,8 @@
 # Installs and builds what a real Kubernetes node needs in the tests (tests/common/real_node.rs),
 # idempotently, into ${PGFLIP_NODE_CACHE:-$HOME/.cache/pgflip/node}:
 #   - Debian's containerd, runc, CNI plugins, iptables, nftables, mmdebstrap and buildah;
-#   - kubelet and kube-proxy, built from the Go module proxy by scripts/setup-kube.sh at
-#     v1.34.4: the newest line that runs on cgroup v1 (these machines have no usable v2)
-#     with Debian's containerd 1.6 (1.35 drops cgroup v1 by default, 1.36 needs containerd 2);
-#     a kubelet may be three minors older than the API server (v1.37);
+#   - kubelet and kube-proxy: scripts/setup-kube.sh builds them with the control plane, at
+#     its version (v1.34.4, the newest kubelet these machines run), into its cache;
 #   - CoreDNS (the cluster's DNS), `go install`ed from the Go module proxy;
 #   - images, as OCI layout tarballs for `ctr images import` (no registry is reachable):
 #     images/pause.tar (registry.k8s.io/pause:3.9, a static C program: images/pause/pause.c),
@@ -21,7 +19,6 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 cache=${PGFLIP_NODE_CACHE:-$HOME/.cache/pgflip/node}
 toolchain=${PGFLIP_TOOLCHAIN:-$repo/.toolchain}
-KUBELET_VERSION=${PGFLIP_KUBELET_VERSION:-v1.34.4}
 COREDNS_VERSION=${PGFLIP_COREDNS_VERSION:-v1.15.0}
 DEBIAN_MIRROR=${PGFLIP_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 force=${1:-}
@@ -40,9 +37,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# 2. kubelet and kube-proxy.
-PGFLIP_K8S_VERSION=$KUBELET_VERSION PGFLIP_KUBE_CACHE="$cache/k8s-$KUBELET_VERSION" \
-  PGFLIP_KUBE_TOOLS="kubelet kube-proxy" bash scripts/setup-kube.sh $force
+# 2. kubelet and kube-proxy, with the control plane (a no-op when it is built; --force here
+#    rebuilds the images only: scripts/setup-kube.sh --force rebuilds Kubernetes).
+bash scripts/setup-kube.sh
 
 # 3. CoreDNS: a plain main module, no replace lines, so `go install` builds it.
 coredns_dir="$cache/coredns-$COREDNS_VERSION"

@@ -249,7 +249,8 @@ impl RealNode {
     pub async fn start(cluster: &Cluster, network: NodeNetwork) -> RealNode {
         let started = Instant::now();
         let cache = node_cache_dir();
-        // The node cache holds k8s-<version>/bin/{kubelet,kube-proxy} and coredns-<version>/.
+        // The node cache holds coredns-<version>/; the kubelet and kube-proxy are built with
+        // the control plane, in its cache (scripts/setup-kube.sh).
         let built = |what: &str, pick: &dyn Fn(&std::fs::DirEntry) -> Option<PathBuf>| {
             std::fs::read_dir(&cache)
                 .into_iter()
@@ -263,9 +264,12 @@ impl RealNode {
                     )
                 })
         };
-        let kubelet_bin = built("kubelet", &|e| {
-            Some(e.path().join("bin/kubelet")).filter(|p| p.is_file())
-        });
+        let kubelet_bin = kube_cache_dir().join("bin/kubelet");
+        assert!(
+            kubelet_bin.is_file(),
+            "{} is missing: run scripts/setup-node.sh",
+            kubelet_bin.display()
+        );
         let coredns_version = built("CoreDNS", &|e| {
             e.file_name()
                 .to_str()?
