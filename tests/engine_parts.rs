@@ -894,3 +894,53 @@ async fn the_write_hold_cancels_an_autovacuum_in_its_way() {
     );
     locker.batch_execute("COMMIT").await.unwrap();
 }
+
+/// `ALTER TABLE … REPLICA IDENTITY FULL` queues every new writer of the table behind it
+/// while it waits for its lock. With a transaction left open on the table, preflight's
+/// short tries let other writers through between them (one long wait would hold them all
+/// for its whole timeout), and the identity is set once that transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_identity_tries_let_writers_through_a_long_transaction() {
+    let pair = Pair::start(16, 16).await;
+    let blue = pair.create_db(&pair.blue, "busy").await;
+    blue.batch_execute("CREATE TABLE keyless (v int)")
+        .await
+        .unwrap();
+    let long = pg::connect(&pair.blue, &pair.creds, "busy").await.unwrap();
+    long.batch_execute("BEGIN; INSERT INTO keyless VALUES (0)")
+        .await
+        .unwrap();
+    let setting = tokio::spawn(async move {
+        preflight::ensure_replica_identity_full(&blue, &[("public".into(), "keyless".into())]).await
+    });
+    let writer = pg::connect(&pair.blue, &pair.creds, "busy").await.unwrap();
+    for v in 1..=20 {
+        writer
+            .execute("INSERT INTO keyless VALUES ($1)", &[&v])
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        !setting.is_finished(),
+        "the identity was settled (or given up) while the long transaction was still open: {:?}",
+        setting.await
+    );
+    long.batch_execute("COMMIT").await.unwrap();
+    setting.await.unwrap().unwrap();
+    let ident: String = writer
+        .query_one(
+            "SELECT relreplident::text FROM pg_class WHERE oid = 'keyless'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ident, "f");
+    let rows: i64 = writer
+        .query_one("SELECT count(*) FROM keyless", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 21);
+}
