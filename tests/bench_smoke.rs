@@ -21,6 +21,8 @@ fn quick_bench_writes_every_figure() {
             "100",
             "--clients",
             "2",
+            "--copy",
+            "physical,logical",
         ])
         .arg("--out")
         .arg(dir.path().join("results"))
@@ -66,6 +68,21 @@ fn quick_bench_writes_every_figure() {
         assert!(p[key].as_f64().unwrap() > 0.0, "{key}: {p}");
     }
     assert!(v["conventional"]["stop_to_resume_ms"].as_f64().unwrap() > 0.0);
+    // Two copy methods: the headline is the first, the other beside it, both timed.
+    assert_eq!(p["copy_method"], "physical", "{p}");
+    let others = v["sizes"][0]["pgflip_other_copies"].as_array().unwrap();
+    assert_eq!(others.len(), 1, "{others:?}");
+    assert_eq!(others[0]["copy_method"], "logical", "{others:?}");
+    for run in [p, &others[0]] {
+        assert!(run["initial_sync_s"].as_f64().unwrap() > 0.0, "{run}");
+        assert_eq!(run["lost_commits"], 0, "{run}");
+    }
+    assert!(
+        v["sizes"][0]["conventional"]["dump_restore_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     // Each slow transaction is put down to the phase it waited in, from the phase timeline.
     let timeline = p["phase_timeline"].as_array().unwrap();
     assert!(
@@ -102,7 +119,20 @@ fn quick_bench_writes_every_figure() {
         );
     }
     assert!(
-        !dir.path().join("work/pgflip-15mb").exists(),
-        "each environment is removed after its run"
+        results
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with("-initial-copy.png")),
+        "no initial copy plot in {results:?}"
     );
+    for run in [
+        "pgflip-physical",
+        "pgflip-logical",
+        "conventional",
+        "in-place",
+    ] {
+        assert!(
+            !dir.path().join(format!("work/{run}-15mb")).exists(),
+            "each environment is removed after its run: {run}"
+        );
+    }
 }

@@ -37,9 +37,10 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 17)]
     pub to: u32,
     /// pgflip's `spec.copy`: auto (physical for upgrades where it can be done), logical or
-    /// physical.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "logical", "physical"])]
-    pub copy: String,
+    /// physical. Several (`physical,logical`): pgflip runs once per method at each size,
+    /// the first is the headline, and the initial copies are compared side by side.
+    #[arg(long, default_value = "auto", value_delimiter = ',', value_parser = ["auto", "logical", "physical"])]
+    pub copy: Vec<String>,
     /// Where the results go.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
@@ -77,6 +78,16 @@ pub struct SizeResult {
     pub pgflip: Measured,
     pub conventional: Measured,
     pub in_place: Measured,
+    /// pgflip again with each further `--copy` method.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pgflip_other_copies: Vec<Measured>,
+}
+
+impl SizeResult {
+    /// Every pgflip run at this size, the headline first.
+    pub fn pgflip_runs(&self) -> impl Iterator<Item = &Measured> {
+        std::iter::once(&self.pgflip).chain(&self.pgflip_other_copies)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +119,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     if sizes.is_empty() {
         bail!("no sizes to run");
     }
+    let mut copies = opts.copy.clone();
+    copies.dedup();
+    if copies.is_empty() {
+        bail!("no copy method to run");
+    }
     std::fs::create_dir_all(&opts.work)?;
     let work = opts.work.canonicalize()?;
     let load = Load {
@@ -121,18 +137,19 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             "== {size_mb} MB (pgbench scale {scale}), {} tx/s, {} clients",
             load.rate, load.clients
         );
-        let run_one = async |name: &str| -> anyhow::Result<Measured> {
+        let run_one = async |name: &str, copy: &str| -> anyhow::Result<Measured> {
+            let (name, dir) = match name {
+                "pgflip" if copies.len() > 1 => {
+                    (format!("pgflip ({copy} copy)"), format!("pgflip-{copy}"))
+                }
+                _ => (name.to_string(), name.to_string()),
+            };
+            let dir = work.join(format!("{dir}-{size_mb}mb"));
             println!("   {name}: preparing");
-            let mut env = Env::create(
-                &work.join(format!("{name}-{size_mb}mb")),
-                from,
-                scale,
-                &opts.copy,
-            )
-            .await?;
+            let mut env = Env::create(&dir, from, scale, copy).await?;
             println!("   {name}: running");
-            let m = match name {
-                "pgflip" => strategies::pgflip(&mut env, to, load).await,
+            let m = match name.as_str() {
+                n if n.starts_with("pgflip") => strategies::pgflip(&mut env, to, load).await,
                 "conventional" => strategies::conventional(&mut env, to, load).await,
                 _ => strategies::in_place(&mut env, to, load).await,
             }
@@ -142,23 +159,30 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 m.downtime_ms, m.failed_transactions, m.lost_commits
             );
             drop(env);
-            let _ = std::fs::remove_dir_all(work.join(format!("{name}-{size_mb}mb")));
+            let _ = std::fs::remove_dir_all(&dir);
             Ok(m)
         };
-        let mut pgflip = run_one("pgflip").await?;
-        let conventional = run_one("conventional").await?;
-        let in_place = run_one("in-place").await?;
-        if let Some(d) = pgflip.pgflip.as_mut() {
-            let base = pgflip.downtime_ms.max(0.001);
-            d.ratio_vs_conventional = Some(conventional.downtime_ms / base);
-            d.ratio_vs_in_place = Some(in_place.downtime_ms / base);
+        let mut pgflip = Vec::new();
+        for copy in &copies {
+            pgflip.push(run_one("pgflip", copy).await?);
         }
+        let conventional = run_one("conventional", &copies[0]).await?;
+        let in_place = run_one("in-place", &copies[0]).await?;
+        for run in &mut pgflip {
+            let base = run.downtime_ms.max(0.001);
+            if let Some(d) = run.pgflip.as_mut() {
+                d.ratio_vs_conventional = Some(conventional.downtime_ms / base);
+                d.ratio_vs_in_place = Some(in_place.downtime_ms / base);
+            }
+        }
+        let mut pgflip = pgflip.into_iter();
         results.push(SizeResult {
             size_mb,
             pgbench_scale: scale,
-            pgflip,
+            pgflip: pgflip.next().context("no pgflip run")?,
             conventional,
             in_place,
+            pgflip_other_copies: pgflip.collect(),
         });
     }
     let first = &results[0];

@@ -1,5 +1,6 @@
-//! The benchmark's two plots, drawn with plotters into PNG files: downtime against
-//! database size per strategy, and client latency over time around the change.
+//! The benchmark's plots, drawn with plotters into PNG files: downtime against database
+//! size per strategy, client latency over time around the change, and the initial copy's
+//! time against size per copy method beside dump and restore.
 
 use super::BenchResult;
 use super::strategies::Measured;
@@ -7,6 +8,9 @@ use anyhow::{Context, anyhow};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+/// A named, coloured series of (database size in MB, value) points.
+type Line = (String, RGBColor, Vec<(f64, f64)>);
 
 const FONT_FILES: &[&str] = &[
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -54,53 +58,105 @@ pub fn draw(r: &BenchResult, out: &Path, stem: &str) -> anyhow::Result<Vec<PathB
         &around,
     )
     .context("drawing the latency plot")?;
-    Ok(vec![by_size, around])
+    let copies = out.join(format!("{stem}-initial-copy.png"));
+    initial_copy_by_size(r, &copies).context("drawing the initial copy plot")?;
+    Ok(vec![by_size, around, copies])
+}
+
+/// Seconds to copy the data before the switch can start: each pgflip copy method (from
+/// the commit until green is in sync) and the conventional dump and restore.
+fn initial_copy_by_size(r: &BenchResult, path: &Path) -> anyhow::Result<()> {
+    let mut lines: Vec<Line> = super::report::copy_methods(r)
+        .into_iter()
+        .enumerate()
+        .map(|(i, method)| {
+            let points = r
+                .sizes
+                .iter()
+                .filter_map(|s| s.pgflip_runs().nth(i)?.pgflip.as_ref().map(|p| (s, p)))
+                .map(|(s, p)| (s.size_mb as f64, p.initial_sync_s))
+                .collect();
+            let color = [RGBColor(0, 114, 178), RGBColor(86, 180, 233)][i.min(1)];
+            (format!("pgflip, {method} copy"), color, points)
+        })
+        .collect();
+    lines.push((
+        "dump | restore".into(),
+        STRATEGIES[1].1,
+        r.sizes
+            .iter()
+            .filter_map(|s| Some((s.size_mb as f64, s.conventional.dump_restore_s?)))
+            .collect(),
+    ));
+    lines_by_size(
+        path,
+        &format!("Initial copy under load, PostgreSQL {} → {}", r.from, r.to),
+        "time to copy (s, log scale)",
+        &|s| format!("{s:.1}"),
+        lines,
+    )
 }
 
 fn downtime_by_size(r: &BenchResult, path: &Path) -> anyhow::Result<()> {
+    let lines = STRATEGIES
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, color))| {
+            let points = r
+                .sizes
+                .iter()
+                .map(|s| {
+                    let m = [&s.pgflip, &s.conventional, &s.in_place][i];
+                    (s.size_mb as f64, m.downtime_ms.max(1.0))
+                })
+                .collect();
+            (name.to_string(), color, points)
+        })
+        .collect();
+    lines_by_size(
+        path,
+        &format!("Downtime seen by clients, PostgreSQL {} → {}", r.from, r.to),
+        "downtime (ms, log scale)",
+        &|ms| format!("{ms:.0}"),
+        lines,
+    )
+}
+
+/// One line per series against database size, both axes logarithmic.
+fn lines_by_size(
+    path: &Path,
+    caption: &str,
+    y_desc: &str,
+    y_label: &dyn Fn(&f64) -> String,
+    lines: Vec<Line>,
+) -> anyhow::Result<()> {
+    let points = || lines.iter().flat_map(|l| l.2.iter());
+    let max_size = points().map(|p| p.0).fold(1.0f64, f64::max);
+    let min_size = points().map(|p| p.0).fold(max_size, f64::min);
+    let max_y = points().map(|p| p.1).fold(1.0f64, f64::max) * 2.0;
+    let min_y = points().map(|p| p.1).fold(max_y, f64::min).max(0.01) / 2.0;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max_size = r.sizes.iter().map(|s| s.size_mb).max().unwrap_or(1) as f64;
-    let min_size = r.sizes.iter().map(|s| s.size_mb).min().unwrap_or(1) as f64;
-    let all = r.sizes.iter().flat_map(|s| {
-        [
-            s.pgflip.downtime_ms,
-            s.conventional.downtime_ms,
-            s.in_place.downtime_ms,
-        ]
-    });
-    let max_ms = all.fold(1.0f64, f64::max) * 2.0;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("Downtime seen by clients, PostgreSQL {} → {}", r.from, r.to),
-            ("sans-serif", 22),
-        )
+        .caption(caption, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
         .build_cartesian_2d(
             ((min_size / 2.0)..(max_size * 2.0)).log_scale(),
-            (1.0f64..max_ms).log_scale(),
+            (min_y..max_y).log_scale(),
         )?;
     chart
         .configure_mesh()
         .x_desc("database size (MB, log scale)")
-        .y_desc("downtime (ms, log scale)")
+        .y_desc(y_desc)
         // A log axis gets a label at every minor step; whole numbers at a few are enough.
         .x_labels(6)
         .x_label_formatter(&|mb| format!("{mb:.0}"))
-        .y_label_formatter(&|ms| format!("{ms:.0}"))
+        .y_label_formatter(y_label)
         .label_style(("sans-serif", 14))
         .draw()?;
-    for (i, (name, color)) in STRATEGIES.into_iter().enumerate() {
-        let points: Vec<(f64, f64)> = r
-            .sizes
-            .iter()
-            .map(|s| {
-                let m = [&s.pgflip, &s.conventional, &s.in_place][i];
-                (s.size_mb as f64, m.downtime_ms.max(1.0))
-            })
-            .collect();
+    for (name, color, points) in lines {
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))?
             .label(name)

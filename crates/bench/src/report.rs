@@ -108,7 +108,43 @@ pub fn markdown(r: &BenchResult) -> String {
             p.rollback_worst_stall.phase
         );
     }
+    let _ = writeln!(
+        s,
+        "\n| size | initial copy: {} · dump\\|restore (s, MB/s) |",
+        copy_methods(r).join(" · ")
+    );
+    let _ = writeln!(s, "|---:|---|");
+    for size in &r.sizes {
+        let mut cells: Vec<String> = size
+            .pgflip_runs()
+            .filter_map(|m| m.pgflip.as_ref())
+            .map(|p| format!("{:.1} s, {:.1} MB/s", p.initial_sync_s, p.initial_sync_mb_s))
+            .collect();
+        cells.push(
+            match (
+                size.conventional.dump_restore_s,
+                size.conventional.dump_restore_mb_s,
+            ) {
+                (Some(secs), Some(rate)) => format!("{secs:.1} s, {rate:.1} MB/s"),
+                _ => "n/a".into(),
+            },
+        );
+        let _ = writeln!(s, "| {} MB | {} |", size.size_mb, cells.join(" · "));
+    }
     s
+}
+
+/// The copy methods pgflip ran with, headline first (`auto` resolved to what it chose).
+pub fn copy_methods(r: &BenchResult) -> Vec<String> {
+    r.sizes
+        .first()
+        .map(|size| {
+            size.pgflip_runs()
+                .filter_map(|m| m.pgflip.as_ref())
+                .map(|p| p.copy_method.clone())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn rate(m: &Measured) -> String {

@@ -59,9 +59,11 @@ pub struct Measured {
     pub pgflip: Option<PgflipDetail>,
     /// Latency around the change, per 20 ms: (ms from its start, the bucket's max latency).
     pub series: Vec<(f64, f64)>,
-    /// Conventional: MB/s of the dump and restore.
+    /// Conventional: MB/s of the dump and restore, and its seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dump_restore_mb_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dump_restore_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -157,6 +159,7 @@ pub async fn pgflip(env: &mut Env, to: Major, load: Load) -> anyhow::Result<Meas
         clients: up_window,
         stop_to_resume_ms: None,
         dump_restore_mb_s: None,
+        dump_restore_s: None,
         pgflip: Some(PgflipDetail {
             pause_ms: up.pause_ms,
             rollback_pause_ms: down.pause_ms,
@@ -254,6 +257,7 @@ pub async fn conventional(env: &mut Env, to: Major, load: Load) -> anyhow::Resul
     })
     .await?;
     m.dump_restore_mb_s = Some(mb(bytes) / f64::max(copy_s, 0.001));
+    m.dump_restore_s = Some(copy_s);
     Ok(m)
 }
 
@@ -335,6 +339,7 @@ async fn offline(
         stop_to_resume_ms: Some(stop_to_resume_ms),
         pgflip: None,
         dump_restore_mb_s: None,
+        dump_restore_s: None,
     })
 }
 
