@@ -47,16 +47,20 @@ fn bin_dir() -> PathBuf {
     bin
 }
 
-/// Flux's CRDs (Kustomization, GitRepository): `$PGFLIP_FLUX_CRDS`, else `../shared/flux-crds`
-/// beside the repository.
+/// Flux's CRDs (Kustomization, GitRepository): `$PGFLIP_FLUX_CRDS`; else those
+/// scripts/setup-flux.sh took from the Flux modules it built (so they match the
+/// controllers); else `../shared/flux-crds` beside the repository (a checkout elsewhere,
+/// as on a fresh machine, has none there).
 fn flux_crd_dir() -> PathBuf {
     let flux = std::env::var_os("PGFLIP_FLUX_CRDS")
         .map(PathBuf::from)
+        .or_else(|| Some(cache_dir().join("flux-crds")).filter(|d| d.is_dir()))
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/flux-crds"));
     assert!(
         flux.is_dir(),
-        "Flux's CRDs are not at {}: put Flux's CRD YAML files (kustomize-controller's \
-         Kustomization, source-controller's GitRepository) there or set PGFLIP_FLUX_CRDS",
+        "Flux's CRDs are not at {}: run scripts/setup-flux.sh, or put Flux's CRD YAML files \
+         (kustomize-controller's Kustomization, source-controller's GitRepository) there or \
+         set PGFLIP_FLUX_CRDS",
         flux.display()
     );
     flux
