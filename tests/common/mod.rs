@@ -581,6 +581,22 @@ impl Harness {
         report
     }
 
+    /// Waits until the endpoint takes a connection again (pgflip restarts a killed
+    /// PgBouncer at its next look, which may come after the switch has finished).
+    pub async fn wait_endpoint_answers(&self, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let tried = connect(&self.endpoint(), &self.admin(), "app").await;
+            match tried {
+                Ok(_) => return,
+                Err(e) if started.elapsed() > timeout => {
+                    panic!("the endpoint did not answer within {timeout:?}: {e:#}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
     /// The port the endpoint currently sends clients to.
     pub async fn serving_port(&self, app: &Credentials) -> u16 {
         self.try_serving_port(app).await.unwrap()
