@@ -581,19 +581,33 @@ impl Harness {
         report
     }
 
-    /// Waits until the endpoint takes a connection again (pgflip restarts a killed
-    /// PgBouncer at its next look, which may come after the switch has finished).
-    pub async fn wait_endpoint_answers(&self, timeout: Duration) {
-        let started = Instant::now();
+    /// Waits until the endpoint serves again — on `port`, if given — no sooner than
+    /// `not_before` after `since` and within `within` of it; returns the port it serves on.
+    pub async fn served_again(
+        &self,
+        app: &Credentials,
+        port: Option<u16>,
+        since: Instant,
+        not_before: Duration,
+        within: Duration,
+    ) -> u16 {
         loop {
-            let tried = connect(&self.endpoint(), &self.admin(), "app").await;
-            match tried {
-                Ok(_) => return,
-                Err(e) if started.elapsed() > timeout => {
-                    panic!("the endpoint did not answer within {timeout:?}: {e:#}")
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            let answered =
+                tokio::time::timeout(Duration::from_millis(500), self.try_serving_port(app)).await;
+            if let Ok(Ok(serving)) = answered
+                && port.is_none_or(|p| p == serving)
+                && since.elapsed() > not_before
+            {
+                eprintln!("served again on {serving} after {:?}", since.elapsed());
+                return serving;
             }
+            assert!(
+                since.elapsed() < within,
+                "not served again{} within {within:?}: {answered:?}\n{}",
+                port.map(|p| format!(" on {p}")).unwrap_or_default(),
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

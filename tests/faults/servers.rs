@@ -326,8 +326,7 @@ async fn green_frozen_inside_the_pause_rolls_back_onto_blue_and_the_switch_compl
     let frozen = Instant::now();
     let blue = h.instance_addr("blue").unwrap();
     // Clients run on blue again once the bound has passed, without waiting on green.
-    served_again(
-        &h,
+    h.served_again(
         &app,
         Some(blue.port),
         frozen,
@@ -386,15 +385,9 @@ async fn pgbouncer_killed_inside_the_pause_comes_back_on_blue_and_the_switch_com
     nix::sys::signal::kill(h.pgbouncer().unwrap(), Signal::SIGKILL).unwrap();
     let killed = Instant::now();
     let blue = h.instance_addr("blue").unwrap();
-    let port = served_again(
-        &h,
-        &app,
-        None,
-        killed,
-        Duration::ZERO,
-        Duration::from_secs(20),
-    )
-    .await;
+    let port = h
+        .served_again(&app, None, killed, Duration::ZERO, Duration::from_secs(20))
+        .await;
     assert_eq!(port, blue.port, "the endpoint points at blue");
     assert_takes_writes(&h, &blue).await;
     let named = h
@@ -429,8 +422,7 @@ async fn blue_killed_during_the_copy_is_restarted_and_the_switch_completes() {
     h.kill_server("blue");
     let killed = Instant::now();
     // Served again within seconds: pgflip starts blue again.
-    served_again(
-        &h,
+    h.served_again(
         &app,
         None,
         killed,
@@ -490,8 +482,7 @@ async fn blue_frozen_inside_the_pause_holds_clients_then_they_run_on_blue_again(
     h.signal_server("blue", Signal::SIGCONT);
     let thawed = Instant::now();
     let blue = h.instance_addr("blue").unwrap();
-    served_again(
-        &h,
+    h.served_again(
         &app,
         Some(blue.port),
         thawed,
@@ -505,36 +496,6 @@ async fn blue_frozen_inside_the_pause_holds_clients_then_they_run_on_blue_again(
     h.wait_switched("the switch after blue froze", 1, &up, (Color::Green, 16))
         .await;
     h.stop_load_checked(load).await;
-}
-
-/// Waits until the endpoint serves again — on `port`, if given — no sooner than
-/// `not_before` after `since` and within `within` of it; returns the port it serves on.
-async fn served_again(
-    h: &Harness,
-    app: &Credentials,
-    port: Option<u16>,
-    since: Instant,
-    not_before: Duration,
-    within: Duration,
-) -> u16 {
-    loop {
-        let answered =
-            tokio::time::timeout(Duration::from_millis(500), h.try_serving_port(app)).await;
-        if let Ok(Ok(serving)) = answered
-            && port.is_none_or(|p| p == serving)
-            && since.elapsed() > not_before
-        {
-            eprintln!("served again on {serving} after {:?}", since.elapsed());
-            return serving;
-        }
-        assert!(
-            since.elapsed() < within,
-            "not served again{} within {within:?}: {answered:?}\n{}",
-            port.map(|p| format!(" on {p}")).unwrap_or_default(),
-            h.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Waits until the record counts the rolled-back pause, then stops pgflip (still armed).
