@@ -127,6 +127,22 @@ fn failed_by_pgflip(report: &LoadReport, cuts: &[Duration]) -> Vec<f64> {
         .collect()
 }
 
+/// Waits until pgflip's instance of `color`, if there is one, accepts connections again.
+async fn instance_answers(h: &Harness, color: &str, within: Duration) {
+    let since = Instant::now();
+    while let Some(addr) = h.instance_addr(color) {
+        let Err(refused) = connect(&addr, &h.admin(), "postgres").await else {
+            return;
+        };
+        assert!(
+            since.elapsed() < within,
+            "{color} not running again within {within:?}: {refused:#}\n{}",
+            h.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Replication slots on either server other than the reverse link's on the serving one.
 async fn slots_left(h: &Harness) -> Vec<String> {
     let r = h.record();
@@ -202,6 +218,10 @@ async fn soak_switches_and_reverts_under_faults_lose_nothing() {
     // pgflip restarts a killed endpoint at its next look, which may come after the switch.
     h.served_again(&h.admin(), None, Instant::now(), Duration::ZERO, MINUTE)
         .await;
+    // So does a killed standby: the fault may land just after the switch, on the old color.
+    for color in ["blue", "green"] {
+        instance_answers(&h, color, MINUTE).await;
+    }
     let report = load.stop().await;
     let lost = lost_commits(&report, &h.endpoint(), &h.admin(), "app")
         .await
