@@ -4,7 +4,7 @@
 //! A thin loop around the shared [`Runner`]: look at the branch, take what it carries,
 //! step.
 
-use crate::plans::{PullRequestPlans, plan_context, plan_update};
+use crate::plans::{PullRequestPlans, plan_context};
 use pgflip_core::plan::{Member, Record};
 use pgflip_core::report::Update;
 use pgflip_core::spec::Desired;
@@ -19,6 +19,7 @@ use pgflip_engine::driver::{Driver, Progress, system_clock};
 use pgflip_engine::intake;
 use pgflip_engine::phases::Phases;
 use pgflip_engine::ports::{Instances, Source, StatusSink};
+use pgflip_engine::pull_requests::plan_update;
 use pgflip_engine::runner::Runner;
 use pgflip_engine::state::StateDir;
 use pgflip_engine::toolchain::Toolchain;

@@ -93,20 +93,32 @@ impl Repo {
 
     /// Commits everything and pushes to the served repository; the new commit.
     fn commit(&self, message: &str) -> String {
-        git(&self.work, &["add", "-A"]);
-        git(&self.work, &["commit", "-q", "-m", message]);
+        self.commit_unpushed(message);
         self.push()
     }
 
+    fn commit_unpushed(&self, message: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", message]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
     fn push(&self) -> String {
+        self.push_to("refs/heads/main")
+    }
+
+    /// Pushes HEAD to `git_ref` of the served repository (`refs/pull/1/head` is where
+    /// a forge keeps a pull request's head); the commit pushed.
+    fn push_to(&self, git_ref: &str) -> String {
         let remote = self.served.join("app.git");
         git(
             &self.work,
             &[
                 "push",
                 "-q",
+                "-f",
                 remote.to_str().unwrap(),
-                "HEAD:refs/heads/main",
+                &format!("HEAD:{git_ref}"),
             ],
         );
         git(&self.work, &["rev-parse", "HEAD"])
@@ -170,14 +182,23 @@ fn is_ready_for(object: &BlueGreenDatabase, version: &str, commit: &str) -> bool
 
 /// The commit statuses posted for `commit`: (state, description), in order.
 fn statuses_on(forge: &FakeForge, commit: &str) -> Vec<(String, String)> {
+    statuses_in(forge, commit, &format!("pgflip/{NS}/{DB}"))
+}
+
+/// The plans posted on a pull request's head `commit`: (state, description), in order.
+fn plans_on(forge: &FakeForge, commit: &str) -> Vec<(String, String)> {
+    statuses_in(forge, commit, &format!("pgflip/plan/{NS}/{DB}"))
+}
+
+fn statuses_in(forge: &FakeForge, commit: &str, context: &str) -> Vec<(String, String)> {
     forge
         .requests()
         .into_iter()
         .filter(|r| r.path == format!("/repos/{FORGE_REPOSITORY}/statuses/{commit}"))
+        .filter(|r| r.body["context"] == context)
         .map(|r| {
             assert_eq!(r.method, "POST");
             assert_eq!(r.headers["authorization"], format!("Bearer {FORGE_TOKEN}"));
-            assert_eq!(r.body["context"], format!("pgflip/{NS}/{DB}"));
             (
                 r.body["state"].as_str().unwrap().to_string(),
                 r.body["description"]
@@ -286,7 +307,8 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::new(dir.path());
     let first = git(&repo.work, &["rev-parse", "HEAD"]);
-    let git_server = GitHttp::start(&repo.served).await;
+    // Fetched by Flux, and by the controller's pods for the pull requests' heads.
+    let git_server = GitHttp::start_on(&repo.served, node.network().host_ip().into()).await;
     let git_url = format!("{}/app.git", git_server.url);
 
     // What a person does by hand, once, besides `flux install`: the forge token Secret.
@@ -420,8 +442,69 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
         );
         object
     };
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let generations = async || -> Vec<_> {
+        let mut list: Vec<_> = statefulsets
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|s| (s.metadata.name, s.metadata.generation))
+            .collect();
+        list.sort();
+        list
+    };
+    // Before it merges, the pull request gets a plan from the controller in the cluster
+    // (Flux follows main; the forge keeps the head under refs/pull/N/head): a success
+    // for the bump; a failure for a second one asking for a version pgflip refuses. The
+    // plans change nothing.
+    let before_plans = generations().await;
+    repo.set_version("13");
+    let unsupported = repo.commit_unpushed("orders: PostgreSQL 13");
+    repo.push_to("refs/pull/2/head");
+    git(&repo.work, &["reset", "-q", "--hard", "HEAD~1"]);
     repo.set_version("16");
-    let bump = repo.commit("orders: PostgreSQL 16");
+    let bump = repo.commit_unpushed("orders: PostgreSQL 16");
+    repo.push_to("refs/pull/1/head");
+    let pulls = format!("/repos/{FORGE_REPOSITORY}/pulls?state=open&per_page=100");
+    let pull = |number: u64, head: &str| serde_json::json!({"number": number, "head": {"sha": head, "ref": "bump"}, "base": {"ref": "main"}});
+    world.forge.list(
+        &pulls,
+        serde_json::json!([pull(1, &bump), pull(2, &unsupported)]),
+    );
+    let plan_of = async |head: &str| {
+        world
+            .wait_for(
+                "a plan on the pull request",
+                Duration::from_secs(120),
+                async || plans_on(&world.forge, head).pop(),
+            )
+            .await
+    };
+    let (state, description) = plan_of(&bump).await;
+    eprintln!("plan on the bump: {state}: {description}");
+    assert_eq!(state, "success", "{description}");
+    assert!(description.contains("upgrade 15 → 16"), "{description}");
+    let (state, description) = plan_of(&unsupported).await;
+    assert_eq!(state, "failure", "{description}");
+    assert!(
+        description.contains("PostgreSQL 13 is not supported"),
+        "{description}"
+    );
+    assert_eq!(
+        generations().await,
+        before_plans,
+        "a plan changes no StatefulSet"
+    );
+    assert!(
+        statuses_on(&world.forge, &bump).is_empty(),
+        "not switched yet"
+    );
+    world.forge.list(&pulls, serde_json::json!([]));
+
+    // It merges (fast-forward: the head planned is the commit switched).
+    repo.push();
     let object = switch_under_load("16", &bump).await;
     let last = object.status.unwrap().last_switch.unwrap();
     assert_eq!(
@@ -436,19 +519,6 @@ async fn version_bump_revert_and_bad_commit_through_real_flux() {
 
     // A commit pgflip refuses: a failure status on it saying why, Flux's health check
     // fails, nothing changes, blue keeps serving.
-    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
-    let generations = async || -> Vec<_> {
-        let mut list: Vec<_> = statefulsets
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|s| (s.metadata.name, s.metadata.generation))
-            .collect();
-        list.sort();
-        list
-    };
     let before = generations().await;
     repo.set_version("13");
     let bad = repo.commit("orders: PostgreSQL 13");

@@ -103,6 +103,7 @@ fn the_base_renders_with_least_privilege_rbac_and_a_locked_down_controller() {
             ("", "persistentvolumeclaims", &["get", "delete"]),
             ("events.k8s.io", "events", &["create", "patch"]),
             ("kustomize.toolkit.fluxcd.io", "kustomizations", &["get"]),
+            ("source.toolkit.fluxcd.io", "gitrepositories", &["get"]),
         ])
     );
     let role = of_kind(&docs, "Role")[0];

@@ -27,15 +27,21 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 pub struct GitHttp {
-    /// `http://127.0.0.1:<port>`; a repository `<root>/x.git` is at `<url>/x.git`.
+    /// `http://<ip>:<port>`; a repository `<root>/x.git` is at `<url>/x.git`.
     pub url: String,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl GitHttp {
-    /// Serves every repository under `root`.
+    /// Serves every repository under `root`, on loopback.
     pub async fn start(root: &Path) -> GitHttp {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        GitHttp::start_on(root, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// [`GitHttp::start`] on `ip`: the machine's side of a node's link, say, where pods
+    /// reach it too.
+    pub async fn start_on(root: &Path, ip: std::net::IpAddr) -> GitHttp {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let root = root.to_path_buf();
         let server = tokio::spawn(async move {

@@ -6,7 +6,7 @@
 
 use crate::plan::{AttemptKind, CopyChoice, CopyMethod, Member, SwitchRecord};
 use crate::progress::{bytes, duration};
-use crate::report::State;
+use crate::report::{State, Update};
 use crate::spec::Major;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -98,6 +98,21 @@ impl Forecast {
             }
             Some(from) => format!("stays on PostgreSQL {}", from.major),
         }
+    }
+
+    /// The plan as a status update (`phase` "plan"): its verdict, its line, what it
+    /// refuses and leaves behind, and the readable report.
+    pub fn update(&self) -> Update {
+        let mut u = Update::new(self.state(), "plan", self.summary());
+        if let Some(from) = self.from {
+            u = u.between(from.major, self.to);
+        }
+        if !self.refusals.is_empty() {
+            u.reason = Some(self.refusals.join("; "));
+        }
+        u.left_behind = self.left_behind.clone();
+        u.report = Some(self.report());
+        u
     }
 
     /// One line, for the commit status: the refusals, or what would happen.

@@ -27,6 +27,7 @@ pub mod phases;
 pub mod ports;
 pub mod preflight;
 pub mod prewarm;
+pub mod pull_requests;
 pub mod random;
 pub mod replication;
 pub mod run_as;

@@ -138,11 +138,188 @@ impl KustomizationStatus {
     }
 }
 
+/// Where a Kustomization's files come from, for plans on pull requests: the
+/// `GitRepository` it applies from and the directory in it (`spec.sourceRef`, `spec.path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KustomizationSource {
+    pub repository_namespace: String,
+    pub repository_name: String,
+    /// Relative to the repository's root, as written (`./gitops/databases`).
+    pub path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct KustomizationSpecPart {
+    source_ref: SourceRef,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SourceRef {
+    kind: String,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+impl KustomizationSource {
+    /// From the Kustomization's `spec` (a Kustomization in `namespace`). Only a
+    /// `GitRepository` source has pull requests.
+    pub fn of(spec: &serde_json::Value, namespace: &str) -> Result<KustomizationSource, String> {
+        let spec: KustomizationSpecPart = serde_json::from_value(spec.clone())
+            .map_err(|e| format!("the Kustomization's spec: {e}"))?;
+        if spec.source_ref.kind != "GitRepository" {
+            return Err(format!(
+                "its source is a {}, not a GitRepository: no pull requests to plan",
+                spec.source_ref.kind
+            ));
+        }
+        Ok(KustomizationSource {
+            repository_namespace: spec.source_ref.namespace.unwrap_or(namespace.to_string()),
+            repository_name: spec.source_ref.name,
+            path: spec.path.unwrap_or_else(|| "./".into()),
+        })
+    }
+}
+
+/// The part of a Flux `GitRepository` (source.toolkit.fluxcd.io/v1) plans read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitRepositorySource {
+    pub url: String,
+    /// The branch Flux follows: pull requests into it are planned.
+    pub branch: String,
+    /// The Secret (in the GitRepository's namespace) holding its credentials.
+    pub secret: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GitRepositorySpecPart {
+    url: String,
+    #[serde(default, rename = "ref")]
+    reference: Option<GitRef>,
+    #[serde(default)]
+    secret_ref: Option<LocalRef>,
+}
+
+#[derive(Deserialize)]
+struct GitRef {
+    #[serde(default)]
+    branch: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LocalRef {
+    name: String,
+}
+
+impl GitRepositorySource {
+    /// From the GitRepository's `spec`. Flux follows `master` when no ref is given; a
+    /// repository pinned to a tag, a semver range or a commit has no branch to merge into.
+    pub fn of(spec: &serde_json::Value) -> Result<GitRepositorySource, String> {
+        let spec: GitRepositorySpecPart = serde_json::from_value(spec.clone())
+            .map_err(|e| format!("the GitRepository's spec: {e}"))?;
+        let branch = match spec.reference {
+            None => "master".to_string(),
+            Some(GitRef {
+                branch: Some(b), ..
+            }) => b,
+            Some(GitRef {
+                name: Some(n),
+                branch: None,
+            }) if n.starts_with("refs/heads/") => n["refs/heads/".len()..].to_string(),
+            Some(_) => {
+                return Err(
+                    "it follows a tag, a version range or a commit, not a branch: no pull requests to plan"
+                        .into(),
+                );
+            }
+        };
+        if !spec.url.starts_with("http://") && !spec.url.starts_with("https://") {
+            return Err(format!(
+                "its URL is not HTTP(S) ({}): plans read pull requests over HTTP(S) only",
+                spec.url.split("://").next().unwrap_or("?")
+            ));
+        }
+        Ok(GitRepositorySource {
+            url: spec.url,
+            branch,
+            secret: spec.secret_ref.map(|s| s.name),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn a_kustomization_names_its_git_repository_and_path() {
+        let spec = serde_json::json!({
+            "path": "./gitops/databases",
+            "sourceRef": {"kind": "GitRepository", "name": "pgflip"},
+            "interval": "10m",
+        });
+        assert_eq!(
+            KustomizationSource::of(&spec, "flux-system"),
+            Ok(KustomizationSource {
+                repository_namespace: "flux-system".into(),
+                repository_name: "pgflip".into(),
+                path: "./gitops/databases".into(),
+            })
+        );
+        let elsewhere = serde_json::json!({
+            "sourceRef": {"kind": "GitRepository", "name": "infra", "namespace": "git"},
+        });
+        let source = KustomizationSource::of(&elsewhere, "flux-system").unwrap();
+        assert_eq!(source.repository_namespace, "git");
+        assert_eq!(source.path, "./");
+        let oci = serde_json::json!({"sourceRef": {"kind": "OCIRepository", "name": "x"}});
+        assert!(
+            KustomizationSource::of(&oci, "flux-system")
+                .unwrap_err()
+                .contains("OCIRepository, not a GitRepository")
+        );
+    }
+
+    #[test]
+    fn a_git_repository_gives_its_url_branch_and_secret() {
+        let spec = serde_json::json!({
+            "url": "https://git.example/shop.git",
+            "ref": {"branch": "main"},
+            "secretRef": {"name": "git-auth"},
+        });
+        assert_eq!(
+            GitRepositorySource::of(&spec),
+            Ok(GitRepositorySource {
+                url: "https://git.example/shop.git".into(),
+                branch: "main".into(),
+                secret: Some("git-auth".into()),
+            })
+        );
+        let default_branch = serde_json::json!({"url": "https://git.example/shop.git"});
+        assert_eq!(
+            GitRepositorySource::of(&default_branch).unwrap().branch,
+            "master"
+        );
+        let by_name =
+            serde_json::json!({"url": "http://git/x", "ref": {"name": "refs/heads/prod"}});
+        assert_eq!(GitRepositorySource::of(&by_name).unwrap().branch, "prod");
+        let tag = serde_json::json!({"url": "https://git/x", "ref": {"tag": "v1"}});
+        assert!(
+            GitRepositorySource::of(&tag)
+                .unwrap_err()
+                .contains("not a branch")
+        );
+        let ssh = serde_json::json!({"url": "ssh://git@git/x", "ref": {"branch": "main"}});
+        assert!(GitRepositorySource::of(&ssh).unwrap_err().contains("(ssh)"));
+    }
 
     #[test]
     fn revisions_in_every_format_flux_writes() {

@@ -51,6 +51,31 @@ fn split_userinfo(url: &str) -> Option<(&str, &str, &str)> {
     Some((scheme, &after[..at], &after[at + 1..]))
 }
 
+/// `url` (credential-free, `https://host/repo.git`) with `user` and `password` written
+/// into it, percent-encoded: the form [`callbacks`] authenticates with.
+pub fn with_credentials(url: &str, user: &str, password: &str) -> String {
+    let plain = strip_credentials(url);
+    match plain.split_once("://") {
+        Some((scheme, rest)) => format!(
+            "{scheme}://{}:{}@{rest}",
+            percent_encode(user),
+            percent_encode(password)
+        ),
+        None => plain,
+    }
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// The user name and password written in `url`, percent-decoded.
 fn url_credentials(url: &str) -> Option<(String, String)> {
     let (_, userinfo, _) = split_userinfo(url)?;
@@ -142,6 +167,17 @@ pub fn find_remote<'r>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_written_into_a_url_read_back_the_same() {
+        let url = with_credentials("https://old@git.example/r.git", "bot", "p@ss:w/rd %");
+        assert_eq!(url, "https://bot:p%40ss%3Aw%2Frd%20%25@git.example/r.git");
+        assert_eq!(
+            url_credentials(&url),
+            Some(("bot".to_string(), "p@ss:w/rd %".to_string()))
+        );
+        assert_eq!(redact_url(&url), "https://***@git.example/r.git");
+    }
 
     #[test]
     fn redacts_user_information() {

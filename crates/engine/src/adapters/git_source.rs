@@ -3,7 +3,8 @@
 //! The repository is either a path on disk, read in place, or a URL, mirrored into a bare
 //! clone under the cache directory and fetched on every observation. Each observation is
 //! the branch head and the `BlueGreenDatabase` document in that commit: the one named with
-//! `--file`, or the only YAML file declaring `kind: BlueGreenDatabase`.
+//! `--file`, or the only YAML file declaring `kind: BlueGreenDatabase`, or (Kubernetes
+//! mode's plans) the one of a given name under a Flux Kustomization's path.
 //!
 //! A commit whose document cannot be found is an observation (the commit gets a failure
 //! status), not an error; only a repository that cannot be read is an error.
@@ -30,7 +31,20 @@ pub struct GitSource {
     location: Location,
     /// Short branch name, e.g. "main".
     branch: String,
-    file: Option<String>,
+    document: DocumentAt,
+}
+
+/// Which `BlueGreenDatabase` document of a commit is read.
+#[derive(Debug, Clone, PartialEq)]
+enum DocumentAt {
+    /// The only YAML file declaring the kind.
+    Only,
+    /// This file.
+    File(String),
+    /// The document of this `metadata.name` in a YAML file under this directory: a Flux
+    /// Kustomization's path, where several databases may sit side by side and a file may
+    /// hold several documents.
+    Named { under: String, name: String },
 }
 
 #[derive(Clone)]
@@ -51,7 +65,7 @@ impl fmt::Debug for GitSource {
         f.debug_struct("GitSource")
             .field("repo", &repo)
             .field("branch", &self.branch)
-            .field("file", &self.file)
+            .field("document", &self.document)
             .finish()
     }
 }
@@ -75,7 +89,10 @@ impl GitSource {
         {
             bail!("{branch:?} is not a valid branch name");
         }
-        let file = file.map(|f| f.trim_start_matches("./").to_string());
+        let document = match file {
+            Some(f) => DocumentAt::File(f.trim_start_matches("./").to_string()),
+            None => DocumentAt::Only,
+        };
         let location = if git_remote::is_url(repo) {
             let clone = cache_dir.join(clone_dir_name(repo));
             prepare_clone(&clone, repo)?;
@@ -97,8 +114,23 @@ impl GitSource {
         Ok(GitSource {
             location,
             branch,
-            file,
+            document,
         })
+    }
+
+    /// Reads the document named `name` in a YAML file under the directory `under`
+    /// (`./gitops/databases`, as a Flux Kustomization's `spec.path` says) instead.
+    pub fn named(mut self, under: &str, name: &str) -> GitSource {
+        let under = under.trim_start_matches("./").trim_matches('/');
+        self.document = DocumentAt::Named {
+            under: if under == "." {
+                String::new()
+            } else {
+                under.to_string()
+            },
+            name: name.to_string(),
+        };
+        self
     }
 
     /// [`GitSource::open`] for async code: opening a repository, and creating or reusing
@@ -172,8 +204,8 @@ impl GitSource {
     pub async fn read_head(&self) -> anyhow::Result<Head> {
         let location = self.location.clone();
         let branch = self.branch.clone();
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || read_head_blocking(&location, &branch, file.as_deref()))
+        let document = self.document.clone();
+        tokio::task::spawn_blocking(move || read_head_blocking(&location, &branch, &document))
             .await
             .context("the Git worker thread failed")?
     }
@@ -196,8 +228,8 @@ impl GitSource {
             shown: git_ref.to_string(),
         };
         let location = self.location.clone();
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || read_ref_blocking(&location, &wanted, file.as_deref()))
+        let document = self.document.clone();
+        tokio::task::spawn_blocking(move || read_ref_blocking(&location, &wanted, &document))
             .await
             .context("the Git worker thread failed")?
     }
@@ -268,14 +300,14 @@ fn prepare_clone(clone: &Path, url: &str) -> anyhow::Result<()> {
 fn read_head_blocking(
     location: &Location,
     branch: &str,
-    file: Option<&str>,
+    document: &DocumentAt,
 ) -> anyhow::Result<Head> {
     let wanted = RefToRead {
         remote: format!("refs/heads/{branch}"),
         tracking: format!("{TRACKING_PREFIX}{branch}"),
         shown: format!("branch {branch:?}"),
     };
-    read_ref_blocking(location, &wanted, file)
+    read_ref_blocking(location, &wanted, document)
 }
 
 /// A ref to read: its name in the repository, where a clone keeps it, how it is named.
@@ -288,7 +320,7 @@ struct RefToRead {
 fn read_ref_blocking(
     location: &Location,
     wanted: &RefToRead,
-    file: Option<&str>,
+    document: &DocumentAt,
 ) -> anyhow::Result<Head> {
     let (repo, local_ref) = match location {
         Location::Path(path) => {
@@ -316,9 +348,10 @@ fn read_ref_blocking(
     let revision = commit.id().to_string();
     let short = &revision[..7];
     let tree = commit.tree()?;
-    let document = match file {
-        Some(path) => read_named(&repo, &tree, path, short),
-        None => discover(&repo, &tree, short),
+    let document = match document {
+        DocumentAt::File(path) => read_named(&repo, &tree, path, short),
+        DocumentAt::Only => discover(&repo, &tree, short),
+        DocumentAt::Named { under, name } => find_by_name(&repo, &tree, under, name, short),
     };
     Ok(Head {
         commit: revision,
@@ -372,8 +405,19 @@ fn read_named(
         .map_err(|_| format!("{path} in commit {short} is not UTF-8 text"))
 }
 
-/// Finds the one YAML file in `tree` declaring `kind: BlueGreenDatabase`.
-fn discover(repo: &Repository, tree: &Tree<'_>, short: &str) -> Result<String, String> {
+/// The YAML files of `tree` under the directory `under` ("" for all), small enough to be
+/// a document, as (path, text).
+fn yaml_files(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    under: &str,
+    short: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let prefix = if under.is_empty() {
+        String::new()
+    } else {
+        format!("{under}/")
+    };
     // The walk's callback cannot fail usefully, so it only lists candidates; they are
     // read afterwards.
     let mut candidates = Vec::new();
@@ -383,6 +427,7 @@ fn discover(repo: &Repository, tree: &Tree<'_>, short: &str) -> Result<String, S
         if let Some(name) = entry.name()
             && is_regular_blob
             && (name.ends_with(".yaml") || name.ends_with(".yml"))
+            && format!("{dir}{name}").starts_with(&prefix)
         {
             candidates.push((format!("{dir}{name}"), entry.id()));
         }
@@ -390,7 +435,7 @@ fn discover(repo: &Repository, tree: &Tree<'_>, short: &str) -> Result<String, S
     });
     walked.map_err(|e| format!("cannot list the files of commit {short}: {}", e.message()))?;
     let odb = repo.odb().map_err(|e| e.message().to_string())?;
-    let mut found: Vec<(String, String)> = Vec::new();
+    let mut files = Vec::new();
     for (path, id) in candidates {
         match odb.read_header(id) {
             Ok((size, _)) if size <= MAX_SCANNED_BLOB => {}
@@ -399,13 +444,19 @@ fn discover(repo: &Repository, tree: &Tree<'_>, short: &str) -> Result<String, S
         let Ok(blob) = repo.find_blob(id) else {
             continue;
         };
-        let Ok(text) = std::str::from_utf8(blob.content()) else {
-            continue;
-        };
-        if declares_kind(text) {
-            found.push((path, text.to_string()));
+        if let Ok(text) = std::str::from_utf8(blob.content()) {
+            files.push((path, text.to_string()));
         }
     }
+    Ok(files)
+}
+
+/// Finds the one YAML file in `tree` declaring `kind: BlueGreenDatabase`.
+fn discover(repo: &Repository, tree: &Tree<'_>, short: &str) -> Result<String, String> {
+    let mut found: Vec<(String, String)> = yaml_files(repo, tree, "", short)?
+        .into_iter()
+        .filter(|(_, text)| declares_kind(text))
+        .collect();
     match found.len() {
         1 => Ok(found.pop().expect("one").1),
         0 => Err(format!(
@@ -420,6 +471,56 @@ fn discover(repo: &Repository, tree: &Tree<'_>, short: &str) -> Result<String, S
                 .join(", ")
         )),
     }
+}
+
+/// Finds the `BlueGreenDatabase` document named `name` under the directory `under`: in a
+/// file of its own or among the documents of a multi-document file.
+fn find_by_name(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    under: &str,
+    name: &str,
+    short: &str,
+) -> Result<String, String> {
+    let mut found: Vec<(String, String)> = Vec::new();
+    for (path, text) in yaml_files(repo, tree, under, short)? {
+        for document in yaml_documents(&text) {
+            if declares_kind(document) && spec::peek_name(document).as_deref() == Some(name) {
+                found.push((path.clone(), document.to_string()));
+            }
+        }
+    }
+    let shown_under = if under.is_empty() { "." } else { under };
+    match found.len() {
+        1 => Ok(found.pop().expect("one").1),
+        0 => Err(format!(
+            "no {KIND} named {name:?} under {shown_under} in commit {short}"
+        )),
+        _ => Err(format!(
+            "several {KIND} documents named {name:?} under {shown_under} in commit {short}: {}",
+            found
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// The documents of a YAML stream: the text between `---` separator lines.
+fn yaml_documents(text: &str) -> Vec<&str> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with("---") && line[3..].trim().is_empty() {
+            documents.push(&text[start..at]);
+            start = at + line.len();
+        }
+        at += line.len();
+    }
+    documents.push(&text[start..]);
+    documents
 }
 
 /// Whether `text` has a top-level line `kind: BlueGreenDatabase` (quoted or not, with or

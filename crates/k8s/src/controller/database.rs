@@ -39,6 +39,7 @@ impl Shared {
             tracing::warn!(%namespace, %name, kind = e.metric_label(), error = %e, "could not clean up after the deleted object's attempt");
         }
         self.metrics.forget(namespace, name);
+        self.plans.forget(namespace, name);
         tracing::info!(%namespace, %name, "the object is gone: forgot its database");
     }
 

@@ -48,10 +48,12 @@ use std::time::{Duration, Instant};
 
 mod database;
 mod origin;
+mod plans;
 mod publish;
 mod sinks;
 
 use origin::{origin, waiting_for_flux};
+use plans::PullRequestPlans;
 use publish::publish_status;
 pub use sinks::{KubeEvents, KubeSinks};
 
@@ -81,6 +83,11 @@ pub struct ControllerOptions {
     /// applied by Flux from a Git commit.
     #[command(flatten)]
     pub forge: ForgeArgs,
+    /// With --forge: how often to look at each object's open pull requests (into the
+    /// branch its Flux GitRepository follows); a head that changes the object's document
+    /// gets a `pgflip/plan/<namespace>/<name>` status. 0s: never.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub plan_every: Duration,
 }
 
 /// How long one reconcile runs engine steps before it lets go (other objects, status).
@@ -109,6 +116,7 @@ struct Shared {
     metrics: Metrics,
     toolchain: Toolchain,
     forge: Option<ForgeStatus>,
+    plans: PullRequestPlans,
     databases: tokio::sync::Mutex<HashMap<(String, String), Arc<Database>>>,
 }
 
@@ -195,6 +203,7 @@ pub async fn run(
     tracing::info!(%identity, "leading");
     metrics.set_leader(true);
 
+    let plan_every = options.plan_every;
     let context = Arc::new(Shared {
         client: client.clone(),
         reporter: Reporter {
@@ -204,6 +213,7 @@ pub async fn run(
         options,
         metrics: metrics.clone(),
         toolchain: Toolchain::discover().await,
+        plans: PullRequestPlans::new(plan_every),
         forge,
         databases: Default::default(),
     });
@@ -350,6 +360,9 @@ async fn reconcile(
     publish_status(&api, &object, runner.record(), waiting_for_flux)
         .await
         .map_err(kube_error)?;
+    if let Some(forge) = &context.forge {
+        context.plans.look(&context, forge, &object, &runner).await;
+    }
     if waiting_for_flux {
         next = next.min(Duration::from_secs(1));
     }

@@ -301,3 +301,54 @@ fn kind_line_forms() {
     assert!(!declares_kind("  kind: BlueGreenDatabase\n"));
     assert!(!declares_kind("kind: BlueGreenDatabases\n"));
 }
+
+#[tokio::test]
+async fn finds_a_document_by_name_under_a_kustomization_path() {
+    let dir = tempfile::tempdir().unwrap();
+    init_repo(dir.path());
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n";
+    commit_file(
+        dir.path(),
+        "gitops/databases/orders.yaml",
+        &format!("{namespace}---\n{}", doc("orders", 15)),
+        "orders",
+    );
+    commit_file(
+        dir.path(),
+        "gitops/databases/users.yaml",
+        &doc("users", 16),
+        "users",
+    );
+    // The same name outside the path is not the Kustomization's.
+    let sha = commit_file(dir.path(), "elsewhere/users.yaml", &doc("users", 17), "x");
+    let under = |name: &str| source(dir.path(), None, dir.path()).named("./gitops/databases", name);
+    let users = under("users")
+        .read_ref(&format!("refs/heads/{BRANCH}"))
+        .await
+        .unwrap();
+    assert_eq!(users.commit, sha);
+    assert_eq!(users.document, Ok(doc("users", 16)));
+    // A document among others in a multi-document file.
+    let orders = under("orders").read_head().await.unwrap();
+    assert_eq!(orders.document, Ok(doc("orders", 15)));
+    let missing = under("billing").read_head().await.unwrap();
+    assert_eq!(
+        missing.document,
+        Err(format!(
+            "no BlueGreenDatabase named \"billing\" under gitops/databases in commit {}",
+            &sha[..7]
+        ))
+    );
+    // The whole repository: both `users` are found, which is an error.
+    let both = source(dir.path(), None, dir.path())
+        .named(".", "users")
+        .read_head()
+        .await
+        .unwrap();
+    let reason = both.document.unwrap_err();
+    assert!(
+        reason.starts_with("several BlueGreenDatabase documents named \"users\" under . in"),
+        "{reason}"
+    );
+    assert!(reason.contains("elsewhere/users.yaml"), "{reason}");
+}
