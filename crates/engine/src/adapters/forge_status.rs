@@ -298,14 +298,7 @@ fn truncate(text: &str, limit: usize) -> String {
 
 /// A GitLab project path as one URL path segment (`group/app` → `group%2Fapp`).
 fn path_segment(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    super::git_remote::percent_encode(text)
 }
 
 #[cfg(test)]

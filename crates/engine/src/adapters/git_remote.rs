@@ -65,7 +65,9 @@ pub fn with_credentials(url: &str, user: &str, password: &str) -> String {
     }
 }
 
-fn percent_encode(text: &str) -> String {
+/// `text` with every byte but the unreserved ones (RFC 3986) percent-encoded: safe in a
+/// URL's user information or as one path segment.
+pub(crate) fn percent_encode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {

@@ -1,3 +1,4 @@
+use super::documents::declares_kind;
 use super::testing::*;
 use super::*;
 use pgflip_core::spec::{self, Major};
