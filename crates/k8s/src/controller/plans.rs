@@ -137,35 +137,44 @@ async fn repository_of(
     else {
         return Ok(None);
     };
-    let kustomization = dynamic(
+    let spec = flux_spec(
         client,
         "kustomize.toolkit.fluxcd.io",
         "Kustomization",
         namespace,
-    )
-    .get(name)
-    .await
-    .with_context(|| format!("reading Kustomization {namespace}/{name}"))?;
-    let path = KustomizationSource::of(&kustomization.data["spec"], namespace)
+        name,
+    );
+    let path = KustomizationSource::of(&spec.await?, namespace)
         .map_err(|e| anyhow::anyhow!("Kustomization {namespace}/{name}: {e}"))?;
     let (repo_namespace, repo_name) = (&path.repository_namespace, &path.repository_name);
-    let repository = dynamic(
+    let spec = flux_spec(
         client,
         "source.toolkit.fluxcd.io",
         "GitRepository",
         repo_namespace,
-    )
-    .get(repo_name)
-    .await
-    .with_context(|| format!("reading GitRepository {repo_namespace}/{repo_name}"))?;
-    let source = GitRepositorySource::of(&repository.data["spec"])
+        repo_name,
+    );
+    let source = GitRepositorySource::of(&spec.await?)
         .map_err(|e| anyhow::anyhow!("GitRepository {repo_namespace}/{repo_name}: {e}"))?;
     Ok(Some((source, path)))
 }
 
-fn dynamic(client: &kube::Client, group: &str, kind: &str, namespace: &str) -> Api<DynamicObject> {
+/// The `spec` of the Flux object `kind` (API version v1) `namespace/name`.
+async fn flux_spec(
+    client: &kube::Client,
+    group: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<serde_json::Value> {
     let gvk = GroupVersionKind::gvk(group, "v1", kind);
-    Api::namespaced_with(client.clone(), namespace, &ApiResource::from_gvk(&gvk))
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &ApiResource::from_gvk(&gvk));
+    let object = api
+        .get(name)
+        .await
+        .with_context(|| format!("reading {kind} {namespace}/{name}"))?;
+    Ok(object.data["spec"].clone())
 }
 
 /// `url` with the `username` and `password` of the GitRepository's Secret: what Flux
