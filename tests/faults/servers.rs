@@ -312,8 +312,8 @@ async fn green_running_out_of_disk_during_the_copy_ends_the_attempt_and_blue_ser
     h.stop_load_checked(load).await;
 }
 
-/// Green stops answering (SIGSTOP) inside the pause, after the forward subscription was
-/// disabled and the reverse slot made there: the pause's bound ends it, clients are back on
+/// Green stops answering (SIGSTOP) inside the pause, its reverse slot made before it: the
+/// pause's bound ends it, clients are back on
 /// blue (unfenced) within it although green cannot be told anything. Once green answers
 /// again, the next switch first undoes what that rollback could not (the subscription
 /// applies again, the stale reverse slot is dropped, so reverse replication starts at the

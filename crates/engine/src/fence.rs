@@ -7,7 +7,21 @@ use crate::ports::ADMIN_USER;
 use tokio_postgres::Client;
 
 pub async fn fence(client: &Client) -> anyhow::Result<()> {
-    let sql = format!(
+    client.batch_execute(&fence_sql()).await?;
+    Ok(())
+}
+
+/// [`fence`] inside the switchover's pause, whose commit does not wait for the WAL flush
+/// (`synchronous_commit = off`): the marker's commit comes next and its flush covers this
+/// earlier record, so the fence is durable before the commit point is, one flush sooner.
+pub async fn fence_before_marker(client: &Client) -> anyhow::Result<()> {
+    let sql = format!("SET LOCAL synchronous_commit = off; {}", fence_sql());
+    client.batch_execute(&sql).await?;
+    Ok(())
+}
+
+fn fence_sql() -> String {
+    format!(
         "DO $$ DECLARE r record; BEGIN
            FOR r IN SELECT rolname FROM pg_roles WHERE rolcanlogin AND rolname <> {admin} LOOP
              EXECUTE format('ALTER ROLE %I SET default_transaction_read_only = on', r.rolname);
@@ -17,9 +31,7 @@ pub async fn fence(client: &Client) -> anyhow::Result<()> {
           WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
             AND (usename <> {admin} OR application_name IS DISTINCT FROM 'pgflip');",
         admin = super::pg::literal(ADMIN_USER)
-    );
-    client.batch_execute(&sql).await?;
-    Ok(())
+    )
 }
 
 pub async fn unfence(client: &Client) -> anyhow::Result<()> {

@@ -360,6 +360,15 @@ pub async fn ensure_slot(client: &Client, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The instance's WAL insert position (`pg_lsn` text): every record inserted so far ends
+/// at or before it, flushed or not.
+pub async fn wal_insert_position(client: &Client) -> anyhow::Result<String> {
+    Ok(client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0))
+}
+
 /// How many times the subscription's apply has failed since it was made (PostgreSQL 15+,
 /// every major pgflip runs).
 pub async fn apply_errors(target: &Client, name: &str) -> anyhow::Result<i64> {

@@ -1,34 +1,33 @@
 //! The switchover: moving clients from the source color to the target color in one short,
 //! bounded pause, with nothing lost and no write landing on the wrong side.
 //!
-//! Before the pause (clients unaffected): the target is unfenced, has the publication
-//! for the reverse link ready, and has caught up with a marker written just now. Where
-//! both majors filter replication by origin (16 and later), the reverse slot is made here
-//! too, out of the pause: it also decodes what the forward link applies on the target
-//! until the switch, and the reverse subscription (`origin = none`) takes only the
-//! target's own writes, which begin with the switch.
+//! Before the pause (clients unaffected): the target is unfenced, has the publication and
+//! the slot for the reverse link ready, and has caught up with a marker written just now.
+//! The reverse slot made here also decodes what the forward link applies on the target
+//! until the switch; reverse replication skips that by starting at the cut read inside the
+//! pause (step 4), so making the slot costs the pause nothing, whatever the majors.
 //!
 //! The pause (what clients feel), bounded by `pauseTimeout`:
 //! 1. `PAUSE` PgBouncer: in-flight transactions finish, new ones wait.
 //! 2. Fence the source against writes that bypass PgBouncer.
 //! 3. Write a marker row on the source and wait until the target has applied it: the
 //!    target now holds every transaction the source committed.
-//! 4. Disable the forward subscription (nothing more will come) and, where it was not made
-//!    before the pause, create the reverse slot on the target: its start is exactly this
-//!    point, so reverse replication carries precisely the writes made after the switch.
+//! 4. Read the target's WAL insert position: the cut. Every commit the forward link
+//!    applied lies before it, every client's commit on the target after it.
 //! 5. Copy to the target the state of every sequence that moved since all of them were
 //!    copied just before the pause (logical replication does not carry sequences).
-//! 6. Record "repointing" (the commit point), point PgBouncer at the target, `RESUME`.
+//! 6. Record "repointing" and the cut (the commit point), point PgBouncer at the target,
+//!    `RESUME`.
 //!
-//! If anything in 1–5 fails or the bound expires, the source is unfenced, the forward
-//! subscription re-enabled, the reverse slot dropped and PgBouncer resumed on the source:
+//! If anything in 1–5 fails or the bound expires, the source is unfenced, the reverse slot
+//! dropped and PgBouncer resumed on the source:
 //! clients never hang and never see an error from pgflip's side.
 //!
 //! Crash safety: the sub-step is recorded before it is taken. On restart, [`recover`]
 //! rolls a half-done pause back (step `Pausing`) or completes it (step `Repointing`).
 //! The endpoint's stored target is the single source of truth for which color serves.
 //! After the pause, [`start_reverse_replication`] subscribes the source to the reverse
-//! slot and drops the forward link.
+//! slot from the cut and drops the forward link.
 
 use super::error::{EngineError, EngineResult, PauseAbortCause};
 use super::pg::connect;
@@ -68,14 +67,6 @@ pub struct Sides<'a> {
 impl Sides<'_> {
     fn pause_timeout(&self) -> Duration {
         self.desired.switchover.pause_timeout
-    }
-
-    /// Whether the reverse slot is made before the pause: both majors must filter by
-    /// origin (the publisher's pgoutput and the subscriber's `origin` option, PostgreSQL
-    /// 16 and later), so that what the forward link applies on the target before the
-    /// switch is not sent back.
-    fn reverse_slot_ahead(&self) -> bool {
-        self.from.major.0 >= 16 && self.to.major.0 >= 16
     }
 }
 
@@ -121,9 +112,7 @@ pub async fn run<R: Router, J: Journal>(
     ready_target_links(&pairs, &reverse, s).await?;
     for (p, name) in pairs.iter().zip(&reverse) {
         repl::ensure_publication(&p.target, name).await?;
-        if s.reverse_slot_ahead() {
-            repl::ensure_slot(&p.target, name).await?;
-        }
+        repl::ensure_slot(&p.target, name).await?;
     }
     // Warm the statements used inside the pause, and let the target catch up with what
     // the source committed during the verification, so the wait inside the pause covers
@@ -164,11 +153,23 @@ pub async fn run<R: Router, J: Journal>(
     let remaining = s.pause_timeout().saturating_sub(started.elapsed());
     let inside = tokio::time::timeout(
         remaining,
-        inside_pause(&source_admin, &pairs, &reverse, &sequences_ahead, &mut m, s),
+        inside_pause(
+            &source_admin,
+            &target_admin,
+            &pairs,
+            &sequences_ahead,
+            &mut m,
+            s,
+        ),
     )
     .await;
     let failure = match inside {
-        Ok(Ok(())) => None,
+        Ok(Ok(cut)) => {
+            if let Some(a) = record.attempt.as_mut() {
+                a.reverse_from_lsn = Some(cut);
+            }
+            None
+        }
         Ok(Err(e)) => Some(PauseAbortCause::Failed(format!("{e:#}"))),
         Err(_) => Some(PauseAbortCause::BoundReached(s.pause_timeout())),
     };
@@ -194,16 +195,17 @@ pub async fn run<R: Router, J: Journal>(
     Ok(m)
 }
 
+/// Steps 2–5 of the pause; returns the cut where reverse replication begins.
 async fn inside_pause(
     source_admin: &Client,
+    target_admin: &Client,
     pairs: &[DbPair],
-    reverse: &[String],
     sequences_ahead: &[Vec<sequences::SequenceState>],
     m: &mut SwitchMeasurement,
     s: &Sides<'_>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let t = Instant::now();
-    fence::fence(source_admin)
+    fence::fence_before_marker(source_admin)
         .await
         .context("fencing the source")?;
     m.fence_ms = ms(t.elapsed());
@@ -220,19 +222,13 @@ async fn inside_pause(
     }
     m.catch_up_ms = ms(t.elapsed());
 
+    // The marker was applied, so every forward commit record is inserted (the apply
+    // worker commits asynchronously: the insert position, not the flushed one, covers it).
+    // Nothing more comes forward: the source is fenced and paused. The forward link is
+    // dropped before reverse replication starts, out of the pause.
     let t = Instant::now();
-    for (p, rev) in pairs.iter().zip(reverse) {
-        repl::set_subscription_enabled(
-            &p.target,
-            &link_name(s.from.color, s.to.color, &p.db),
-            false,
-        )
-        .await?;
-        if !s.reverse_slot_ahead() {
-            repl::ensure_slot(&p.target, rev).await?;
-        }
-    }
-    failpoint::hit("switchover:reverse-slot-made");
+    let cut = repl::wal_insert_position(target_admin).await?;
+    failpoint::hit("switchover:reverse-cut-read");
     m.reverse_setup_ms = ms(t.elapsed());
 
     let t = Instant::now();
@@ -242,7 +238,7 @@ async fn inside_pause(
     }
     m.sequences_ms = ms(t.elapsed());
     failpoint::inject("switchover:sequences-synced").await?;
-    Ok(())
+    Ok(cut)
 }
 
 /// Undoes a pause that did not reach the commit point: clients go back to the source
@@ -325,8 +321,9 @@ pub async fn recover<R: Router, J: Journal>(
 }
 
 /// After the switch, outside the pause: the source (now the standby) subscribes to the
-/// reverse slot, and the forward link is dropped on both sides.
-pub async fn start_reverse_replication(s: &Sides<'_>) -> anyhow::Result<()> {
+/// reverse slot from the cut recorded inside the pause, and the forward link is dropped on
+/// both sides.
+pub async fn start_reverse_replication(s: &Sides<'_>, cut: Option<&str>) -> anyhow::Result<()> {
     let pairs = open_pairs(s).await?;
     for p in &pairs {
         let forward = link_name(s.from.color, s.to.color, &p.db);
@@ -340,8 +337,13 @@ pub async fn start_reverse_replication(s: &Sides<'_>) -> anyhow::Result<()> {
             s.target_peer,
             s.admin,
             &p.db,
-            repl::Start::FromExistingSlot {
-                local_changes_only: s.reverse_slot_ahead(),
+            match cut {
+                Some(lsn) => repl::Start::FromLsn(lsn.to_string()),
+                // A record of an earlier pgflip: the slot was made inside the pause (or,
+                // where both majors filter by origin, before it, taking local writes only).
+                None => repl::Start::FromExistingSlot {
+                    local_changes_only: s.from.major.0 >= 16 && s.to.major.0 >= 16,
+                },
             },
         )
         .await?;

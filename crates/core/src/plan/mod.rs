@@ -183,6 +183,12 @@ pub struct Attempt {
     pub phase_started_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch_step: Option<SwitchStep>,
+    /// Where reverse replication begins: the target's WAL insert position read inside the
+    /// pause, after the last commit the forward link applied there and before the first
+    /// client's. Recorded with [`SwitchStep::Repointing`]. (Absent from a record of a
+    /// pgflip that made the reverse slot inside the pause: the slot starts at the switch.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse_from_lsn: Option<String>,
     /// Source schema fingerprint the target's schema was built from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_fingerprint: Option<String>,
@@ -352,6 +358,7 @@ impl Attempt {
             started_ms: now_ms,
             phase_started_ms: now_ms,
             switch_step: None,
+            reverse_from_lsn: None,
             source_fingerprint,
             pause_failures: 0,
             warnings: Vec::new(),

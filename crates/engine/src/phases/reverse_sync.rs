@@ -1,5 +1,6 @@
-//! Reverse sync: the old source subscribes to the reverse slot created inside the pause,
-//! and the forward link is dropped, so a revert switches back without losing a write.
+//! Reverse sync: the old source subscribes to the reverse slot from the cut recorded inside
+//! the pause, and the forward link is dropped, so a revert switches back without losing a
+//! write.
 
 use super::Ctx;
 use crate::error::EngineResult;
@@ -10,6 +11,7 @@ use crate::switchover;
 pub(super) async fn run<I: Instances, R: Router>(cx: &Ctx<'_, I, R>) -> EngineResult<Stepped> {
     let target = cx.target().await?;
     let target_peer = cx.peer(&cx.attempt.to, &target).await?;
-    switchover::start_reverse_replication(&cx.sides(&target, &target_peer)).await?;
+    let cut = cx.attempt.reverse_from_lsn.as_deref();
+    switchover::start_reverse_replication(&cx.sides(&target, &target_peer), cut).await?;
     Ok(Stepped::Done(Learned::Nothing))
 }
