@@ -112,19 +112,32 @@ mmdebstrap --quiet --variant=essential --include=tzdata \
 mkdir -p "$work/base"
 tar -C "$work/base" -xf "$work/base.tar"
 
-# One layer per major: its installation under /usr/lib/postgresql/<major> (15, from Debian,
-# keeps Debian's paths), the entrypoint, and every shared library its programs load that the
-# root lacks, under /usr/lib/x86_64-linux-gnu by the name they ask for (whatever their RPATH).
+# Every shared library any major's programs load that the root lacks, in one layer every
+# PostgreSQL image has, under /usr/lib/x86_64-linux-gnu by the name they ask for (whatever
+# their RPATH): an image's programs then also run another major's binaries, which the
+# physical copy in Kubernetes mode mounts into green's pod for pg_upgrade (as the official
+# images, all built on one Debian release, allow).
 elf_files() { find "$@" -type f \( -perm -u+x -o -name '*.so*' \) -exec sh -c 'head -c4 "$1" | grep -q ELF' _ {} \; -print; }
-copy_libraries() { # layer dir...
-  local layer=$1; shift
-  elf_files "$@" | sort -u | while read -r f; do ldd "$f" 2>/dev/null || true; done \
-    | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | sort -u | while read -r name path; do
-      [ -e "$work/base/lib/x86_64-linux-gnu/$name" ] || [ -e "$work/base/usr/lib/x86_64-linux-gnu/$name" ] \
-        || [ -e "$layer/usr/lib/x86_64-linux-gnu/$name" ] \
-        || install -D -m 0644 "$path" "$layer/usr/lib/x86_64-linux-gnu/$name"
-    done
+mkdir -p "$work/libs"
+# The readiness probe runs pg_isready; the npm build of 16 is a server only (pg_isready 17
+# speaks to any major).
+probe_of() {
+  local own; own=$(readlink -f "${install[$1]}")/bin/pg_isready
+  if [ -x "$own" ]; then echo "$own"; else echo "$(readlink -f "${install[17]}")/bin/pg_isready"; fi
 }
+for m in "${majors[@]}"; do
+  # ldd where the programs were installed: their RPATHs may point outside the copied tree.
+  elf_files "$(readlink -f "${install[$m]}")" "$(probe_of "$m")"
+done | sort -u | while read -r f; do ldd "$f" 2>/dev/null || true; done \
+  | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | sort -u | while read -r name path; do
+    [ -e "$work/base/lib/x86_64-linux-gnu/$name" ] || [ -e "$work/base/usr/lib/x86_64-linux-gnu/$name" ] \
+      || [ -e "$work/libs/usr/lib/x86_64-linux-gnu/$name" ] \
+      || install -D -m 0644 "$path" "$work/libs/usr/lib/x86_64-linux-gnu/$name"
+  done
+tar --numeric-owner --owner=0 --group=0 -C "$work/libs" -cf "$work/libs.tar" .
+
+# One layer per major: its installation under /usr/lib/postgresql/<major> (15, from Debian,
+# keeps Debian's paths: its share directory too) and the entrypoint.
 refs=()
 for m in "${majors[@]}"; do
   layer="$work/pg$m"
@@ -136,20 +149,13 @@ for m in "${majors[@]}"; do
     mkdir -p "$layer/usr/share/postgresql"
     cp -a /usr/share/postgresql/15 "$layer/usr/share/postgresql/"
   fi
-  # The readiness probe runs pg_isready; the npm build of 16 is a server only (pg_isready 17
-  # speaks to any major).
-  probe=$src/bin/pg_isready
-  if [ ! -x "$probe" ]; then
-    probe=${install[17]}/bin/pg_isready
-    install -m 0755 "$probe" "$layer$home/bin/"
-  fi
+  probe=$(probe_of "$m")
+  [ "$probe" = "$src/bin/pg_isready" ] || install -m 0755 "$probe" "$layer$home/bin/"
   install -m 0755 images/postgres/docker-entrypoint.sh "$layer/usr/local/bin/"
-  # ldd where the programs were installed: their RPATHs may point outside the copied tree.
-  copy_libraries "$layer" "$src" "$probe"
   tar --numeric-owner --owner=0 --group=0 -C "$layer" -cf "$layer.tar" .
   config=$(printf '{"Entrypoint":["docker-entrypoint.sh"],"Cmd":["postgres"],"Env":["PATH=%s/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin","PGDATA=/var/lib/postgresql/data","PG_MAJOR=%s"],"StopSignal":"SIGINT","ExposedPorts":{"5432/tcp":{}}}' "$home" "$m")
-  refs+=("docker.io/library/postgres:$m" "$config" "$work/base.tar,$layer.tar")
-  log "postgres:$m: $(du -sh "$layer" | cut -f1) over the root"
+  refs+=("docker.io/library/postgres:$m" "$config" "$work/base.tar,$work/libs.tar,$layer.tar")
+  log "postgres:$m: $(du -sh "$layer" | cut -f1) over the root and $(du -sh "$work/libs" | cut -f1) of libraries"
 done
 python3 scripts/oci-image.py "$images/postgres.tar.tmp" "${refs[@]}" >/dev/null
 mv "$images/postgres.tar.tmp" "$images/postgres.tar"

@@ -1230,3 +1230,112 @@ async fn servers_the_team_runs_are_adopted_switched_and_reverted() {
         std::fs::read_to_string(cluster.dir().join("controller-first.log")).unwrap_or_default();
     assert!(!whole_log.is_empty() && !whole_log.contains(&password));
 }
+
+/// An upgrade made by a physical copy in green's pod (`copy: physical`, 15 → 17) under a
+/// write load: init containers take blue's base backup, wait for the cut, replay to it with
+/// 15's binaries (copied in from blue's image) and `pg_upgrade --link` to 17; logical
+/// replication then streams from the cut. Every acknowledged commit is on green, none
+/// twice (the ledger's key would stop the stream), and a table without a key has its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_physical_copy_in_green_s_pod_upgrades_15_to_17_under_writes() {
+    let network = NodeNetwork::create();
+    let cluster = Cluster::start_for(&network).await;
+    let client = cluster.client();
+    cluster.create_namespace(NS).await;
+    cluster.install_controller_rbac().await;
+    let _node = node_with_pgflip(&cluster, network).await;
+    let _controller = Controller::start(&cluster, "first", None);
+    let logs = || first_log(&cluster);
+    let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
+    let physical = |version: &str| {
+        let mut doc = document(version);
+        doc["spec"]["copy"] = "physical".into();
+        doc
+    };
+    apply_by_hand(&objects, physical("15")).await;
+    wait_ready_at(
+        &objects,
+        "15",
+        "bootstrap at 15",
+        Duration::from_secs(180),
+        &logs,
+    )
+    .await;
+    let creds = admin(&client, NS, DB).await;
+    let addr = endpoint(&client, NS)
+        .await
+        .expect("the endpoint pod is Ready");
+    load::prepare(&addr, &creds, "app").await.unwrap();
+    pgflip_engine::pg::connect(&addr, &creds, "app")
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE notes (body text);
+             INSERT INTO notes SELECT 'note ' || g FROM generate_series(1, 1000) g",
+        )
+        .await
+        .unwrap();
+    let writes = load::start(LoadConfig {
+        endpoint: addr.clone(),
+        creds: creds.clone(),
+        database: "app".into(),
+        clients: 2,
+        rate_per_sec: Some(100),
+    });
+    apply_by_hand(&objects, physical("17")).await;
+    let object = wait_ready_at(
+        &objects,
+        "17",
+        "the switch to 17 by a physical copy",
+        Duration::from_secs(420),
+        &logs,
+    )
+    .await;
+    let report = writes.stop().await;
+    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+    assert!(report.committed > 50, "the load ran: {report:?}");
+    let serving = endpoint(&client, NS).await.unwrap();
+    assert_eq!(
+        load::lost_commits(&report, &serving, &creds, "app")
+            .await
+            .unwrap(),
+        0,
+        "every acknowledged commit is on green"
+    );
+    assert!(
+        server_version(&serving, &creds, "app")
+            .await
+            .starts_with("17")
+    );
+    assert_eq!(
+        first_value(&serving, &creds, "app", "SELECT count(*) FROM notes").await,
+        "1000"
+    );
+
+    // Green was made by the copy: its StatefulSet names the cut, its pod ran the upgrade.
+    let green = object.status.unwrap().active_color.unwrap();
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let sts = statefulsets.get(&format!("{DB}-{green}")).await.unwrap();
+    let stage = &sts.metadata.annotations.unwrap()["pgflip.dev/physical-copy"];
+    let cut = stage.strip_prefix("upgraded ").unwrap_or_default();
+    assert!(
+        cut.contains('/'),
+        "the copy is upgraded at its cut, an LSN: {stage}"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let pod = pods.get(&format!("{DB}-{green}-0")).await.unwrap();
+    let upgraded = pod
+        .status
+        .unwrap()
+        .init_container_statuses
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "upgrade")
+        .and_then(|s| s.state?.terminated)
+        .map(|t| t.exit_code);
+    assert_eq!(upgraded, Some(0), "the upgrade step ran to its end");
+    eprintln!(
+        "physical copy in green's pod: cut {cut}, {} commits meanwhile",
+        report.committed
+    );
+}

@@ -5,12 +5,17 @@
 //! (`<db>-<color>.<namespace>.svc`), so a replication link outlives a pod that comes back
 //! with a new IP.
 //!
+//! An upgrade may make green by a physical copy ([`objects::physical_copy`]): its
+//! StatefulSet then carries init containers that take blue's base backup and upgrade it,
+//! and is left as it is once the server runs on the result.
+//!
 //! An existing StatefulSet is never moved to another major: changing the image under
 //! existing data would start the wrong server on it. The engine removes a color before it
 //! creates it again at another major, and removing deletes the data (the claim) too.
 
 use super::api::{apply, not_ready, ready_pod};
 use super::crd::BlueGreenDatabase;
+use super::objects::physical_copy::{self, CopySource, CopyStage, PodStage};
 use super::objects::{self, PORT, VERSION_LABEL, instance_name};
 use anyhow::bail;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -18,7 +23,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use pgflip_core::plan::Member;
-use pgflip_core::spec::{Desired, Major};
+use pgflip_core::spec::{CopyPreference, Desired, Major};
 use pgflip_engine::ports::{Addr, Credentials};
 use pgflip_engine::ports::{Instances, Result};
 use std::time::Duration;
@@ -90,13 +95,59 @@ impl KubeInstances {
                 member.major
             );
         }
-        Ok(Found::Present)
+        Ok(match physical_copy::stage(&sts) {
+            Some(stage) => Found::Copy(stage),
+            None => Found::Present,
+        })
+    }
+
+    fn pod_name(&self, member: &Member) -> String {
+        format!("{}-0", self.name(member))
+    }
+
+    /// Applies green's StatefulSet at a stage of the physical copy from `from`.
+    async fn apply_copy(
+        &self,
+        from: &Member,
+        to: &Member,
+        slot: &str,
+        stage: &CopyStage,
+        desired: &Desired,
+    ) -> anyhow::Result<()> {
+        // Blue's Service, as green's pod resolves it.
+        let host = format!("{}.{}.svc", self.name(from), self.namespace);
+        let source = CopySource {
+            from,
+            host: &host,
+            port: PORT as u16,
+            slot,
+        };
+        let service = objects::headless_service(&self.owner, desired, to.color);
+        let sts = physical_copy::copy_statefulset(&self.owner, desired, to, &source, stage);
+        apply(&self.api::<Service>(), &service).await?;
+        apply(&self.api::<StatefulSet>(), &sts).await?;
+        Ok(())
+    }
+
+    /// The copy's pod at stage `cut` (None: the backup): its stage, or an error naming the
+    /// step that failed and its last words.
+    async fn copy_pod_stage(&self, to: &Member, cut: Option<&str>) -> anyhow::Result<PodStage> {
+        let pod_name = self.pod_name(to);
+        let Some(pod) = self.api::<Pod>().get_opt(&pod_name).await? else {
+            return Ok(PodStage::Pending);
+        };
+        match physical_copy::pod_stage(&pod, cut) {
+            PodStage::Failed { step, message } => {
+                bail!("the physical copy's step {step} failed twice in pod {pod_name}: {message}")
+            }
+            stage => Ok(stage),
+        }
     }
 
     /// The server's address if its pod is Ready and it accepts a login now; else
     /// [`NotReady`](pgflip_engine::ports::NotReady). Checked once, never waited for.
     async fn ready_addr(&self, member: &Member) -> anyhow::Result<Addr> {
-        let pod = format!("{}-0", self.name(member));
+        let pod = self.pod_name(member);
         let ip = ready_pod(&self.api::<Pod>(), &pod).await?;
         let addr = Addr {
             host: ip,
@@ -115,9 +166,11 @@ impl KubeInstances {
 }
 
 /// What there is of a color's StatefulSet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Found {
     Absent,
+    /// Made by a physical copy, at this stage.
+    Copy(CopyStage),
     /// Deleted, waiting for its pod to go.
     Terminating,
     /// There, at the member's major.
@@ -167,29 +220,120 @@ impl Instances for KubeInstances {
         Ok(false)
     }
 
+    /// Only when asked for: whether green's and blue's images carry what `pg_upgrade`
+    /// needs (both majors' binaries, at the official images' paths) cannot be seen from
+    /// here, and under `auto` a copy that fails for want of them would fail the attempt.
     async fn physical_copy_blocker(
         &self,
         _from: &Member,
         _to: &Member,
-        _desired: &Desired,
+        desired: &Desired,
     ) -> Result<Option<String>> {
-        Ok(Some(
-            "Kubernetes mode copies logically for now (green's pod would need both majors' binaries for pg_upgrade)".into(),
-        ))
+        Ok((desired.copy != CopyPreference::Physical).then(|| {
+            "Kubernetes mode copies physically only under spec.copy: physical (pgflip cannot see whether the images carry pg_upgrade and the old major's binaries)".into()
+        }))
     }
 
     async fn ensure(&self, member: &Member, desired: &Desired) -> Result<Addr> {
-        if self.existing(member).await? == Found::Terminating {
-            return Err(not_ready(format!(
-                "StatefulSet {} is still being deleted",
-                self.name(member)
-            )));
+        match self.existing(member).await? {
+            Found::Terminating => {
+                return Err(not_ready(format!(
+                    "StatefulSet {} is still being deleted",
+                    self.name(member)
+                )));
+            }
+            // Made by a physical copy: its init containers stay (they do nothing once the
+            // copy is in place), so the pod is not replaced for the server form.
+            Found::Copy(_) => {}
+            Found::Absent | Found::Present => {
+                let service = objects::headless_service(&self.owner, desired, member.color);
+                let sts = objects::statefulset(&self.owner, desired, member);
+                apply(&self.api::<Service>(), &service).await?;
+                apply(&self.api::<StatefulSet>(), &sts).await?;
+            }
         }
-        let service = objects::headless_service(&self.owner, desired, member.color);
-        let sts = objects::statefulset(&self.owner, desired, member);
-        apply(&self.api::<Service>(), &service).await?;
-        apply(&self.api::<StatefulSet>(), &sts).await?;
         self.ready_addr(member).await
+    }
+
+    /// Starts the copy's StatefulSet at its backup stage and reports, once, whether the
+    /// backup is taken (the pod then waits for the cut).
+    async fn base_backup(
+        &self,
+        from: &Member,
+        to: &Member,
+        _source: &Addr,
+        slot: &str,
+        desired: &Desired,
+    ) -> Result<()> {
+        match self.existing(to).await? {
+            Found::Terminating => {
+                return Err(not_ready(format!(
+                    "StatefulSet {} is still being deleted",
+                    self.name(to)
+                )));
+            }
+            Found::Present => bail!(
+                "StatefulSet {} exists and was not made by a physical copy",
+                self.name(to)
+            ),
+            Found::Absent => {
+                self.apply_copy(from, to, slot, &CopyStage::AwaitingCut, desired)
+                    .await?
+            }
+            Found::Copy(CopyStage::AwaitingCut) => {}
+            Found::Copy(_) => return Ok(()),
+        }
+        match self.copy_pod_stage(to, None).await? {
+            PodStage::BackedUp => Ok(()),
+            _ => Err(not_ready(format!(
+                "the base backup of {from} runs in pod {}",
+                self.pod_name(to)
+            ))),
+        }
+    }
+
+    /// Moves the copy's StatefulSet to its upgrade stage at the cut (its pod is replaced)
+    /// and reports, once, whether the upgraded server is Ready.
+    async fn upgrade_backup(
+        &self,
+        from: &Member,
+        to: &Member,
+        _source: &Addr,
+        slot: &str,
+        stop_before: &str,
+        desired: &Desired,
+    ) -> Result<Addr> {
+        let upgrading = CopyStage::Upgrading(stop_before.to_string());
+        match self.existing(to).await? {
+            Found::Copy(CopyStage::Upgraded(_)) => return self.ready_addr(to).await,
+            Found::Copy(stage) if stage == upgrading => {}
+            Found::Copy(_) => self.apply_copy(from, to, slot, &upgrading, desired).await?,
+            other => bail!(
+                "StatefulSet {} is not a physical copy awaiting its upgrade ({other:?})",
+                self.name(to)
+            ),
+        }
+        match self.copy_pod_stage(to, Some(stop_before)).await? {
+            PodStage::Pending => Err(not_ready(format!(
+                "pod {} is being replaced to upgrade the copy",
+                self.pod_name(to)
+            ))),
+            _ => {
+                let addr = self.ready_addr(to).await.map_err(|e| {
+                    if pgflip_engine::ports::is_not_ready(&e) {
+                        not_ready(format!(
+                            "the copy of {from} is replayed to {stop_before} and upgraded in pod {}",
+                            self.pod_name(to)
+                        ))
+                    } else {
+                        e
+                    }
+                })?;
+                let upgraded = CopyStage::Upgraded(stop_before.to_string());
+                self.apply_copy(from, to, slot, &upgraded, desired).await?;
+                Ok(addr)
+            }
+        }
     }
 
     async fn peer_addr(&self, member: &Member, _desired: &Desired, _addr: &Addr) -> Result<Addr> {
@@ -203,8 +347,15 @@ impl Instances for KubeInstances {
 
     async fn addr(&self, member: &Member, _desired: &Desired) -> Result<Option<Addr>> {
         match self.existing(member).await? {
-            Found::Absent | Found::Terminating => Ok(None),
-            Found::Present => Ok(Some(self.ready_addr(member).await?)),
+            // A copy not upgraded yet has no server to reach (its pod may never be Ready:
+            // a failed copy is removed without one).
+            Found::Absent
+            | Found::Terminating
+            | Found::Copy(CopyStage::AwaitingCut)
+            | Found::Copy(CopyStage::Upgrading(_)) => Ok(None),
+            Found::Present | Found::Copy(CopyStage::Upgraded(_)) => {
+                Ok(Some(self.ready_addr(member).await?))
+            }
         }
     }
 

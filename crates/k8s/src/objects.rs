@@ -433,5 +433,7 @@ pub fn state_config_map(namespace: &str, db: &str, record_json: String) -> Confi
     }
 }
 
+pub mod physical_copy;
+
 #[cfg(test)]
 mod tests;

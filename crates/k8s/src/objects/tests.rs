@@ -14,7 +14,7 @@ spec:
   storage: 20Gi
 "#;
 
-fn fixture() -> (BlueGreenDatabase, Desired) {
+pub(in crate::objects) fn fixture() -> (BlueGreenDatabase, Desired) {
     let obj: BlueGreenDatabase = serde_yaml::from_str(FIXTURE).unwrap();
     let d = obj.desired().unwrap();
     (obj, d)
