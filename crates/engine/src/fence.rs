@@ -7,29 +7,69 @@ use crate::ports::ADMIN_USER;
 use tokio_postgres::Client;
 
 pub async fn fence(client: &Client) -> anyhow::Result<()> {
-    client.batch_execute(&fence_sql()).await?;
+    client
+        .batch_execute(&format!(
+            "{}; {}",
+            read_only_roles_sql(),
+            end_sessions_sql()
+        ))
+        .await?;
     Ok(())
 }
 
-/// [`fence`] inside the switchover's pause, whose commit does not wait for the WAL flush
+/// The switchover's fence, in two halves. This one, while PgBouncer drains: the roles are
+/// made read-only in a transaction left open on `fencer`, its own session, so nothing
+/// changes for anyone yet (a pause that fails is undone by [`abandon`]).
+pub async fn stage(fencer: &Client) -> anyhow::Result<()> {
+    fencer
+        .batch_execute(&format!("BEGIN; {}", read_only_roles_sql()))
+        .await?;
+    Ok(())
+}
+
+/// The other half, inside the pause: the commit — which does not wait for the WAL flush
 /// (`synchronous_commit = off`): the marker's commit comes next and its flush covers this
-/// earlier record, so the fence is durable before the commit point is, one flush sooner.
-pub async fn fence_before_marker(client: &Client) -> anyhow::Result<()> {
-    let sql = format!("SET LOCAL synchronous_commit = off; {}", fence_sql());
-    client.batch_execute(&sql).await?;
+/// earlier record, so the fence is durable before the commit point is — and the end of
+/// the sessions, so they pick it up.
+pub async fn commit_staged(fencer: &Client) -> anyhow::Result<()> {
+    fencer
+        .batch_execute(&format!(
+            "SET LOCAL synchronous_commit = off; COMMIT; {}",
+            end_sessions_sql()
+        ))
+        .await?;
     Ok(())
 }
 
-fn fence_sql() -> String {
+/// Undoes a staged fence that is not to be committed: its transaction is rolled back (a
+/// session that does not answer is dropped, which ends it on the server too), so that
+/// unfencing on another session does not wait behind its row locks.
+pub async fn abandon(fencer: Client) {
+    let rollback = fencer.batch_execute("ROLLBACK");
+    if tokio::time::timeout(std::time::Duration::from_secs(1), rollback)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the staged fence's session did not answer; dropped");
+    }
+}
+
+fn read_only_roles_sql() -> String {
     format!(
         "DO $$ DECLARE r record; BEGIN
            FOR r IN SELECT rolname FROM pg_roles WHERE rolcanlogin AND rolname <> {admin} LOOP
              EXECUTE format('ALTER ROLE %I SET default_transaction_read_only = on', r.rolname);
            END LOOP;
-         END $$;
-         SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         END $$",
+        admin = super::pg::literal(ADMIN_USER)
+    )
+}
+
+fn end_sessions_sql() -> String {
+    format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
           WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
-            AND (usename <> {admin} OR application_name IS DISTINCT FROM 'pgflip');",
+            AND (usename <> {admin} OR application_name IS DISTINCT FROM 'pgflip')",
         admin = super::pg::literal(ADMIN_USER)
     )
 }

@@ -9,7 +9,8 @@
 //!
 //! The pause (what clients feel), bounded by `pauseTimeout`:
 //! 1. `PAUSE` PgBouncer: in-flight transactions finish, new ones wait.
-//! 2. Fence the source against writes that bypass PgBouncer.
+//! 2. Fence the source against writes that bypass PgBouncer: its statements ran during
+//!    step 1 in a transaction of their own, committed here.
 //! 3. Write a marker row on the source and wait until the target has applied it: the
 //!    target now holds every transaction the source committed.
 //! 4. Read the target's WAL insert position: the cut. Every commit the forward link
@@ -104,6 +105,7 @@ pub async fn run<R: Router, J: Journal>(
     let pairs = open_pairs(s).await?;
     let target_admin = connect(s.target, s.admin, "postgres").await?;
     let source_admin = connect(s.source, s.admin, "postgres").await?;
+    let fencer = connect(s.source, s.admin, "postgres").await?;
     fence::unfence(&target_admin).await?;
     let reverse: Vec<String> = pairs
         .iter()
@@ -132,7 +134,12 @@ pub async fn run<R: Router, J: Journal>(
     failpoint::hit("switchover:before-pause");
     let mut m = SwitchMeasurement::default();
     let started = Instant::now();
-    if let Err(e) = router.pause(s.pause_timeout()).await {
+    // The fence's statements run while PgBouncer drains, within the same bound; only its
+    // commit is in the pause proper.
+    let staging = tokio::time::timeout(s.pause_timeout(), fence::stage(&fencer));
+    let (paused, staged) = tokio::join!(router.pause(s.pause_timeout()), staging);
+    if let Err(e) = paused {
+        fence::abandon(fencer).await;
         set_step(journal, record, None).await?;
         if crate::ports::is_not_ready(&e) {
             // No endpoint to pause yet (its pod restarting): nothing paused, nothing to
@@ -151,18 +158,13 @@ pub async fn run<R: Router, J: Journal>(
     failpoint::hit("switchover:paused");
 
     let remaining = s.pause_timeout().saturating_sub(started.elapsed());
-    let inside = tokio::time::timeout(
-        remaining,
-        inside_pause(
-            &source_admin,
-            &target_admin,
-            &pairs,
-            &sequences_ahead,
-            &mut m,
-            s,
-        ),
-    )
-    .await;
+    let inside = async {
+        staged
+            .context("the source's roles were not made read-only within the bound")?
+            .context("making the source's roles read-only")?;
+        inside_pause(&fencer, &target_admin, &pairs, &sequences_ahead, &mut m, s).await
+    };
+    let inside = tokio::time::timeout(remaining, inside).await;
     let failure = match inside {
         Ok(Ok(cut)) => {
             if let Some(a) = record.attempt.as_mut() {
@@ -174,6 +176,7 @@ pub async fn run<R: Router, J: Journal>(
         Err(_) => Some(PauseAbortCause::BoundReached(s.pause_timeout())),
     };
     if let Some(cause) = failure {
+        fence::abandon(fencer).await;
         roll_back_pause(router, &source_admin, &pairs, &reverse, s).await?;
         set_step(journal, record, None).await?;
         return Err(EngineError::PauseAborted {
@@ -197,7 +200,7 @@ pub async fn run<R: Router, J: Journal>(
 
 /// Steps 2–5 of the pause; returns the cut where reverse replication begins.
 async fn inside_pause(
-    source_admin: &Client,
+    fencer: &Client,
     target_admin: &Client,
     pairs: &[DbPair],
     sequences_ahead: &[Vec<sequences::SequenceState>],
@@ -205,7 +208,7 @@ async fn inside_pause(
     s: &Sides<'_>,
 ) -> anyhow::Result<String> {
     let t = Instant::now();
-    fence::fence_before_marker(source_admin)
+    fence::commit_staged(fencer)
         .await
         .context("fencing the source")?;
     m.fence_ms = ms(t.elapsed());
