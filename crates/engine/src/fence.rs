@@ -6,6 +6,8 @@
 use crate::ports::ADMIN_USER;
 use tokio_postgres::Client;
 
+/// Fences the instance in one transaction (a standby that stays fenced; the switchover
+/// fences in two halves: [`stage`], [`commit_staged`]).
 pub async fn fence(client: &Client) -> anyhow::Result<()> {
     client
         .batch_execute(&format!(

@@ -285,11 +285,8 @@ mod tests {
         }
     }
 
-    fn copy(cut: Option<&str>) -> StatefulSet {
-        let stage = match cut {
-            None => CopyStage::AwaitingCut,
-            Some(cut) => CopyStage::Upgrading(cut.into()),
-        };
+    /// Green (17) copied from blue (15) at `stage`.
+    fn copy_at(stage: CopyStage) -> StatefulSet {
         let blue = member(Color::Blue, 15);
         let source = CopySource {
             from: &blue,
@@ -299,6 +296,13 @@ mod tests {
         };
         let (owner, desired) = fixture();
         copy_statefulset(&owner, &desired, &member(Color::Green, 17), &source, &stage)
+    }
+
+    fn copy(cut: Option<&str>) -> StatefulSet {
+        copy_at(match cut {
+            None => CopyStage::AwaitingCut,
+            Some(cut) => CopyStage::Upgrading(cut.into()),
+        })
     }
 
     fn init_names(sts: &StatefulSet) -> Vec<String> {
@@ -390,18 +394,8 @@ mod tests {
 
     #[test]
     fn recording_the_upgrade_done_keeps_the_pod() {
-        let (owner, desired) = fixture();
-        let blue = member(Color::Blue, 15);
-        let source = CopySource {
-            from: &blue,
-            host: "orders-blue.shop.svc",
-            port: 5432,
-            slot: "s",
-        };
-        let green = member(Color::Green, 17);
-        let at = |stage: CopyStage| copy_statefulset(&owner, &desired, &green, &source, &stage);
-        let upgrading = at(CopyStage::Upgrading("0/1".into()));
-        let upgraded = at(CopyStage::Upgraded("0/1".into()));
+        let upgrading = copy_at(CopyStage::Upgrading("0/1".into()));
+        let upgraded = copy_at(CopyStage::Upgraded("0/1".into()));
         assert_eq!(stage(&upgraded), Some(CopyStage::Upgraded("0/1".into())));
         assert_eq!(
             upgrading.spec.as_ref().unwrap().template,
