@@ -13,7 +13,7 @@ use common::database::{
     server_version,
 };
 use common::kube::Cluster;
-use common::real_node::{NodeNetwork, PGFLIP_IMAGE, node_with_pgflip};
+use common::real_node::{NodeNetwork, PGFLIP_IMAGE, RealNode, node_with_pgflip};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -191,6 +191,17 @@ async fn apply_by_hand(objects: &Api<BlueGreenDatabase>, mut doc: serde_json::Va
         )
         .await
         .unwrap();
+}
+
+/// A control plane and one real node running pgflip's image, with the test's namespace
+/// and the controller's RBAC. The node is dropped before the cluster (bound in this order).
+async fn cluster_with_a_node() -> (Cluster, RealNode) {
+    let network = NodeNetwork::create();
+    let cluster = Cluster::start_for(&network).await;
+    cluster.create_namespace(NS).await;
+    cluster.install_controller_rbac().await;
+    let node = node_with_pgflip(&cluster, network).await;
+    (cluster, node)
 }
 
 /// Waits until the object is Ready with `version` serving, and returns it.
@@ -626,12 +637,8 @@ fn first_log(cluster: &Cluster) -> String {
 /// endpoint from pgflip's image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_without_flux_switches_on_each_generation() {
-    let network = NodeNetwork::create();
-    let cluster = Cluster::start_for(&network).await;
+    let (cluster, _node) = cluster_with_a_node().await;
     let client = cluster.client();
-    cluster.create_namespace(NS).await;
-    cluster.install_controller_rbac().await;
-    let _node = node_with_pgflip(&cluster, network).await;
     let _controller = Controller::start(&cluster, "first", None);
     let logs = || first_log(&cluster);
     let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
@@ -804,12 +811,8 @@ async fn an_object_without_flux_switches_on_each_generation() {
 /// Service, as in a cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_deleted_mid_switch_and_in_reverse_sync_come_back_by_name() {
-    let network = NodeNetwork::create();
-    let cluster = Cluster::start_for(&network).await;
+    let (cluster, node) = cluster_with_a_node().await;
     let client = cluster.client();
-    cluster.create_namespace(NS).await;
-    cluster.install_controller_rbac().await;
-    let node = node_with_pgflip(&cluster, network).await;
     let mut first = Controller::start(&cluster, "first", Some("switchover:before-pause"));
     let logs = || {
         ["first", "second"]
@@ -1050,12 +1053,8 @@ fn user_statefulset(major: u32) -> serde_json::Value {
 /// outside the cluster's DNS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_the_team_runs_are_adopted_switched_and_reverted() {
-    let network = NodeNetwork::create();
-    let cluster = Cluster::start_for(&network).await;
+    let (cluster, _node) = cluster_with_a_node().await;
     let client = cluster.client();
-    cluster.create_namespace(NS).await;
-    cluster.install_controller_rbac().await;
-    let _node = node_with_pgflip(&cluster, network).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let password = pgflip_engine::random::token(16);
     cluster
@@ -1238,12 +1237,8 @@ async fn servers_the_team_runs_are_adopted_switched_and_reverted() {
 /// twice (the ledger's key would stop the stream), and a table without a key has its rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_physical_copy_in_green_s_pod_upgrades_15_to_17_under_writes() {
-    let network = NodeNetwork::create();
-    let cluster = Cluster::start_for(&network).await;
+    let (cluster, _node) = cluster_with_a_node().await;
     let client = cluster.client();
-    cluster.create_namespace(NS).await;
-    cluster.install_controller_rbac().await;
-    let _node = node_with_pgflip(&cluster, network).await;
     let _controller = Controller::start(&cluster, "first", None);
     let logs = || first_log(&cluster);
     let objects: Api<BlueGreenDatabase> = Api::namespaced(client.clone(), NS);
